@@ -1,0 +1,116 @@
+"""Root config: the typed schema of every group, registered in Hydra's ConfigStore, plus checks.
+
+Each component's dataclass lives next to its code; this module only assembles and validates.
+Typos and wrong types fail in Hydra's compose; semantic checks raise ConfigError (exit 2).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+from llmtrain.data.images import ImageDataConfig
+from llmtrain.data.synthetic import RegressionDataConfig
+from llmtrain.data.text import TextDataConfig
+from llmtrain.distributed.base import StrategyConfig
+from llmtrain.errors import ConfigError, require
+from llmtrain.models.gpt2 import GPT2ModelConfig
+from llmtrain.models.regression import RegressionModelConfig
+from llmtrain.models.vision import VisionModelConfig
+from llmtrain.optim import OptimConfig, SchedulerConfig
+from llmtrain.tracking import LoggerConfig
+from llmtrain.trainer import TrainerConfig
+
+
+@dataclass
+class Config:
+    """The whole run. `model` and `data` are typed by the schema their group option names."""
+
+    name: str = "run"  # names the default run dir: runs/<name>
+    model: Any = MISSING
+    data: Any = MISSING
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    strategy: StrategyConfig = field(default_factory=StrategyConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+
+
+# schemas a group option extends with `defaults: [<schema>, _self_]`
+SCHEMAS: dict[tuple[str, str], type] = {
+    ("model", "gpt2_schema"): GPT2ModelConfig,
+    ("model", "regression_schema"): RegressionModelConfig,
+    ("model", "vision_schema"): VisionModelConfig,
+    ("data", "text_schema"): TextDataConfig,
+    ("data", "regression_schema"): RegressionDataConfig,
+    ("data", "images_schema"): ImageDataConfig,
+}
+
+
+def register_configs() -> None:
+    cs = ConfigStore.instance()
+    cs.store(name="base_config", node=Config)
+    for (group, name), node in SCHEMAS.items():
+        cs.store(group=group, name=name, node=node)
+
+
+def conf_dir() -> Path:
+    """The conf/ tree: inside the installed package, else at the repository root."""
+    here = Path(__file__).resolve().parent
+    for cand in (here / "conf", here.parent / "conf"):
+        if (cand / "config.yaml").is_file():
+            return cand
+    raise FileNotFoundError("llmtrain's conf/ directory is missing from the installation")
+
+
+def validate(cfg: Any) -> None:
+    """Cross-field and semantic checks; each component checks its own keys first."""
+    t = cfg.trainer
+    require(t.max_steps > 0, "trainer.max_steps", f"must be > 0 (got {t.max_steps})")
+    require(t.micro_batch_size > 0, "trainer.micro_batch_size", f"must be > 0 (got {t.micro_batch_size})")
+    require(t.grad_accum_steps > 0, "trainer.grad_accum_steps", f"must be > 0 (got {t.grad_accum_steps})")
+    require(t.grad_clip >= 0, "trainer.grad_clip", f"must be >= 0, 0 disables clipping (got {t.grad_clip})")
+    for key in ("eval_every", "ckpt_every", "eval_batches", "sample_tokens"):
+        require(getattr(t, key) >= 0, f"trainer.{key}", f"must be >= 0 (got {getattr(t, key)})")
+    require(t.device in ("auto", "cpu", "cuda"), "trainer.device", f"must be auto, cpu or cuda (got {t.device!r})")
+    if t.device == "cuda":
+        import torch
+
+        require(torch.cuda.is_available(), "trainer.device", "cuda requested but no GPU is visible; use "
+                                                              "trainer.device=cpu or auto")
+    o = cfg.optim
+    require(o.lr > 0, "optim.lr", f"must be > 0 (got {o.lr})")
+    require(o.weight_decay >= 0, "optim.weight_decay", f"must be >= 0 (got {o.weight_decay})")
+    require(len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), "optim.betas",
+            f"must be two numbers in [0, 1) (got {list(o.betas)})")
+    s = cfg.scheduler
+    require(s.warmup_steps >= 0, "scheduler.warmup_steps", f"must be >= 0 (got {s.warmup_steps})")
+    require(0 <= s.min_lr_ratio <= 1, "scheduler.min_lr_ratio", f"must be in [0, 1] (got {s.min_lr_ratio})")
+    require(cfg.logger.log_every > 0, "logger.log_every", f"must be > 0 (got {cfg.logger.log_every})")
+    st = cfg.strategy
+    require(st.zero_stage in (0, 1, 2, 3), "strategy.zero_stage", f"must be 0, 1, 2 or 3 (got {st.zero_stage})")
+    if st.deepspeed_config:
+        require(Path(st.deepspeed_config).is_file(), "strategy.deepspeed_config",
+                f"file not found: {st.deepspeed_config}")
+    _check_model_data(cfg)
+
+
+def _check_model_data(cfg: Any) -> None:
+    """The model family and data kind must fit together."""
+    from llmtrain.models.base import get_model_spec
+
+    spec = get_model_spec(cfg.model.family)
+    task = {"text": "lm", "regression": "regression", "images": "classification"}.get(cfg.data.kind)
+    if task is None:
+        raise ConfigError("data.kind", f"unknown data kind {cfg.data.kind!r}; choose text, regression or images")
+    require(spec.task == task, "model", f"model family {spec.name!r} trains on {spec.task} data, but data.kind is "
+                                        f"{cfg.data.kind!r}; pick a matching model= and data= pair or an experiment=")
+    ctx = spec.context_length(cfg.model)
+    if ctx is not None and task == "lm":
+        require(cfg.data.seq_len <= ctx, "data.seq_len",
+                f"{cfg.data.seq_len} exceeds the model context of {ctx}; set data.seq_len<={ctx} "
+                f"or model.n_positions>={cfg.data.seq_len}")

@@ -1,0 +1,139 @@
+"""The data interface: a DataModule gives DataInfo and resumable, rank-sharded loaders.
+
+Every dataset (regression, images, text blocks) is an indexable collection; one sampler decides the
+order for all of them, so determinism, rank sharding and exact resume are written once.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+
+from llmtrain.models.base import Batch, DataInfo
+
+
+class IndexedDataset(Protocol):
+    """A fixed-size collection whose items are fetched by index, many at a time."""
+
+    def __len__(self) -> int: ...
+
+    def get(self, indices: np.ndarray) -> Batch:
+        """Stack the items at `indices` into a batch of CPU tensors."""
+        ...
+
+
+class ShardedSampler:
+    """Deterministic order over `n` items, split across ranks, resumable mid-epoch.
+
+    Each global micro-batch takes `batch_size * world_size` consecutive items of the epoch's order;
+    rank r takes its slice [r*b, (r+1)*b). So ranks see disjoint items, and the union of one global
+    micro-batch equals what a single process with batch `b * world_size` sees.
+    """
+
+    def __init__(self, n: int, batch_size: int, *, seed: int, shuffle: bool, rank: int = 0,
+                 world_size: int = 1) -> None:
+        self.n, self.batch_size, self.seed, self.shuffle = n, batch_size, seed, shuffle
+        self.rank, self.world_size = rank, world_size
+        self.global_batch = batch_size * world_size
+        if self.global_batch > n:
+            raise ValueError(f"batch of {self.global_batch} items exceeds the {n} items available")
+        self.epoch, self.pos = 0, 0
+        self._order = self._order_for(0)
+
+    @property
+    def batches_per_epoch(self) -> int:
+        return self.n // self.global_batch
+
+    def _order_for(self, epoch: int) -> np.ndarray:
+        if not self.shuffle:
+            return np.arange(self.n, dtype=np.int64)
+        g = np.random.default_rng([self.seed, epoch])
+        return g.permutation(self.n).astype(np.int64)
+
+    def next_indices(self) -> np.ndarray:
+        if self.pos + self.global_batch > self.n:  # drop the incomplete tail, start a new epoch
+            self.epoch, self.pos = self.epoch + 1, 0
+            self._order = self._order_for(self.epoch)
+        start = self.pos + self.rank * self.batch_size
+        out = self._order[start : start + self.batch_size]
+        self.pos += self.global_batch
+        return out
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "pos": self.pos, "n": self.n, "global_batch": self.global_batch}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        if state["n"] != self.n or state["global_batch"] != self.global_batch:
+            raise ValueError(
+                f"loader state is for {state['n']} items in global batches of {state['global_batch']}, "
+                f"not {self.n} in {self.global_batch}: resume with the same data, batch and world size"
+            )
+        self.epoch, self.pos = state["epoch"], state["pos"]
+        self._order = self._order_for(self.epoch)
+
+
+class Loader:
+    """Endless iterator of micro-batches on `device`; its position is part of every checkpoint."""
+
+    def __init__(self, dataset: IndexedDataset, sampler: ShardedSampler, device: torch.device) -> None:
+        self.dataset, self.sampler, self.device = dataset, sampler, device
+        self._pin = device.type == "cuda"
+
+    def __iter__(self) -> Iterator[Batch]:
+        return self
+
+    def __next__(self) -> Batch:
+        batch = self.dataset.get(self.sampler.next_indices())
+        if self._pin:
+            batch = {k: v.pin_memory() for k, v in batch.items()}
+        return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.sampler.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.sampler.load_state_dict(state)
+
+
+class DataModule(ABC):
+    """Builds the dataset once; hands out loaders for the train and val splits."""
+
+    info: DataInfo
+
+    @abstractmethod
+    def split(self, name: str) -> IndexedDataset:
+        """The 'train' or 'val' dataset."""
+
+    def loader(self, split: str, batch_size: int, *, seed: int, shuffle: bool, rank: int, world_size: int,
+               device: torch.device) -> Loader:
+        ds = self.split(split)
+        sampler = ShardedSampler(len(ds), batch_size, seed=seed, shuffle=shuffle, rank=rank,
+                                 world_size=world_size)
+        return Loader(ds, sampler, device)
+
+
+_REGISTRY: dict[str, type] = {}
+
+
+def register_data(name: str):
+    """Class decorator: register a DataModule under `name` (cfg.data.kind)."""
+
+    def deco(cls: type) -> type:
+        _REGISTRY[name] = cls
+        return cls
+
+    return deco
+
+
+def build_data(cfg: Any, *, model_cfg: Any = None, is_main: bool = True, barrier=None) -> DataModule:
+    """Build the DataModule named by cfg.kind. `barrier` lets rank 0 prepare files first."""
+    from llmtrain.data import images, synthetic, text  # noqa: F401  (registration)
+    from llmtrain.errors import ConfigError
+
+    if cfg.kind not in _REGISTRY:
+        raise ConfigError("data.kind", f"unknown data kind {cfg.kind!r}; choose one of {sorted(_REGISTRY)}")
+    return _REGISTRY[cfg.kind](cfg, model_cfg=model_cfg, is_main=is_main, barrier=barrier)

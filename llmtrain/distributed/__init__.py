@@ -1,0 +1,30 @@
+"""Strategies: single device, DDP, FSDP2, DeepSpeed. `build_strategy` picks one by name."""
+
+from __future__ import annotations
+
+import torch
+
+from llmtrain.distributed.base import SetupArgs, Strategy, StrategyConfig, StrategyName
+from llmtrain.distributed.env import DistEnv
+
+
+def build_strategy(cfg: StrategyConfig, env: DistEnv, device: torch.device) -> Strategy:
+    name = StrategyName(cfg.name)
+    if name == StrategyName.single:
+        from llmtrain.distributed.single import SingleStrategy
+
+        return SingleStrategy(cfg, env, device)
+    if name == StrategyName.ddp:
+        from llmtrain.distributed.ddp import DDPStrategy
+
+        return DDPStrategy(cfg, env, device)
+    if name == StrategyName.fsdp:
+        from llmtrain.distributed.fsdp import FSDPStrategy
+
+        return FSDPStrategy(cfg, env, device)
+    from llmtrain.distributed.deepspeed import DeepSpeedStrategy
+
+    return DeepSpeedStrategy(cfg, env, device)
+
+
+__all__ = ["DistEnv", "SetupArgs", "Strategy", "StrategyConfig", "StrategyName", "build_strategy"]

@@ -1,0 +1,171 @@
+"""The Strategy interface: how a plain model is wrapped, stepped, checkpointed and unwrapped.
+
+The trainer calls only these methods; a backend (single, DDP, FSDP2, DeepSpeed) is one module.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from enum import Enum
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from llmtrain.distributed.env import DistEnv
+from llmtrain.precision import Precision
+
+OptimizerFactory = Callable[[nn.Module], torch.optim.Optimizer]
+
+
+class StrategyName(str, Enum):
+    single = "single"
+    ddp = "ddp"
+    fsdp = "fsdp"
+    deepspeed = "deepspeed"
+
+
+@dataclass
+class StrategyConfig:
+    """`strategy.*`: how the model is placed on devices."""
+
+    name: StrategyName = StrategyName.single
+    backend: str | None = None  # process-group backend; None: nccl on GPU, gloo on CPU
+    timeout_s: float = 600.0  # collective timeout: a dead peer fails the job instead of hanging it
+    # FSDP2
+    reshard_after_forward: bool = True
+    # DeepSpeed
+    zero_stage: int = 2
+    offload_optimizer: bool = False
+    offload_params: bool = False
+    deepspeed_config: str | None = None  # path to a raw DeepSpeed JSON whose keys override ours
+    # DDP
+    find_unused_parameters: bool = False
+    bucket_cap_mb: int = 25
+
+
+@dataclass
+class SetupArgs:
+    """What a strategy needs besides the model: precision, checkpointing, compile, clip, batch shape."""
+
+    precision: Precision
+    gradient_checkpointing: bool
+    compile: bool
+    block_classes: tuple[type[nn.Module], ...]
+    micro_batch_size: int
+    grad_accum_steps: int
+    grad_clip: float
+
+
+class Strategy(ABC):
+    """Owns the wrapped model and its optimizer; hides the backend from the loop."""
+
+    def __init__(self, cfg: StrategyConfig, env: DistEnv, device: torch.device) -> None:
+        self.cfg, self.env, self.device = cfg, env, device
+        self.model: nn.Module | None = None
+        self.optimizer: torch.optim.Optimizer | None = None
+
+    # rank facts -------------------------------------------------------------------------------
+    @property
+    def is_main(self) -> bool:
+        return self.env.is_main
+
+    @property
+    def world_size(self) -> int:
+        return self.env.world_size
+
+    @property
+    def rank(self) -> int:
+        return self.env.rank
+
+    # wrapping ---------------------------------------------------------------------------------
+    @abstractmethod
+    def setup(self, model: nn.Module, make_optimizer: OptimizerFactory, args: SetupArgs) -> None:
+        """Wrap `model` (checkpointing → compile → backend) and build its optimizer."""
+
+    @abstractmethod
+    def unwrap(self) -> nn.Module:
+        """The plain model (for sampling on one rank; may hold sharded parameters)."""
+
+    # one step ---------------------------------------------------------------------------------
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """Context for the forward pass (mixed precision where the backend leaves it to autocast)."""
+        return contextlib.nullcontext()
+
+    def no_sync(self, last_micro_step: bool) -> contextlib.AbstractContextManager:
+        """Suppress gradient synchronisation on all but the last micro-step."""
+        return contextlib.nullcontext()
+
+    @abstractmethod
+    def backward(self, loss: torch.Tensor) -> None: ...
+
+    @abstractmethod
+    def clip_grad_norm(self, max_norm: float) -> torch.Tensor:
+        """Clip by the global norm (all ranks, all shards); returns the norm before clipping.
+
+        max_norm <= 0 only measures."""
+
+    @abstractmethod
+    def step(self) -> bool:
+        """Optimizer step then zero grads; False when skipped (fp16 overflow)."""
+
+    def loss_scale(self) -> float | None:
+        """Current fp16 loss scale (None without loss scaling)."""
+        return None
+
+    # checkpoints --------------------------------------------------------------------------------
+    @abstractmethod
+    def save(self, ckpt_dir: Path) -> None:
+        """Write model + optimizer (+scaler) state into ckpt_dir; every rank calls it."""
+
+    @abstractmethod
+    def load(self, ckpt_dir: Path) -> None:
+        """Inverse of save, on the same world size."""
+
+    @abstractmethod
+    def full_state_dict(self) -> dict[str, torch.Tensor] | None:
+        """Consolidated model state on rank 0 (None elsewhere), for export."""
+
+    # collectives ------------------------------------------------------------------------------
+    def all_reduce(self, t: torch.Tensor, op: str = "sum") -> torch.Tensor:
+        if self.world_size > 1:
+            dist.all_reduce(t, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX)
+        return t
+
+    def barrier(self) -> None:
+        if self.world_size > 1:
+            dist.barrier()
+
+    def broadcast_object(self, obj: Any) -> Any:
+        if self.world_size == 1:
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+
+def apply_activation_checkpointing(model: nn.Module, block_classes: tuple[type[nn.Module], ...]) -> None:
+    """Recompute each block's activations in backward (non-reentrant checkpointing)."""
+    if not block_classes:
+        raise ValueError("gradient checkpointing needs the model's block classes")
+    import functools
+
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
+        CheckpointImpl,
+        checkpoint_wrapper,
+    )
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
+        apply_activation_checkpointing as _apply,
+    )
+
+    wrapper = functools.partial(checkpoint_wrapper, checkpoint_impl=CheckpointImpl.NO_REENTRANT)
+    _apply(model, checkpoint_wrapper_fn=wrapper, check_fn=lambda m: isinstance(m, block_classes))
+
+
+def iter_params_with_grad(model: nn.Module) -> Iterator[nn.Parameter]:
+    return (p for p in model.parameters() if p.grad is not None)

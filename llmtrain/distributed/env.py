@@ -1,0 +1,95 @@
+"""Rank and world facts from the launcher's environment; process-group start and stop."""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    rank: int
+    local_rank: int
+    world_size: int
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def strip_local_rank_arg(argv: list[str]) -> list[str]:
+    """Remove `--local_rank=N` / `--local-rank N` (injected by `deepspeed` and old launchers).
+
+    The value goes to LOCAL_RANK so Hydra never sees the flag.
+    """
+    out: list[str] = []
+    skip = False
+    for i, a in enumerate(argv):
+        if skip:
+            skip = False
+            continue
+        for flag in ("--local_rank", "--local-rank"):
+            if a == flag and i + 1 < len(argv):
+                os.environ.setdefault("LOCAL_RANK", argv[i + 1])
+                skip = True
+                break
+            if a.startswith(flag + "="):
+                os.environ.setdefault("LOCAL_RANK", a.split("=", 1)[1])
+                break
+        else:
+            out.append(a)
+    return out
+
+
+def read_env() -> DistEnv:
+    """Rank facts from torchrun / deepspeed / accelerate / SLURM variables (1 process if none)."""
+    e = os.environ
+    if "RANK" not in e and "SLURM_PROCID" in e and "WORLD_SIZE" not in e and "SLURM_NTASKS" in e:
+        # srun without torchrun: map SLURM's variables to torch's.
+        e["RANK"], e["WORLD_SIZE"] = e["SLURM_PROCID"], e["SLURM_NTASKS"]
+        e.setdefault("LOCAL_RANK", e.get("SLURM_LOCALID", "0"))
+    rank = int(e.get("RANK", "0"))
+    world = int(e.get("WORLD_SIZE", "1"))
+    local = int(e.get("LOCAL_RANK", "0"))
+    return DistEnv(rank=rank, local_rank=local, world_size=world)
+
+
+def pick_device(requested: str, env: DistEnv) -> torch.device:
+    """'auto' → this rank's GPU when CUDA is present, else CPU."""
+    if requested == "auto":
+        requested = "cuda" if torch.cuda.is_available() else "cpu"
+    if requested == "cuda":
+        torch.cuda.set_device(env.local_rank)
+        return torch.device("cuda", env.local_rank)
+    return torch.device(requested)
+
+
+def init_process_group(env: DistEnv, device: torch.device, backend: str | None = None,
+                       timeout_s: float = 600.0) -> None:
+    """Start the default process group once (no-op for one process)."""
+    if not env.distributed or dist.is_initialized():
+        return
+    backend = backend or ("nccl" if device.type == "cuda" else "gloo")
+    kwargs = {"device_id": device} if backend == "nccl" else {}
+    dist.init_process_group(backend=backend, rank=env.rank, world_size=env.world_size,
+                            timeout=timedelta(seconds=timeout_s), **kwargs)
+
+
+def destroy_process_group() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def log0(msg: str, env: DistEnv | None = None) -> None:
+    """Print on rank 0 only."""
+    if env is None or env.is_main:
+        print(msg, file=sys.stdout, flush=True)

@@ -1,0 +1,79 @@
+"""One process on one device (CPU or a GPU): the reference every other strategy must match."""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from llmtrain.checkpoint import load_torch, save_torch
+from llmtrain.distributed.base import OptimizerFactory, SetupArgs, Strategy, apply_activation_checkpointing
+from llmtrain.precision import autocast, make_grad_scaler
+
+
+class SingleStrategy(Strategy):
+    """Plain module; autocast + GradScaler for mixed precision."""
+
+    sharded_scaler = False
+
+    def setup(self, model: nn.Module, make_optimizer: OptimizerFactory, args: SetupArgs) -> None:
+        self.args = args
+        self._plain = model.to(self.device)
+        if args.gradient_checkpointing:
+            apply_activation_checkpointing(self._plain, args.block_classes)
+        self.optimizer = make_optimizer(self._plain)
+        self.scaler = make_grad_scaler(args.precision, self.device, sharded=self.sharded_scaler)
+        self.model = self._wrap(torch.compile(self._plain) if args.compile else self._plain)
+
+    def _wrap(self, model: nn.Module) -> nn.Module:
+        return model
+
+    def unwrap(self) -> nn.Module:
+        return self._plain
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        return autocast(self.args.precision, self.device)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+
+    def clip_grad_norm(self, max_norm: float) -> torch.Tensor:
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
+        limit = max_norm if max_norm > 0 else float("inf")
+        return torch.nn.utils.clip_grad_norm_(self._plain.parameters(), limit, foreach=True)
+
+    def step(self) -> bool:
+        stepped = True
+        if self.scaler is not None:
+            scale = self.scaler.get_scale()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            stepped = self.scaler.get_scale() >= scale
+        else:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return stepped
+
+    def loss_scale(self) -> float | None:
+        return float(self.scaler.get_scale()) if self.scaler is not None else None
+
+    # checkpoints: rank 0 writes the full state (DDP replicas are identical) ------------------------
+    def save(self, ckpt_dir: Path) -> None:
+        if self.is_main:
+            state = {"model": self._plain.state_dict(), "optimizer": self.optimizer.state_dict()}
+            if self.scaler is not None:
+                state["scaler"] = self.scaler.state_dict()
+            save_torch(state, ckpt_dir / "model_optim.pt")
+
+    def load(self, ckpt_dir: Path) -> None:
+        state = load_torch(ckpt_dir / "model_optim.pt", map_location=self.device)
+        self._plain.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.scaler is not None and "scaler" in state:
+            self.scaler.load_state_dict(state["scaler"])
+
+    def full_state_dict(self) -> dict[str, torch.Tensor] | None:
+        return self._plain.state_dict() if self.is_main else None

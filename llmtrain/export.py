@@ -1,0 +1,86 @@
+"""Consolidated export (`final/`) and `llmtrain-export <run_dir>` for any strategy's checkpoint."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from llmtrain.models.base import DataInfo, ModelSpec
+
+
+def write_final(spec: ModelSpec, model_cfg: Any, info: DataInfo, state: dict[str, torch.Tensor],
+                run_dir: Path) -> Path:
+    """Load `state` into a fresh plain model and export it atomically to run_dir/final."""
+    model = spec.build(model_cfg, info)
+    model.load_state_dict(state)
+    final = run_dir / "final"
+    tmp = run_dir / ".final.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    spec.export(model, model_cfg, info, tmp)
+    old = run_dir / ".final.old"
+    if final.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
+    os.replace(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def export_final(spec: ModelSpec, strategy: Any, model_cfg: Any, info: DataInfo, run_dir: Path) -> Path | None:
+    """Gather the trained weights (rank 0) and write final/; every rank calls this."""
+    state = strategy.full_state_dict()
+    final = write_final(spec, model_cfg, info, state, run_dir) if strategy.is_main else None
+    strategy.barrier()
+    return final
+
+
+def sample_text(spec: ModelSpec, model_cfg: Any, info: DataInfo, final: Path, t: Any, device: torch.device) -> str:
+    """A sample from the exported model (so every strategy samples the same way)."""
+    from llmtrain.generate import sample
+
+    model = spec.load(model_cfg, info, final).to(device)
+    return sample(model, info.tokenizer, t.sample_prompt, t.sample_tokens, temperature=t.sample_temperature,
+                  top_k=t.sample_top_k, seed=t.seed, device=device)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """llmtrain-export <run_dir> [<checkpoint dir>]: consolidate a checkpoint into <run_dir>/final."""
+    import argparse
+
+    from omegaconf import OmegaConf
+
+    from llmtrain.data.base import build_data
+    from llmtrain.errors import ConfigError, report_and_exit
+    from llmtrain.models.base import get_model_spec
+
+    ap = argparse.ArgumentParser(prog="llmtrain-export", description=main.__doc__)
+    ap.add_argument("run_dir", type=Path)
+    ap.add_argument("checkpoint", type=Path, nargs="?", help="default: the run's newest complete checkpoint")
+    args = ap.parse_args(argv)
+    try:
+        from llmtrain import checkpoint as ckpt
+        from llmtrain.distributed.consolidate import consolidate
+
+        cfg_path = args.run_dir / "config.yaml"
+        if not cfg_path.is_file():
+            raise ConfigError("run_dir", f"{args.run_dir} has no config.yaml: not a llmtrain run dir")
+        cfg = OmegaConf.load(cfg_path)
+        ck = args.checkpoint or ckpt.resolve_resume("auto", args.run_dir)
+        if ck is None or not ckpt.is_complete(ck):
+            raise ConfigError("checkpoint", f"no complete checkpoint in {args.run_dir}")
+        spec = get_model_spec(cfg.model.family)
+        data = build_data(cfg.data, model_cfg=cfg.model)
+        state = consolidate(ck, cfg.strategy.name)
+        final = write_final(spec, cfg.model, data.info, state, args.run_dir)
+    except ConfigError as err:
+        report_and_exit(err)
+    print(f"exported {ck} → {final}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,92 @@
+"""The ModelSpec interface every model family meets, and the registry of families by name.
+
+Model code knows nothing of distribution: a spec builds a plain ``nn.Module`` and tells strategies
+which block class to shard and checkpoint.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+Batch = dict[str, torch.Tensor]
+
+
+@dataclass
+class DataInfo:
+    """What a model needs to know about its data (filled by the data module)."""
+
+    task: str  # "lm" | "regression" | "classification"
+    vocab_size: int | None = None  # lm
+    eos_token_id: int | None = None  # lm
+    in_features: int | None = None  # regression
+    out_features: int | None = None  # regression
+    num_classes: int | None = None  # classification
+    image_shape: tuple[int, int, int] | None = None  # classification (C, H, W)
+    tokenizer: Any = None  # lm: a transformers PreTrainedTokenizerFast
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class ModelSpec(ABC):
+    """One model family: how to build, run the loss, and export/load it."""
+
+    name: str  # the registry key (cfg.model.family)
+    task: str  # the DataInfo.task it trains on
+
+    @abstractmethod
+    def build(self, cfg: Any, info: DataInfo) -> nn.Module:
+        """A freshly initialised (or pretrained) plain module."""
+
+    def block_classes(self, model: nn.Module) -> tuple[type[nn.Module], ...]:
+        """Classes whose instances are sharded (FSDP) and checkpointed (activation checkpointing)."""
+        return ()
+
+    @abstractmethod
+    def loss(self, model: nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """(sum of per-target losses, number of targets) for one micro-batch.
+
+        The trainer divides by the global count over all micro-batches and ranks, so gradient
+        accumulation and data parallelism give the same update as one large batch.
+        """
+
+    @abstractmethod
+    def count(self, batch: Batch) -> int:
+        """Number of targets in a batch (known before the forward pass)."""
+
+    def context_length(self, cfg: Any) -> int | None:
+        """Longest input the model accepts (None: unbounded)."""
+        return None
+
+    @abstractmethod
+    def export(self, model: nn.Module, cfg: Any, info: DataInfo, out_dir: Path) -> None:
+        """Write a consolidated, framework-independent copy of the model into out_dir."""
+
+    @abstractmethod
+    def load(self, cfg: Any, info: DataInfo, path: Path) -> nn.Module:
+        """Inverse of export."""
+
+
+_REGISTRY: dict[str, ModelSpec] = {}
+
+
+def register_model(spec: ModelSpec) -> ModelSpec:
+    _REGISTRY[spec.name] = spec
+    return spec
+
+
+def get_model_spec(name: str) -> ModelSpec:
+    from llmtrain.errors import ConfigError
+
+    _import_builtin_models()
+    if name not in _REGISTRY:
+        raise ConfigError("model.family", f"unknown model family {name!r}; choose one of {sorted(_REGISTRY)}")
+    return _REGISTRY[name]
+
+
+def _import_builtin_models() -> None:
+    from llmtrain.models import gpt2, regression, vision  # noqa: F401

@@ -1,0 +1,159 @@
+"""The training loop. It knows the ModelSpec and Strategy interfaces and nothing concrete."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from llmtrain import checkpoint as ckpt
+from llmtrain.data.base import DataModule, Loader
+from llmtrain.distributed.base import Strategy
+from llmtrain.models.base import Batch, ModelSpec
+from llmtrain.optim import Scheduler
+from llmtrain.precision import Precision
+from llmtrain.tracking import MetricsLogger
+
+
+@dataclass
+class TrainerConfig:
+    """`trainer.*`: the loop's contract keys."""
+
+    max_steps: int = 300
+    micro_batch_size: int = 8
+    grad_accum_steps: int = 1
+    precision: Precision = Precision.fp32
+    grad_clip: float = 1.0  # global-norm clip; 0 disables
+    gradient_checkpointing: bool = False
+    compile: bool = False
+    eval_every: int = 100  # 0: only at the end
+    eval_batches: int = 8  # micro-batches per rank per evaluation
+    ckpt_every: int = 100  # 0: only at the end
+    keep_checkpoints: int = 2  # newest complete checkpoints kept
+    seed: int = 1337
+    resume: str = "auto"  # auto | never | <checkpoint or run dir>
+    device: str = "auto"  # auto | cpu | cuda
+    sample_tokens: int = 200  # tokens generated at the end (LMs); 0 disables
+    sample_prompt: str = ""  # prompt for the final sample ("" starts from the end-of-text token)
+    sample_temperature: float = 0.8
+    sample_top_k: int = 50
+
+
+class Trainer:
+    """Runs optimizer steps with accumulation, logs, evaluates and checkpoints."""
+
+    def __init__(self, cfg: TrainerConfig, spec: ModelSpec, strategy: Strategy, data: DataModule,
+                 scheduler: Scheduler, logger: MetricsLogger, run_dir: Path, log_every: int) -> None:
+        self.cfg, self.spec, self.strategy, self.data = cfg, spec, strategy, data
+        self.scheduler, self.logger, self.run_dir, self.log_every = scheduler, logger, run_dir, log_every
+        self.step = 0
+        self.train_loader = self._loader("train", shuffle=True)
+        self.lm = data.info.task == "lm"
+
+    def _loader(self, split: str, shuffle: bool) -> Loader:
+        s = self.strategy
+        return self.data.loader(split, self.cfg.micro_batch_size, seed=self.cfg.seed, shuffle=shuffle,
+                                rank=s.rank, world_size=s.world_size, device=s.device)
+
+    # public ----------------------------------------------------------------------------------------
+    def fit(self) -> dict[str, Any]:
+        """Train from the current step to max_steps; returns the last train and eval metrics."""
+        last: dict[str, Any] = {}
+        self.logger.open(self.step)
+        try:
+            while self.step < self.cfg.max_steps:
+                last = self._one_step()
+        finally:
+            self.logger.close()
+        return last
+
+    def _one_step(self) -> dict[str, Any]:
+        """train_step, then log / eval / checkpoint as due."""
+        t0 = time.perf_counter()
+        last = self.train_step()
+        last.update(self._throughput(last, time.perf_counter() - t0))
+        self.step += 1
+        last["step"] = self.step
+        self.logger.advance()
+        if self.step % self.log_every == 0 or self.step == self.cfg.max_steps:
+            self.logger.log(last)
+        if self._due(self.cfg.eval_every):
+            last.update(self.evaluate())
+        if self._due(self.cfg.ckpt_every):
+            self.save()
+        return last
+
+    def train_step(self) -> dict[str, Any]:
+        """One optimizer step over grad_accum_steps micro-batches, normalised by the global count."""
+        s, k = self.strategy, self.cfg.grad_accum_steps
+        batches = [next(self.train_loader) for _ in range(k)]
+        counts = torch.tensor([sum(self.spec.count(b) for b in batches), sum(_rows(b) for b in batches)],
+                              dtype=torch.float64, device=s.device)
+        s.all_reduce(counts)  # global targets, global samples
+        scale = s.world_size / counts[0].item()  # backends average gradients over ranks
+        loss_sum = torch.zeros((), dtype=torch.float64, device=s.device)
+        for i, batch in enumerate(batches):
+            with s.no_sync(last_micro_step=(i == k - 1)):
+                with s.autocast():
+                    part, _ = self.spec.loss(s.model, batch)
+                s.backward(part.float() * scale)
+            loss_sum += part.detach().double()
+        grad_norm = s.clip_grad_norm(self.cfg.grad_clip)
+        lr = self.scheduler.lr()
+        stepped = s.step()
+        self.scheduler.step()
+        s.all_reduce(loss_sum)
+        out = {"loss": (loss_sum / counts[0]).item(), "lr": lr, "grad_norm": float(grad_norm),
+               "targets": int(counts[0].item()), "samples": int(counts[1].item())}
+        if s.loss_scale() is not None:
+            out.update(loss_scale=s.loss_scale(), skipped=not stepped)
+        return out
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, Any]:
+        """Mean loss over the first eval_batches micro-batches of every rank's val shard."""
+        s = self.strategy
+        s.model.eval()
+        loader = self._loader("val", shuffle=False)
+        n = max(1, min(self.cfg.eval_batches, loader.sampler.batches_per_epoch))
+        tot = torch.zeros(2, dtype=torch.float64, device=s.device)
+        for _ in range(n):
+            batch = next(loader)
+            with s.autocast():
+                part, cnt = self.spec.loss(s.model, batch)
+            tot += torch.stack([part.detach().double(), cnt.detach().double()])
+        s.model.train()
+        s.all_reduce(tot)
+        rec = {"step": self.step, "eval_loss": (tot[0] / tot[1]).item()}
+        self.logger.log(rec)
+        self.logger.write(f"step {self.step}: eval_loss {rec['eval_loss']:.4f}")
+        return rec
+
+    # checkpoints ---------------------------------------------------------------------------------------
+    def save(self) -> Path:
+        state = {"step": self.step, "loader": self.train_loader.state_dict(),
+                 "scheduler": self.scheduler.state_dict()}
+        return ckpt.save_checkpoint(self.run_dir, self.step, self.strategy, state, self.cfg.keep_checkpoints)
+
+    def resume(self, path: Path) -> None:
+        state = ckpt.load_checkpoint(path, self.strategy)
+        self.step = int(state["step"])
+        self.train_loader.load_state_dict(state["loader"])
+        self.scheduler.load_state_dict(state["scheduler"])
+
+    # helpers ---------------------------------------------------------------------------------------------
+    def _due(self, every: int) -> bool:
+        return self.step == self.cfg.max_steps or (every > 0 and self.step % every == 0)
+
+    def _throughput(self, m: dict[str, Any], dt: float) -> dict[str, float]:
+        out = {"samples_per_s": m["samples"] / dt, "step_time_s": dt}
+        if self.lm:
+            out["tokens_per_s"] = m["targets"] / dt
+        return out
+
+
+def _rows(batch: Batch) -> int:
+    return int(next(iter(batch.values())).shape[0])
