@@ -76,7 +76,6 @@ class Trainer:
         last = self.train_step()
         last.update(self._throughput(last, time.perf_counter() - t0))
         self.step += 1
-        last["step"] = self.step
         self.logger.advance()
         if self.step % self.log_every == 0 or self.step == self.cfg.max_steps:
             self.logger.log(last)
@@ -106,7 +105,8 @@ class Trainer:
         stepped = s.step()
         self.scheduler.step()
         s.all_reduce(loss_sum)
-        out = {"loss": (loss_sum / counts[0]).item(), "lr": lr, "grad_norm": float(grad_norm),
+        norm = float(grad_norm) if grad_norm is not None else s.last_grad_norm()
+        out = {"step": self.step + 1, "loss": (loss_sum / counts[0]).item(), "lr": lr, "grad_norm": norm,
                "targets": int(counts[0].item()), "samples": int(counts[1].item())}
         if s.loss_scale() is not None:
             out.update(loss_scale=s.loss_scale(), skipped=not stepped)

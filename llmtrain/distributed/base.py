@@ -105,10 +105,15 @@ class Strategy(ABC):
     def backward(self, loss: torch.Tensor) -> None: ...
 
     @abstractmethod
-    def clip_grad_norm(self, max_norm: float) -> torch.Tensor:
+    def clip_grad_norm(self, max_norm: float) -> torch.Tensor | None:
         """Clip by the global norm (all ranks, all shards); returns the norm before clipping.
 
-        max_norm <= 0 only measures."""
+        max_norm <= 0 only measures. A backend that clips inside its own step returns None and
+        reports the norm through `last_grad_norm()` after `step()`."""
+
+    def last_grad_norm(self) -> float:
+        """The pre-clip global norm of the last step, for backends whose clip_grad_norm returns None."""
+        raise NotImplementedError
 
     @abstractmethod
     def step(self) -> bool:
