@@ -84,6 +84,17 @@ def init_process_group(env: DistEnv, device: torch.device, backend: str | None =
                             timeout=timedelta(seconds=timeout_s), **kwargs)
 
 
+def init_single_process_group(device: torch.device, backend: str | None = None) -> None:
+    """A 1-rank process group (in-memory store) for backends that need one even in a single process.
+
+    No-op when a group exists; `destroy_process_group()` ends it like any other.
+    """
+    if dist.is_initialized():
+        return
+    backend = backend or ("nccl" if device.type == "cuda" else "gloo")
+    dist.init_process_group(backend=backend, rank=0, world_size=1, store=dist.HashStore())
+
+
 def destroy_process_group() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()

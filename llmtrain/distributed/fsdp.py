@@ -1,0 +1,163 @@
+"""FSDP2 (`fully_shard`): parameters, gradients and optimizer state sharded over ranks.
+
+Setup order: activation checkpointing on the blocks → torch.compile (per block, in place, so state-dict
+keys stay plain) → `fully_shard` on every block, then on the root. The root group holds the rest of the
+parameters, including tied ones (GPT-2's `lm_head.weight` is `transformer.wte.weight`), so a tie stays a
+single sharded parameter. Mixed precision is FSDP's `MixedPrecisionPolicy` (compute in bf16/fp16, reduce
+and keep the master weights in fp32), not autocast. Checkpoints are `torch.distributed.checkpoint`
+(DCP) directories: every rank writes its own shard, nothing is gathered.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed.checkpoint as dcp
+from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_state_dict,
+    set_state_dict,
+)
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor
+
+from llmtrain.checkpoint import load_torch, save_torch
+from llmtrain.distributed.base import OptimizerFactory, SetupArgs, Strategy, apply_activation_checkpointing
+from llmtrain.distributed.env import init_single_process_group
+from llmtrain.precision import Precision, make_grad_scaler
+
+DCP_SUBDIR = "dcp"  # <ckpt>/dcp/{.metadata, __<rank>_0.distcp}
+SCALER_FILE = "scaler.pt"
+
+
+class FSDPStrategy(Strategy):
+    """Fully sharded data parallel (FSDP2); also runs with one process (a 1-rank mesh)."""
+
+    def setup(self, model: nn.Module, make_optimizer: OptimizerFactory, args: SetupArgs) -> None:
+        self.args = args
+        init_single_process_group(self.device, self.cfg.backend)  # fully_shard needs a mesh, even of 1
+        model = model.to(self.device)
+        blocks_cls = args.block_classes
+        if args.gradient_checkpointing:
+            apply_activation_checkpointing(model, blocks_cls)
+        # The modules to shard: each block (under its checkpoint wrapper, if any), outermost first.
+        blocks = _outermost(model, blocks_cls)
+        if args.compile:
+            for m in blocks or [model]:
+                m.compile()  # in place: keeps parameter names free of `_orig_mod.`
+        mp = None
+        if args.precision != Precision.fp32:
+            mp = MixedPrecisionPolicy(param_dtype=args.precision.dtype, reduce_dtype=torch.float32)
+        kw: dict[str, Any] = {"reshard_after_forward": self.cfg.reshard_after_forward}
+        if mp is not None:
+            kw["mp_policy"] = mp
+        for m in blocks:
+            fully_shard(m, **kw)
+        fully_shard(model, **kw)
+        self.model = model
+        self.optimizer = make_optimizer(model)  # after sharding: the optimizer sees DTensor shards
+        self.scaler = make_grad_scaler(args.precision, self.device, sharded=True)
+
+    def unwrap(self) -> nn.Module:
+        """The module itself (its parameters are DTensor shards; use full_state_dict() for weights)."""
+        return self.model
+
+    # one step ---------------------------------------------------------------------------------------
+    def no_sync(self, last_micro_step: bool) -> contextlib.AbstractContextManager:
+        """Skip the reduce-scatter on non-final micro-steps (gradients accumulate unsharded)."""
+        assert isinstance(self.model, FSDPModule)
+        self.model.set_requires_gradient_sync(last_micro_step)
+        return contextlib.nullcontext()
+
+    def backward(self, loss: torch.Tensor) -> None:
+        (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+
+    def clip_grad_norm(self, max_norm: float) -> torch.Tensor:
+        """Global norm over all shards (DTensor grads all-reduce their partial norms)."""
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
+        limit = max_norm if max_norm > 0 else float("inf")
+        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), limit, foreach=True)
+        if isinstance(norm, DTensor):
+            norm = norm.full_tensor()
+        return norm
+
+    def step(self) -> bool:
+        stepped = True
+        if self.scaler is not None:
+            scale = self.scaler.get_scale()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            stepped = self.scaler.get_scale() >= scale
+        else:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return stepped
+
+    def loss_scale(self) -> float | None:
+        return float(self.scaler.get_scale()) if self.scaler is not None else None
+
+    # checkpoints: DCP, one shard file per rank ----------------------------------------------------------
+    def save(self, ckpt_dir: Path) -> None:
+        model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
+        out = ckpt_dir / DCP_SUBDIR
+        out.mkdir(parents=True, exist_ok=True)
+        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(out))
+        if self.scaler is not None and self.is_main:  # the scale is the same on every rank
+            save_torch(self.scaler.state_dict(), ckpt_dir / SCALER_FILE)
+
+    def load(self, ckpt_dir: Path) -> None:
+        model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
+        state = {"model": model_sd, "optim": optim_sd}
+        dcp.load(state, checkpoint_id=str(ckpt_dir / DCP_SUBDIR))
+        set_state_dict(self.model, self.optimizer, model_state_dict=state["model"],
+                       optim_state_dict=state["optim"])
+        if self.scaler is not None and (ckpt_dir / SCALER_FILE).is_file():
+            self.scaler.load_state_dict(load_torch(ckpt_dir / SCALER_FILE))
+
+    def full_state_dict(self) -> dict[str, torch.Tensor] | None:
+        """All-gather the full weights to CPU on rank 0 (a collective: every rank calls it)."""
+        opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        state = get_model_state_dict(self.model, options=opts)
+        return state if self.is_main else None
+
+
+def _outermost(model: nn.Module, classes: tuple[type[nn.Module], ...]) -> list[nn.Module]:
+    """Instances of `classes`, each taken with its checkpoint wrapper when it has one, none nested."""
+    if not classes:
+        return []
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointWrapper
+
+    def is_block(m: nn.Module) -> bool:
+        inner = m._checkpoint_wrapped_module if isinstance(m, CheckpointWrapper) else m
+        return isinstance(inner, classes)
+
+    found: list[nn.Module] = []
+
+    def visit(m: nn.Module) -> None:
+        for child in m.children():
+            if is_block(child):
+                found.append(child)
+            else:
+                visit(child)
+
+    visit(model)
+    return found
+
+
+def consolidate_fsdp(ckpt_dir: Path) -> dict[str, torch.Tensor]:
+    """The plain model state dict from an FSDP (DCP) checkpoint, in one process without a process group."""
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
+    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
+
+    state: dict[str, Any] = {}
+    # What format_utils.dcp_to_torch_save does, minus the optimizer state and the temporary file.
+    _load_state_dict(state, storage_reader=FileSystemReader(str(Path(ckpt_dir) / DCP_SUBDIR)),
+                     planner=_EmptyStateDictLoadPlanner(keys={"model"}), no_dist=True)
+    return {k: v.detach().cpu() if isinstance(v, torch.Tensor) else v for k, v in state["model"].items()}
