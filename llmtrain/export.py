@@ -13,9 +13,18 @@ import torch
 from llmtrain.models.base import DataInfo, ModelSpec
 
 
+def quiet_transformers() -> None:
+    """No per-file progress bars or advisory warnings from transformers inside our own output."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+
+
 def write_final(spec: ModelSpec, model_cfg: Any, info: DataInfo, state: dict[str, torch.Tensor],
                 run_dir: Path) -> Path:
     """Load `state` into a fresh plain model and export it atomically to run_dir/final."""
+    quiet_transformers()
     model = spec.build(model_cfg, info)
     model.load_state_dict(state)
     final = run_dir / "final"
@@ -43,6 +52,7 @@ def sample_text(spec: ModelSpec, model_cfg: Any, info: DataInfo, final: Path, t:
     """A sample from the exported model (so every strategy samples the same way)."""
     from llmtrain.generate import sample
 
+    quiet_transformers()
     model = spec.load(model_cfg, info, final).to(device)
     return sample(model, info.tokenizer, t.sample_prompt, t.sample_tokens, temperature=t.sample_temperature,
                   top_k=t.sample_top_k, seed=t.seed, device=device)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import random
 import sys
 from pathlib import Path
@@ -114,6 +115,8 @@ def _hydra_main(cfg: DictConfig) -> None:
 
 def main() -> None:
     sys.argv = strip_local_rank_arg(sys.argv)
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # DeepSpeed (also imported by transformers) on CPU
     _hydra_main()
 
 

@@ -62,6 +62,7 @@ class Trainer:
     def fit(self) -> dict[str, Any]:
         """Train from the current step to max_steps; returns the last train and eval metrics."""
         last: dict[str, Any] = {}
+        self.strategy.model.train()  # pretrained loaders hand models over in eval mode
         self.logger.open(self.step)
         try:
             while self.step < self.cfg.max_steps:

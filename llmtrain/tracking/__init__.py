@@ -65,7 +65,8 @@ class MetricsLogger:
     def log(self, record: dict[str, Any]) -> None:
         if not self.enabled:
             return
-        clean = {k: (round(v, 8) if isinstance(v, float) and math.isfinite(v) else v) for k, v in record.items()}
+        # full precision (repr round-trips), so runs can be compared bit for bit; NaN/inf as null
+        clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
         self._file.write(json.dumps(clean) + "\n")
         step = int(record["step"])
         for kind, sink in self._sinks:

@@ -1,0 +1,50 @@
+# llmtrain — `make train` runs the default job, `make test` the test suite. Both set up .venv first.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+# The torch build to install when the venv has none. Override for another build, e.g.
+#   make TORCH_SPEC="torch --index-url https://download.pytorch.org/whl/cu128" train
+TORCH_SPEC ?= torch==2.13.0
+ARGS ?=
+
+export OMP_NUM_THREADS ?= 2
+export TOKENIZERS_PARALLELISM ?= false
+export HF_HUB_DISABLE_TELEMETRY ?= 1
+
+.PHONY: train test lint format bench clean venv dev
+
+venv: $(VENV)/.installed
+dev: $(VENV)/.installed-dev
+
+$(VENV)/.installed: pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@$(PY) -c "import torch" 2>/dev/null || $(PIP) install -q --disable-pip-version-check $(TORCH_SPEC)
+	$(PIP) install -q --disable-pip-version-check -e .
+	@touch $@
+
+$(VENV)/.installed-dev: $(VENV)/.installed
+	DS_BUILD_OPS=0 $(PIP) install -q --disable-pip-version-check -e ".[dev,deepspeed]"
+	@touch $@
+
+## The main job on the embedded default: tiny GPT-2, this Python's stdlib sources, CPU, a few minutes.
+train: venv
+	$(PY) -m llmtrain.train $(ARGS)
+
+## Lint + the whole test suite (unit, 2-process distributed over gloo, CLI end-to-end).
+test: dev
+	$(VENV)/bin/ruff check llmtrain tests bench
+	$(VENV)/bin/pytest -q $(ARGS)
+
+lint: dev
+	$(VENV)/bin/ruff check llmtrain tests bench
+
+format: dev
+	$(VENV)/bin/ruff format llmtrain tests bench
+
+bench: dev
+	$(PY) bench/prepare_throughput.py
+	$(PY) bench/loader_throughput.py
+
+clean:
+	rm -rf runs outputs multirun .pytest_cache .ruff_cache build dist *.egg-info

@@ -1,0 +1,202 @@
+"""The single-process loop: accumulation ≡ one big batch, exact resume, run-dir contract, precisions."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from helpers import TINY_LM, compose, losses, read_metrics
+
+from llmtrain import checkpoint as ckpt
+from llmtrain.data.base import DataModule
+from llmtrain.distributed import SetupArgs, StrategyConfig, build_strategy
+from llmtrain.distributed.env import DistEnv
+from llmtrain.models.base import DataInfo, get_model_spec
+from llmtrain.models.gpt2 import GPT2ModelConfig
+from llmtrain.optim import OptimConfig, Scheduler, SchedulerConfig, build_optimizer
+from llmtrain.precision import Precision
+from llmtrain.tracking import LoggerConfig, MetricsLogger
+from llmtrain.train import run
+from llmtrain.trainer import Trainer, TrainerConfig
+
+
+class PaddedLM:
+    """16 sequences of length 12 whose targets are padded (-100) to uneven lengths."""
+
+    def __init__(self, vocab: int = 50) -> None:
+        g = np.random.default_rng(0)
+        self.ids = torch.from_numpy(g.integers(0, vocab, size=(16, 12)))
+        self.labels = torch.from_numpy(g.integers(0, vocab, size=(16, 12)))
+        for i in range(16):  # sequence i keeps 1 + (5*i mod 12) targets
+            self.labels[i, 1 + (5 * i) % 12 :] = -100
+
+    def __len__(self) -> int:
+        return 16
+
+    def get(self, idx: np.ndarray) -> dict[str, torch.Tensor]:
+        t = torch.from_numpy(idx)
+        return {"input_ids": self.ids[t], "labels": self.labels[t]}
+
+
+class PaddedData(DataModule):
+    info = DataInfo(task="lm", vocab_size=50, eos_token_id=49)
+
+    def split(self, name: str) -> PaddedLM:
+        return PaddedLM()
+
+
+def _one_step_params(micro: int, accum: int, optim: str) -> dict[str, torch.Tensor]:
+    spec = get_model_spec("gpt2")
+    torch.manual_seed(0)
+    model = spec.build(GPT2ModelConfig(n_layer=2, n_head=2, n_embd=16, n_positions=16), PaddedData.info)
+    strategy = build_strategy(StrategyConfig(), DistEnv(0, 0, 1), torch.device("cpu"))
+    tcfg = TrainerConfig(max_steps=1, micro_batch_size=micro, grad_accum_steps=accum, grad_clip=0.0,
+                         eval_every=0, ckpt_every=0)
+    strategy.setup(model, lambda m: build_optimizer(OptimConfig(name=optim, lr=0.1), m),
+                   SetupArgs(Precision.fp32, False, False, (), micro, accum, 0.0))
+    sched = Scheduler(SchedulerConfig(name="constant"), strategy.optimizer, 0.1, 1)
+    logger = MetricsLogger(LoggerConfig(progress=False), Path("/nonexistent"), enabled=False, total_steps=1)
+    trainer = Trainer(tcfg, spec, strategy, PaddedData(), sched, logger, Path("/nonexistent"), 1)
+    trainer.train_step()
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def test_accumulation_equals_one_big_batch_with_uneven_padding() -> None:
+    # SGD: new params = old - lr * grad, so equal params mean equal gradients. (Adam's first step is
+    # ~lr * sign(grad), which would turn rounding noise on near-zero gradients into lr-sized jumps.)
+    optim = "sgd"
+    big = _one_step_params(micro=8, accum=1, optim=optim)
+    for micro, accum in [(4, 2), (2, 4), (1, 8)]:
+        acc = _one_step_params(micro=micro, accum=accum, optim=optim)
+        for k in big:
+            torch.testing.assert_close(acc[k], big[k], rtol=1e-5, atol=1e-6, msg=f"{k} ({micro}x{accum})")
+
+
+def _tiny(run_dir: Path, *extra: str):
+    return compose([*TINY_LM, *extra, f"hydra.run.dir={run_dir}"])
+
+
+def test_run_dir_contract(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    last = run(_tiny(run_dir, "trainer.max_steps=6", "trainer.eval_every=3", "trainer.ckpt_every=3",
+                     "trainer.sample_tokens=16"), run_dir)
+    assert (run_dir / "config.yaml").is_file()
+    recs = read_metrics(run_dir)
+    train = [r for r in recs if "loss" in r]
+    assert [r["step"] for r in train] == list(range(1, 7))
+    for r in train:
+        assert {"step", "loss", "lr", "grad_norm", "tokens_per_s", "samples_per_s"} <= set(r)
+    assert [r["step"] for r in recs if "eval_loss" in r] == [3, 6]
+    assert last["loss"] == train[-1]["loss"]
+    steps = [p.name for p in ckpt.list_checkpoints(run_dir)]
+    assert steps == ["step_00000003", "step_00000006"]
+    files = set(ckpt.read_manifest(run_dir / "checkpoints" / "step_00000006")["files"])
+    assert {"model_optim.pt", "trainer.pt", "rng_rank0.pt"} <= files
+    state = ckpt.load_torch(run_dir / "checkpoints" / "step_00000006" / "trainer.pt")
+    assert state["step"] == 6 and "loader" in state and "scheduler" in state
+    from transformers import AutoTokenizer, GPT2LMHeadModel
+
+    model = GPT2LMHeadModel.from_pretrained(run_dir / "final")
+    tok = AutoTokenizer.from_pretrained(run_dir / "final")
+    assert (run_dir / "final" / "model.safetensors").is_file()
+    assert model.config.vocab_size == len(tok) == 257  # byte tokenizer + <|endoftext|>
+    assert tok.decode(tok("def f(x):\n")["input_ids"]) == "def f(x):\n"
+    assert len((run_dir / "samples.txt").read_text()) > 0
+
+
+@pytest.mark.parametrize("extra", [[], ["model.dropout=0.1", "trainer.grad_accum_steps=2"]],
+                         ids=["plain", "dropout+accum"])
+def test_resume_is_bit_identical(tmp_path: Path, extra: list[str]) -> None:
+    full = tmp_path / "full"
+    args = ["trainer.max_steps=8", "trainer.ckpt_every=4", "trainer.keep_checkpoints=5", "trainer.eval_every=0",
+            *extra]
+    run(_tiny(full, *args), full)
+    # A run that "died" after step 6 with its last checkpoint at step 4.
+    part = tmp_path / "part"
+    (part / "checkpoints").mkdir(parents=True)
+    shutil.copytree(full / "checkpoints" / "step_00000004", part / "checkpoints" / "step_00000004")
+    shutil.copy(full / "config.yaml", part / "config.yaml")
+    stale = [r for r in read_metrics(full) if r["step"] <= 6]
+    (part / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in stale))
+    run(_tiny(part, *args), part)
+    a, b = losses(full), losses(part)
+    assert sorted(b) == list(range(1, 9))  # records after the checkpoint were replaced, not duplicated
+    assert [b[s] for s in range(5, 9)] == [a[s] for s in range(5, 9)]  # bit-identical
+    for k, v in torch.load(full / "checkpoints" / "step_00000008" / "model_optim.pt")["model"].items():
+        assert torch.equal(v, torch.load(part / "checkpoints" / "step_00000008" / "model_optim.pt")["model"][k])
+
+
+def test_interrupted_save_is_ignored(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    run(_tiny(run_dir, "trainer.max_steps=2", "trainer.ckpt_every=1", "trainer.keep_checkpoints=5"), run_dir)
+    # a crash mid-save: a temp dir and a dir without its manifest
+    (run_dir / "checkpoints" / ".tmp-step_00000003").mkdir()
+    broken = run_dir / "checkpoints" / "step_00000004"
+    shutil.copytree(run_dir / "checkpoints" / "step_00000002", broken)
+    (broken / "manifest.json").unlink()
+    assert ckpt.resolve_resume("auto", run_dir).name == "step_00000002"
+
+
+def test_resume_never_refuses_to_overwrite(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    run(_tiny(run_dir, "trainer.max_steps=2"), run_dir)
+    before = (run_dir / "metrics.jsonl").read_text()
+    with pytest.raises(SystemExit) as ei:
+        run(_tiny(run_dir, "trainer.max_steps=4", "trainer.resume=never"), run_dir)
+    assert ei.value.code == 2
+    assert (run_dir / "metrics.jsonl").read_text() == before
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_mixed_precision_tracks_fp32(tmp_path: Path, precision: str) -> None:
+    ref = tmp_path / "fp32"
+    run(_tiny(ref, "trainer.max_steps=5"), ref)
+    mp = tmp_path / precision
+    run(_tiny(mp, "trainer.max_steps=5", f"trainer.precision={precision}"), mp)
+    a, b = losses(ref), losses(mp)
+    assert all(np.isfinite(v) for v in b.values())
+    assert max(abs(a[s] - b[s]) / a[s] for s in a) < 0.02  # bf16 keeps ~3 significant digits
+    if precision == "fp16":
+        assert all(r["loss_scale"] > 0 for r in read_metrics(mp) if "loss" in r)
+
+
+def test_gradient_checkpointing_matches(tmp_path: Path) -> None:
+    ref, gc = tmp_path / "ref", tmp_path / "gc"
+    run(_tiny(ref, "trainer.max_steps=4"), ref)
+    run(_tiny(gc, "trainer.max_steps=4", "trainer.gradient_checkpointing=true"), gc)
+    a, b = losses(ref), losses(gc)
+    assert max(abs(a[s] - b[s]) / a[s] for s in a) < 1e-6
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.5])
+def test_pretrained_start(tmp_path: Path, dropout: float) -> None:
+    """model.pretrained starts from the given weights, in train mode.
+
+    Without dropout the first logged loss equals the pretrained model's loss on the first batch; with
+    dropout it must differ from the eval-mode loss (from_pretrained hands models over in eval mode).
+    """
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(3)
+    src = GPT2LMHeadModel(GPT2Config(vocab_size=257, n_positions=64, n_embd=32, n_layer=2, n_head=2,
+                                     resid_pdrop=dropout, embd_pdrop=dropout, attn_pdrop=dropout))
+    src.save_pretrained(tmp_path / "pre")
+    run_dir = tmp_path / "run"
+    cfg = _tiny(run_dir, "trainer.max_steps=1", f"model.pretrained={tmp_path / 'pre'}")
+    run(cfg, run_dir)
+    from llmtrain.data.base import build_data
+
+    data = build_data(cfg.data)
+    loader = data.loader("train", 4, seed=cfg.trainer.seed, shuffle=True, rank=0, world_size=1,
+                         device=torch.device("cpu"))
+    src.eval()
+    with torch.no_grad():
+        s, n = get_model_spec("gpt2").loss(src, next(loader))
+    if dropout == 0.0:
+        assert losses(run_dir)[1] == pytest.approx((s / n).item(), rel=1e-6)
+    else:
+        assert abs(losses(run_dir)[1] - (s / n).item()) > 1e-3
