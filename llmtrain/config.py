@@ -40,14 +40,14 @@ class Config:
     logger: LoggerConfig = field(default_factory=LoggerConfig)
 
 
-# schemas a group option extends with `defaults: [<schema>, _self_]`
+# schemas a group option extends with `defaults: [/schema/<group>/<name>@_here_, _self_]`
 SCHEMAS: dict[tuple[str, str], type] = {
-    ("model", "gpt2_schema"): GPT2ModelConfig,
-    ("model", "regression_schema"): RegressionModelConfig,
-    ("model", "vision_schema"): VisionModelConfig,
-    ("data", "text_schema"): TextDataConfig,
-    ("data", "regression_schema"): RegressionDataConfig,
-    ("data", "images_schema"): ImageDataConfig,
+    ("schema/model", "gpt2"): GPT2ModelConfig,
+    ("schema/model", "regression"): RegressionModelConfig,
+    ("schema/model", "vision"): VisionModelConfig,
+    ("schema/data", "text"): TextDataConfig,
+    ("schema/data", "regression"): RegressionDataConfig,
+    ("schema/data", "images"): ImageDataConfig,
 }
 
 
