@@ -200,3 +200,17 @@ def test_pretrained_start(tmp_path: Path, dropout: float) -> None:
         assert losses(run_dir)[1] == pytest.approx((s / n).item(), rel=1e-6)
     else:
         assert abs(losses(run_dir)[1] - (s / n).item()) > 1e-3
+
+
+def test_compile_matches_eager(tmp_path: Path) -> None:
+    """trainer.compile wraps the plain model; losses match eager and export has plain keys."""
+    eager, comp = tmp_path / "eager", tmp_path / "compiled"
+    base = ["experiment=linear_regression", "trainer.max_steps=10", "logger.log_every=1", "logger.progress=false"]
+    run(compose([*base, f"hydra.run.dir={eager}"]), eager)
+    run(compose([*base, "trainer.compile=true", f"hydra.run.dir={comp}"]), comp)
+    a, b = losses(eager), losses(comp)
+    assert max(abs(a[s] - b[s]) / a[s] for s in a) < 1e-5
+    from safetensors.torch import load_file
+
+    keys = set(load_file(comp / "final" / "model.safetensors"))
+    assert keys == set(load_file(eager / "final" / "model.safetensors")) and not any("_orig_mod" in k for k in keys)
