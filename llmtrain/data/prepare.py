@@ -1,11 +1,23 @@
-"""Prepare a corpus once: sources → tokenizer → uint16/uint32 token files + meta.json.
+"""Prepare a corpus once: sources → tokenizer → packed uint16/uint32 token shards + meta.json.
 
-The prepared dir is written to a temp dir and renamed at the end, so a dir that exists is complete.
-Its name (in the cache) or its meta.json hash records the inputs; same inputs → reused as is.
+Streaming end to end, so memory stays flat from a 1 MB file to a multi-GB corpus:
+  documents (files, JSONL records, HF rows) are read in pieces of ~CHUNK_CHARS characters, cut only
+  between a non-space and a space character (a pre-token boundary of GPT-2-style byte-level BPE, so
+  the ids equal those of the whole document) → tokenised in batches (Rust batch encoder in process,
+  or `datasets.map(num_proc=...)`) → `<|endoftext|>` after each document → appended to shard files
+  `train_000.bin, train_001.bin, ...` of at most `data.shard_tokens` tokens.
+  The val split is the tail `val_fraction` of the token stream: once everything is written, the last
+  round(N * val_fraction) tokens move to `val_000.bin ...` and the train shards are truncated.
+
+Everything is written into a temp dir beside the output and renamed at the end, so a dir holding
+meta.json is complete. meta.json's `hash` fingerprints the inputs (source files by path, size and
+mtime; tokenizer; options); same inputs → the dir is reused, changed inputs → it is rebuilt.
 """
 
 from __future__ import annotations
 
+import codecs
+import glob as globlib
 import hashlib
 import json
 import os
@@ -13,7 +25,9 @@ import shutil
 import sys
 import sysconfig
 import tempfile
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -22,14 +36,66 @@ import numpy as np
 from llmtrain.data import tokenizers as toks
 from llmtrain.errors import ConfigError
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+CHUNK_CHARS = 1 << 18  # characters per tokenisation piece (a long document is split into pieces)
+BATCH_CHARS = 1 << 22  # characters per in-process encode_batch call
+READ_BYTES = 1 << 20  # file read size
+TEXT_SUFFIXES = (".txt", ".text", ".md", ".rst", ".py", ".jsonl")
+_REPLACED = [0]  # undecodable bytes seen by the counting error handler (this process)
+
+
+def _count_and_replace(err: UnicodeDecodeError) -> tuple[str, int]:
+    _REPLACED[0] += err.end - err.start
+    return "\ufffd", err.end
+
+
+codecs.register_error("llmtrain.count", _count_and_replace)
 
 
 def cache_root() -> Path:
     return Path(os.environ.get("LLMTRAIN_CACHE", Path.home() / ".cache" / "llmtrain")).expanduser()
 
 
-# sources ---------------------------------------------------------------------------------------------
+def check_config(cfg: Any) -> None:
+    """The data.* keys preparation reads."""
+    if not 0 < cfg.val_fraction < 1:
+        raise ConfigError("data.val_fraction", f"must be in (0, 1) (got {cfg.val_fraction})")
+    if cfg.num_proc < 1:
+        raise ConfigError("data.num_proc", f"must be >= 1 (got {cfg.num_proc})")
+    if cfg.shard_tokens < 1024:
+        raise ConfigError("data.shard_tokens", f"must be >= 1024 (got {cfg.shard_tokens})")
+
+
+# sources -----------------------------------------------------------------------------------------
+@dataclass
+class Source:
+    """What `data.source` names: local files, a saved HF dataset dir, or a HF hub dataset."""
+
+    kind: str  # files | hf_disk | hf_hub
+    spec: str
+    files: list[Path] = field(default_factory=list)
+
+    @property
+    def total_bytes(self) -> int | None:
+        return sum(f.stat().st_size for f in self.files) if self.kind == "files" else None
+
+    def fingerprint(self) -> list[Any]:
+        """Cheap identity of the inputs: path, size and mtime of every file (like make)."""
+        if self.kind == "hf_hub":
+            return [self.spec]
+        files = self.files if self.kind == "files" else sorted(p for p in Path(self.spec).rglob("*") if p.is_file())
+        out: list[Any] = []
+        for f in files:
+            st = f.stat()
+            out.append([str(f.resolve()), st.st_size, st.st_mtime_ns])
+        return out
+
+    def describe(self) -> list[str]:
+        if self.spec == "embedded":
+            return ["embedded"]
+        return [str(f) for f in self.files] if self.kind == "files" else [f"{self.kind}:{self.spec}"]
+
+
 def embedded_files(max_bytes: int) -> list[Path]:
     """The embedded corpus: this Python's own standard-library sources, sorted, up to max_bytes."""
     stdlib = Path(sysconfig.get_paths()["stdlib"])
@@ -43,117 +109,427 @@ def embedded_files(max_bytes: int) -> list[Path]:
     return out
 
 
-def resolve_files(source: str, max_bytes: int) -> list[Path]:
-    """Local files named by `source` (embedded | file | glob | dir)."""
+def _is_hf_saved(path: Path) -> bool:
+    return path.is_dir() and any((path / n).is_file() for n in ("dataset_info.json", "state.json",
+                                                                 "dataset_dict.json"))
+
+
+def resolve_source(source: str, max_bytes: int = 4_000_000) -> Source:
+    """Local files (embedded | file | glob | dir), a `save_to_disk` dir, or else a hub dataset name."""
     if source == "embedded":
-        return embedded_files(max_bytes)
+        return Source("files", "embedded", embedded_files(max_bytes))
     path = Path(source).expanduser()
     if any(ch in source for ch in "*?["):
-        files = sorted(Path(p) for p in __import__("glob").glob(str(path), recursive=True))
+        files = sorted(Path(p) for p in globlib.glob(str(path), recursive=True))
         files = [f for f in files if f.is_file()]
-    elif path.is_dir():
-        files = sorted(f for f in path.rglob("*") if f.is_file() and f.suffix in (".txt", ".md", ".jsonl", ".py"))
-    elif path.is_file():
-        files = [path]
-    else:
+        if not files:
+            raise ConfigError("data.source", f"no files match {source}")
+        return Source("files", source, files)
+    if _is_hf_saved(path):
+        return Source("hf_disk", str(path))
+    if path.is_dir():
+        files = sorted(f for f in path.rglob("*") if f.is_file() and f.suffix in TEXT_SUFFIXES)
+        if not files:
+            raise ConfigError("data.source", f"{source} holds no text files ({', '.join(TEXT_SUFFIXES)})")
+        return Source("files", source, files)
+    if path.is_file():
+        return Source("files", source, [path])
+    if source.startswith((".", "/", "~")) or path.suffix or not source.strip():
         raise ConfigError("data.source", f"file not found: {source}")
-    if not files:
-        raise ConfigError("data.source", f"no files match {source}")
-    return files
+    return Source("hf_hub", source)
 
 
-def iter_documents(files: list[Path], text_field: str) -> Iterator[str]:
-    """One document per text file; one per line of a .jsonl file (its `text_field`)."""
-    for f in files:
+def _cut(buf: str, limit: int) -> int:
+    """Where to end a piece of `buf`: the last non-space→space boundary (no pre-token spans it)."""
+    lo = max(1, len(buf) - limit)
+    for i in range(len(buf) - 1, lo - 1, -1):
+        if buf[i].isspace() and not buf[i - 1].isspace():
+            return i
+    return len(buf)  # no boundary in reach (a huge run without spaces): cut anyway
+
+
+def split_text(text: str, chunk: int = CHUNK_CHARS) -> Iterator[str]:
+    """`text` in pieces of about `chunk` characters, cut at pre-token boundaries."""
+    while len(text) > 2 * chunk:
+        i = _cut(text[: 2 * chunk], chunk)
+        yield text[:i]
+        text = text[i:]
+    yield text
+
+
+def _iter_text_file(path: Path, chunk: int) -> Iterator[tuple[str, bool]]:
+    """(piece, ends_document): the whole file is one document, read incrementally."""
+    dec = codecs.getincrementaldecoder("utf-8")(errors="llmtrain.count")
+    buf = ""
+    with open(path, "rb") as fh:
+        while block := fh.read(READ_BYTES):
+            buf += dec.decode(block)
+            while len(buf) > 2 * chunk:
+                i = _cut(buf[: 2 * chunk], chunk)
+                yield buf[:i], False
+                buf = buf[i:]
+    buf += dec.decode(b"", final=True)
+    if buf:
+        yield buf, True
+
+
+def _iter_jsonl(path: Path, text_field: str, chunk: int) -> Iterator[tuple[str, bool]]:
+    """One document per non-empty line: its `text_field`."""
+    with open(path, encoding="utf-8", errors="llmtrain.count") as fh:
+        for n, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ConfigError("data.source", f"{path}:{n} is not JSON ({e.msg}); fix or drop the line") from None
+            if not isinstance(rec, dict) or text_field not in rec:
+                raise ConfigError("data.text_field", f"{path}:{n} has no field {text_field!r}; set "
+                                                     "data.text_field to the record's text key")
+            yield from _pieces(str(rec[text_field]), chunk)
+
+
+def _pieces(text: str, chunk: int) -> Iterator[tuple[str, bool]]:
+    if not text:
+        return
+    parts = list(split_text(text, chunk)) if len(text) > 2 * chunk else [text]
+    for k, p in enumerate(parts):
+        yield p, k == len(parts) - 1
+
+
+def _open_hf(src: Source, split: str) -> Any:
+    import datasets
+
+    try:
+        if src.kind == "hf_disk":
+            ds = datasets.load_from_disk(src.spec)
+            if isinstance(ds, datasets.DatasetDict):
+                if split not in ds:
+                    raise ConfigError("data.hf_split", f"{src.spec} has splits {sorted(ds)}, not {split!r}")
+                ds = ds[split]
+            return ds
+        return datasets.load_dataset(src.spec, split=split, streaming=True)
+    except ConfigError:
+        raise
+    except Exception as e:  # offline, unknown name, bad split: one line
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ConfigError("data.source", f"{src.spec!r} is neither a local path nor a loadable Hugging Face "
+                                         f"dataset ({msg}); check the path, or go online for hub names") from None
+
+
+def _iter_hf(src: Source, text_field: str, split: str, chunk: int) -> Iterator[tuple[str, bool]]:
+    ds = _open_hf(src, split)
+    cols = getattr(ds, "column_names", None)
+    if cols is not None and text_field not in cols:
+        raise ConfigError("data.text_field", f"{src.spec} has columns {cols}, not {text_field!r}")
+    for batch in ds.iter(batch_size=256):
+        if text_field not in batch:
+            raise ConfigError("data.text_field", f"{src.spec} has columns {sorted(batch)}, not {text_field!r}")
+        for text in batch[text_field]:
+            yield from _pieces(str(text or ""), chunk)
+
+
+def iter_pieces(src: Source, text_field: str = "text", split: str = "train", chunk: int = CHUNK_CHARS,
+                on_file: Callable[[Path], None] | None = None) -> Iterator[tuple[str, bool]]:
+    """Every document of the source as (piece, ends_document), in a fixed order."""
+    if src.kind != "files":
+        yield from _iter_hf(src, text_field, split, chunk)
+        return
+    for f in src.files:
         if f.suffix == ".jsonl":
-            with open(f, encoding="utf-8", errors="replace") as fh:
-                for n, line in enumerate(fh, 1):
-                    if not line.strip():
-                        continue
-                    rec = json.loads(line)
-                    if text_field not in rec:
-                        raise ConfigError("data.text_field", f"{f}:{n} has no field {text_field!r}")
-                    yield str(rec[text_field])
+            yield from _iter_jsonl(f, text_field, chunk)
         else:
-            yield f.read_bytes().decode("utf-8", errors="replace")
+            yield from _iter_text_file(f, chunk)
+        if on_file is not None:
+            on_file(f)
 
 
-def _hash_inputs(files: list[Path], cfg: Any) -> str:
+def iter_documents(files: list[Path], text_field: str = "text") -> Iterator[str]:
+    """Whole documents (for tests and small corpora; holds one document at a time)."""
+    cur: list[str] = []
+    for piece, end in iter_pieces(Source("files", "", files), text_field):
+        cur.append(piece)
+        if end:
+            yield "".join(cur)
+            cur = []
+
+
+# shards ------------------------------------------------------------------------------------------
+class ShardWriter:
+    """Appends token arrays to `<split>_000.bin, <split>_001.bin, ...` of at most `shard_tokens`."""
+
+    def __init__(self, out: Path, split: str, dtype: np.dtype, shard_tokens: int) -> None:
+        self.out, self.split, self.dtype, self.cap = out, split, np.dtype(dtype), shard_tokens
+        self.shards: list[dict[str, Any]] = []
+        self._fh: Any = None
+
+    def write(self, arr: np.ndarray) -> None:
+        arr = np.asarray(arr, dtype=self.dtype)
+        while len(arr):
+            if self._fh is None or self.shards[-1]["tokens"] >= self.cap:
+                self._roll()
+            room = self.cap - self.shards[-1]["tokens"]
+            self._fh.write(arr[:room].tobytes())
+            self.shards[-1]["tokens"] += len(arr[:room])
+            arr = arr[room:]
+
+    def _roll(self) -> None:
+        if self._fh is not None:
+            self._fh.close()
+        name = f"{self.split}_{len(self.shards):03d}.bin"
+        self._fh = open(self.out / name, "wb")  # noqa: SIM115  (closed in _roll / close)
+        self.shards.append({"file": name, "tokens": 0})
+
+    def close(self) -> list[dict[str, Any]]:
+        if self._fh is not None:
+            self._fh.close()
+            self._fh = None
+        return self.shards
+
+    @property
+    def tokens(self) -> int:
+        return sum(s["tokens"] for s in self.shards)
+
+
+def carve_tail(out: Path, train: list[dict[str, Any]], val: ShardWriter, n_val: int, dtype: np.dtype,
+               copy_tokens: int = 1 << 24) -> list[dict[str, Any]]:
+    """Move the last n_val tokens of the train shards into `val`; returns the truncated train shards."""
+    itemsize = np.dtype(dtype).itemsize
+    total = sum(s["tokens"] for s in train)
+    start, off = total - n_val, 0
+    kept: list[dict[str, Any]] = []
+    for s in train:
+        lo, hi = off, off + s["tokens"]
+        off = hi
+        if hi <= start:
+            kept.append(s)
+            continue
+        cut = max(start - lo, 0)  # tokens of this shard that stay in train
+        mm = np.memmap(out / s["file"], dtype=dtype, mode="r")
+        for a in range(cut, s["tokens"], copy_tokens):
+            val.write(np.asarray(mm[a : min(a + copy_tokens, s["tokens"])]))
+        del mm
+        if cut > 0:
+            os.truncate(out / s["file"], cut * itemsize)
+            kept.append({"file": s["file"], "tokens": cut})
+        else:
+            (out / s["file"]).unlink()
+    return kept
+
+
+# hashing -----------------------------------------------------------------------------------------
+def _hash_inputs(src: Source, cfg: Any) -> str:
     h = hashlib.sha256()
-    h.update(json.dumps({"v": FORMAT_VERSION, "tokenizer": cfg.tokenizer, "vocab": cfg.vocab_size,
-                         "val": cfg.val_fraction, "field": cfg.text_field}).encode())
+    opts = {"v": FORMAT_VERSION, "tokenizer": cfg.tokenizer, "val": cfg.val_fraction, "field": cfg.text_field,
+            "shard": cfg.shard_tokens, "split": cfg.hf_split,
+            "vocab": cfg.vocab_size if cfg.tokenizer == "bpe" else None}
+    h.update(json.dumps(opts, sort_keys=True).encode())
+    h.update(json.dumps(src.fingerprint()).encode())
     tok_path = Path(cfg.tokenizer).expanduser()
-    for f in ([p for p in sorted(tok_path.iterdir()) if p.is_file()] if tok_path.is_dir() else []) + files:
-        h.update(str(f.name).encode())
-        with open(f, "rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 20), b""):
-                h.update(chunk)
+    if cfg.tokenizer not in ("bpe", "byte") and tok_path.is_dir():
+        for f in sorted(p for p in tok_path.iterdir() if p.is_file()):
+            h.update(f.name.encode())
+            h.update(f.read_bytes())
     return h.hexdigest()[:20]
 
 
-def _build_tokenizer(cfg: Any, files: list[Path]) -> Any:
-    if cfg.tokenizer == "byte":
-        return toks.byte_tokenizer()
-    if cfg.tokenizer == "bpe":
-        if cfg.vocab_size < 257:
-            raise ConfigError("data.vocab_size", f"a bpe vocabulary needs > 256 tokens (got {cfg.vocab_size})")
-        return toks.train_bpe(iter_documents(files, cfg.text_field), cfg.vocab_size)
-    return toks.load_pretrained_tokenizer(cfg.tokenizer)
+# tokenisation ------------------------------------------------------------------------------------
+def _encode_in_process(pieces: Iterator[tuple[str, bool]], tok: Any, eos: int,
+                       dtype: np.dtype) -> Iterator[tuple[np.ndarray, int, int]]:
+    """(ids, characters, documents) per batch of pieces; the Rust encoder parallelises each batch."""
+    texts: list[str] = []
+    ends: list[bool] = []
+    chars = 0
+    for text, end in pieces:
+        texts.append(text)
+        ends.append(end)
+        chars += len(text)
+        if chars >= BATCH_CHARS:
+            yield toks.encode_documents(tok, texts, ends, eos, dtype), chars, sum(ends)
+            texts, ends, chars = [], [], 0
+    if texts:
+        yield toks.encode_documents(tok, texts, ends, eos, dtype), chars, sum(ends)
 
 
-# prepare -------------------------------------------------------------------------------------------------
-def prepare(cfg: Any, *, quiet: bool = False, only_locate: bool = False) -> Path:
-    """Return the prepared dir for cfg, building it unless an up-to-date one exists."""
-    files = resolve_files(cfg.source, cfg.embedded_max_bytes)
-    digest = _hash_inputs(files, cfg)
+def _map_encode(batch: dict[str, list], tok: Any, eos: int) -> dict[str, list]:
+    ids = toks.encode_batch(tok, batch["text"])
+    for row, end in zip(ids, batch["end"], strict=True):
+        if end:
+            row.append(eos)
+    return {"ids": ids, "chars": [len(t) for t in batch["text"]]}
+
+
+def _gen_pieces(src: Source, text_field: str, split: str) -> Iterator[dict[str, Any]]:
+    for text, end in iter_pieces(src, text_field, split):
+        yield {"text": text, "end": end}
+
+
+def _encode_with_datasets(src: Source, cfg: Any, tok: Any, eos: int, dtype: np.dtype, work: Path,
+                          digest: str) -> Iterator[tuple[np.ndarray, int, int]]:
+    """The same stream through `datasets`: pieces → Arrow (on disk) → map(num_proc) → ids."""
+    import datasets
+
+    feats = datasets.Features({"text": datasets.Value("string"), "end": datasets.Value("bool")})
+    try:
+        ds = datasets.Dataset.from_generator(
+            _gen_pieces, features=feats, cache_dir=str(work), fingerprint=f"pieces-{digest}",
+            gen_kwargs={"src": src, "text_field": cfg.text_field, "split": cfg.hf_split}, writer_batch_size=64)
+    except Exception as e:  # the generator's ConfigError arrives wrapped
+        cause: BaseException | None = e
+        while cause is not None and not isinstance(cause, ConfigError):
+            cause = cause.__cause__ or cause.__context__
+        if cause is not None:
+            raise cause from None
+        raise
+    out_feats = datasets.Features({"ids": datasets.Sequence(datasets.Value("int64")),
+                                   "chars": datasets.Value("int64")})
+    ids = ds.map(_map_encode, batched=True, batch_size=16, num_proc=cfg.num_proc, remove_columns=["text", "end"],
+                 fn_kwargs={"tok": tok, "eos": eos}, features=out_feats, writer_batch_size=64,
+                 new_fingerprint=f"ids-{digest}", desc=f"tokenize (num_proc={cfg.num_proc})")
+    ends = ds.with_format("numpy", columns=["end"])
+    for start in range(0, len(ids), 64):
+        rows = ids[start : start + 64]
+        flat = [np.asarray(r, dtype=dtype) for r in rows["ids"]]
+        arr = np.concatenate(flat) if flat else np.zeros(0, dtype=dtype)
+        yield arr, int(sum(rows["chars"])), int(ends[start : start + 64]["end"].sum())
+
+
+# prepare -----------------------------------------------------------------------------------------
+def is_prepared_dir(path: Path) -> bool:
+    return (path / "meta.json").is_file()
+
+
+def locate(cfg: Any) -> tuple[Path, str | None, Source | None]:
+    """(output dir, inputs hash, source); a prepared dir given as data.source is its own output."""
+    src_path = Path(cfg.source).expanduser()
+    if cfg.source != "embedded" and is_prepared_dir(src_path):
+        return src_path, None, None
+    src = resolve_source(cfg.source, cfg.embedded_max_bytes)
+    digest = _hash_inputs(src, cfg)
     out = Path(cfg.out_dir).expanduser() if cfg.out_dir else cache_root() / "prepared" / digest
-    if (out / "meta.json").is_file():
-        meta = json.loads((out / "meta.json").read_text())
+    return out, digest, src
+
+
+def prepare(cfg: Any, *, quiet: bool = False, only_locate: bool = False, force: bool = False) -> Path:
+    """Return the prepared dir for cfg, building it unless an up-to-date one exists."""
+    check_config(cfg)
+    out, digest, src = locate(cfg)
+    if digest is None:  # data.source is a prepared dir
+        return out
+    if is_prepared_dir(out) and not force:
+        meta = read_meta(out)
         if meta.get("hash") == digest:
+            if not quiet:
+                print(f"llmtrain: using prepared {out} ({meta['train_tokens']:,} train / "
+                      f"{meta['val_tokens']:,} val tokens)", file=sys.stderr)
             return out
         if only_locate:
             raise ConfigError("data.out_dir", f"{out} holds another dataset")
     if only_locate:
         raise ConfigError("data.out_dir", f"{out} was not prepared")
-    tok = _build_tokenizer(cfg, files)
-    eos = tok.eos_token_id
-    ids: list[np.ndarray] = []
-    for doc in iter_documents(files, cfg.text_field):
-        ids.append(np.asarray(tok(doc, add_special_tokens=False)["input_ids"] + [eos], dtype=np.int64))
-    tokens = np.concatenate(ids) if ids else np.zeros(0, dtype=np.int64)
-    if len(tokens) < 2:
-        raise ConfigError("data.source", f"{cfg.source} holds no text")
-    vocab = len(tok)
-    dtype = np.uint16 if vocab <= 65535 else np.uint32
-    n_val = max(1, int(round(len(tokens) * cfg.val_fraction)))
-    split = {"train": tokens[:-n_val], "val": tokens[-n_val:]}
+    if out.exists() and not is_prepared_dir(out) and any(out.iterdir()):
+        raise ConfigError("data.out_dir", f"{out} exists and is not a prepared dataset; choose a new or empty dir")
+    assert src is not None
+    return _build(cfg, src, digest, out, quiet)
+
+
+def _build(cfg: Any, src: Source, digest: str, out: Path, quiet: bool) -> Path:
+    t0 = time.perf_counter()
+    _REPLACED[0] = 0
+    tok = toks.build_tokenizer(cfg.tokenizer, cfg.vocab_size,
+                               (p for p, _ in iter_pieces(src, cfg.text_field, cfg.hf_split)))
+    eos, vocab = int(tok.eos_token_id), toks.vocab_len(tok)
+    dtype = np.dtype(np.uint16 if vocab <= 65536 else np.uint32)
+    _REPLACED[0] = 0  # count once, during tokenisation
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp.", dir=out.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)
     try:
-        for name, arr in split.items():
-            arr.astype(dtype).tofile(tmp / f"{name}.bin")
-        tok.save_pretrained(tmp / "tokenizer")
-        meta = {"format": FORMAT_VERSION, "hash": digest, "train_tokens": int(len(split["train"])),
-                "val_tokens": int(len(split["val"])), "vocab_size": vocab, "eos_token_id": eos,
-                "dtype": np.dtype(dtype).name, "tokenizer": {"spec": cfg.tokenizer, "hash": toks.tokenizer_hash(tok)},
-                "sources": [str(f) for f in files] if cfg.source != "embedded" else ["embedded"],
-                "documents": len(ids)}
+        train = ShardWriter(tmp, "train", dtype, cfg.shard_tokens)
+        chars = docs = 0
+        bar = _progress(src, quiet)
+        if cfg.num_proc > 1:
+            stream = _encode_with_datasets(src, cfg, tok, eos, dtype, tmp / ".work", digest)
+        else:
+            stream = _encode_in_process(iter_pieces(src, cfg.text_field, cfg.hf_split), tok, eos, dtype)
+        for ids, n_chars, n_docs in stream:
+            train.write(ids)
+            chars, docs = chars + n_chars, docs + n_docs
+            bar.update(n_chars)
+        bar.close()
+        shutil.rmtree(tmp / ".work", ignore_errors=True)
+        total = train.tokens
+        if total < 2:
+            raise ConfigError("data.source", f"{cfg.source} holds no text (empty files?)")
+        n_val = max(1, int(round(total * cfg.val_fraction)))
+        val = ShardWriter(tmp, "val", dtype, cfg.shard_tokens)
+        train_shards = carve_tail(tmp, train.close(), val, n_val, dtype)
+        val_shards = val.close()
+        tok.save_pretrained(str(tmp / "tokenizer"))
+        meta = {"format": FORMAT_VERSION, "hash": digest, "train_tokens": total - n_val, "val_tokens": n_val,
+                "vocab_size": vocab, "eos_token_id": eos, "dtype": dtype.name,
+                "tokenizer": {"spec": cfg.tokenizer, "hash": toks.tokenizer_hash(tok), "dir": "tokenizer"},
+                "sources": src.describe(), "documents": docs, "characters": chars,
+                "replaced_bytes": _REPLACED[0], "val_fraction": cfg.val_fraction, "shard_tokens": cfg.shard_tokens,
+                "shards": {"train": train_shards, "val": val_shards},
+                "seconds": round(time.perf_counter() - t0, 2)}
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
+        _publish(tmp, out, digest)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     if not quiet:
-        print(f"prepared {out}: {meta['train_tokens']:,} train / {meta['val_tokens']:,} val tokens, "
-              f"vocab {vocab}", file=sys.stderr)
+        size = src.total_bytes
+        rate = f", {size / 1e6 / meta['seconds']:.2f} MB/s" if size and meta["seconds"] > 0 else ""
+        print(f"llmtrain: prepared {out}: {meta['train_tokens']:,} train / {meta['val_tokens']:,} val tokens "
+              f"from {docs:,} documents, vocab {vocab} ({dtype.name}), {meta['seconds']:.1f}s{rate}",
+              file=sys.stderr)
+    if meta["replaced_bytes"] and not quiet:
+        print(f"llmtrain: warning: {meta['replaced_bytes']:,} bytes were not valid UTF-8 and were replaced "
+              "by U+FFFD", file=sys.stderr)
     return out
 
 
+def _publish(tmp: Path, out: Path, digest: str) -> None:
+    """Rename tmp → out; a concurrent builder that won the race with the same inputs wins."""
+    if is_prepared_dir(out):
+        if read_meta(out).get("hash") == digest:
+            shutil.rmtree(tmp, ignore_errors=True)
+            return
+        shutil.rmtree(out)
+    elif out.exists():
+        out.rmdir()  # empty (checked by the caller)
+    os.replace(tmp, out)
+
+
+def _progress(src: Source, quiet: bool) -> Any:
+    from tqdm import tqdm
+
+    return tqdm(total=src.total_bytes, unit="char", unit_scale=True, desc="tokenize", disable=quiet,
+                mininterval=1.0, file=sys.stderr)
+
+
+# reading -----------------------------------------------------------------------------------------
+def read_meta(prepared: Path) -> dict[str, Any]:
+    try:
+        meta = json.loads((prepared / "meta.json").read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ConfigError("data.source", f"{prepared}/meta.json is unreadable ({e}); re-prepare the dataset") from None
+    if "shards" not in meta:  # format 1: one file per split
+        meta["shards"] = {s: [{"file": f"{s}.bin", "tokens": meta[f"{s}_tokens"]}] for s in ("train", "val")}
+    return meta
+
+
 def load_prepared(out: Path) -> tuple[dict[str, Any], Any]:
+    """meta.json and the dataset's own tokenizer (checked against the recorded hash)."""
     from transformers import AutoTokenizer
 
-    meta = json.loads((out / "meta.json").read_text())
-    tok = AutoTokenizer.from_pretrained(str(out / "tokenizer"))
+    meta = read_meta(out)
+    tok = AutoTokenizer.from_pretrained(str(out / meta["tokenizer"].get("dir", "tokenizer")))
+    recorded = meta["tokenizer"].get("hash")
+    if recorded and toks.tokenizer_hash(tok) != recorded:
+        raise ConfigError("data.source", f"{out}/tokenizer differs from the one the data was tokenised with "
+                                         f"(hash {recorded}); re-prepare the dataset")
     return meta, tok

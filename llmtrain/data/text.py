@@ -1,4 +1,4 @@
-"""Language-modelling data: a prepared token file read as fixed seq_len blocks (+1 target token)."""
+"""Language-modelling data: prepared token shards read as fixed seq_len blocks (+1 target token)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from llmtrain.data.base import DataModule, register_data
+from llmtrain.data.base import DataModule, Loader, register_data
 from llmtrain.errors import ConfigError
 from llmtrain.models.base import Batch, DataInfo
 
@@ -20,47 +20,76 @@ class TextDataConfig:
     """`data.*` for kind text."""
 
     kind: str = "text"
-    source: str = "embedded"  # embedded | text file | glob | dir | .jsonl | HF dataset name or saved dir
+    source: str = "embedded"  # embedded | text file | glob | dir | .jsonl | HF saved dir or hub name | prepared dir
     tokenizer: str = "bpe"  # byte | bpe | <local dir> | <hub name>
     vocab_size: int = 2048  # for tokenizer=bpe
     seq_len: int = 128  # block size; each block also holds its next-token targets
     val_fraction: float = 0.05  # tail of the token stream held out for eval
     out_dir: str | None = None  # prepared dataset dir; None: a cache dir keyed by the inputs' hash
     text_field: str = "text"  # JSONL / HF datasets column
-    num_proc: int = 1  # tokenisation processes
+    hf_split: str = "train"  # split of a HF dataset source
+    num_proc: int = 1  # 1: in-process Rust batch encoder; >1: datasets.map(num_proc=...)
+    shard_tokens: int = 100_000_000  # tokens per shard file (train_000.bin, ...)
     embedded_max_bytes: int = 4_000_000  # cap on the embedded corpus
+    prefetch: int | None = None  # batches read ahead on a thread; None: 2 on CUDA (pinned), 0 on CPU
 
 
 class TokenBlocks:
-    """Block i = tokens[i*T : i*T + T + 1] of a memmapped token file: inputs and shifted targets."""
+    """Block i = stream[i*T : i*T + T + 1] of the concatenated, memmapped shards: inputs and targets.
 
-    def __init__(self, path: Path, dtype: str, seq_len: int) -> None:
-        self.tokens = np.memmap(path, dtype=np.dtype(dtype), mode="r")
+    Blocks are packed over the whole split, so a block may span two shard files; it is then read
+    from both. Every token but the last T of the split starts in exactly one block's inputs.
+    """
+
+    def __init__(self, paths: list[Path], dtype: str, seq_len: int) -> None:
         self.seq_len = seq_len
-        self.n = max(0, (len(self.tokens) - 1) // seq_len)
+        self.shards = [np.memmap(p, dtype=np.dtype(dtype), mode="r") for p in paths if p.stat().st_size > 0]
+        self.offsets = np.cumsum([0] + [len(s) for s in self.shards])  # [S+1] global start of each shard
+        self.total = int(self.offsets[-1])
+        self.n = max(0, (self.total - 1) // seq_len)
+        self._span = np.arange(seq_len + 1, dtype=np.int64)  # [T+1]
 
     def __len__(self) -> int:
         return self.n
 
-    def get(self, indices: np.ndarray) -> Batch:
+    def _read(self, start: int, length: int) -> np.ndarray:
+        """stream[start : start+length], across shard boundaries."""
+        k = int(np.searchsorted(self.offsets, start, side="right")) - 1
+        parts = []
+        while length > 0:
+            local = start - int(self.offsets[k])
+            piece = self.shards[k][local : local + length]
+            parts.append(piece)
+            start, length, k = start + len(piece), length - len(piece), k + 1
+        return parts[0] if len(parts) == 1 else np.concatenate(parts)
+
+    def rows(self, indices: np.ndarray) -> np.ndarray:
+        """int64 [B, T+1] token rows of the blocks at `indices`."""
         T = self.seq_len
-        rows = np.stack([np.asarray(self.tokens[i * T : i * T + T + 1], dtype=np.int64) for i in indices])
-        block = torch.from_numpy(rows)  # [B, T+1]
+        idx = np.asarray(indices, dtype=np.int64)
+        if len(self.shards) == 1:  # one gather from the memmap
+            return self.shards[0][idx[:, None] * T + self._span].astype(np.int64)
+        out = np.empty((len(idx), T + 1), dtype=np.int64)
+        for j, i in enumerate(idx):
+            out[j] = self._read(int(i) * T, T + 1)
+        return out
+
+    def get(self, indices: np.ndarray) -> Batch:
+        block = torch.from_numpy(self.rows(indices))  # [B, T+1]
         return {"input_ids": block[:, :-1].contiguous(), "labels": block[:, 1:].contiguous()}
 
 
 @register_data("text")
 class TextDataModule(DataModule):
-    """Prepares (once, on rank 0) and memmaps a tokenised corpus."""
+    """Prepares (once, on rank 0) and memmaps a tokenised corpus; a prepared dir is used as is."""
 
     def __init__(self, cfg: TextDataConfig, *, model_cfg: Any = None, is_main: bool = True, barrier=None) -> None:
-        from llmtrain.data.prepare import load_prepared, prepare
+        from llmtrain.data.prepare import check_config, load_prepared, prepare
 
         self.cfg = cfg
         if cfg.seq_len <= 0:
             raise ConfigError("data.seq_len", f"must be > 0 (got {cfg.seq_len})")
-        if not 0 < cfg.val_fraction < 1:
-            raise ConfigError("data.val_fraction", f"must be in (0, 1) (got {cfg.val_fraction})")
+        check_config(cfg)
         out = prepare(cfg, quiet=not is_main) if is_main else None
         if barrier is not None:
             barrier()
@@ -69,20 +98,43 @@ class TextDataModule(DataModule):
         self.meta, tok = load_prepared(out)
         self.info = DataInfo(task="lm", vocab_size=self.meta["vocab_size"], eos_token_id=self.meta["eos_token_id"],
                              tokenizer=tok, extra={"prepared_dir": str(out)})
-        self._splits = {s: TokenBlocks(out / f"{s}.bin", self.meta["dtype"], cfg.seq_len) for s in ("train", "val")}
+        self._splits = {s: TokenBlocks([out / sh["file"] for sh in self.meta["shards"][s]], self.meta["dtype"],
+                                       cfg.seq_len) for s in ("train", "val")}
         for split, ds in self._splits.items():
             if len(ds) == 0:
                 raise ConfigError("data.seq_len", f"{cfg.seq_len} is longer than the {split} split "
                                                   f"({self.meta[f'{split}_tokens']} tokens); lower data.seq_len or "
                                                   "raise data.val_fraction")
-        model_vocab = getattr(model_cfg, "vocab_size", None) if model_cfg is not None else None
-        if model_vocab is not None and model_vocab < self.meta["vocab_size"]:
-            raise ConfigError("model.vocab_size", f"{model_vocab} is smaller than the tokenizer's "
-                                                  f"{self.meta['vocab_size']} tokens; unset it or raise it")
+        check_vocab(self.meta["vocab_size"], model_cfg)
 
     def split(self, name: str) -> TokenBlocks:
         return self._splits[name]
 
+    def loader(self, split: str, batch_size: int, *, seed: int, shuffle: bool, rank: int, world_size: int,
+               device: torch.device, prefetch: int | None = None) -> Loader:
+        prefetch = self.cfg.prefetch if prefetch is None else prefetch
+        return super().loader(split, batch_size, seed=seed, shuffle=shuffle, rank=rank, world_size=world_size,
+                              device=device, prefetch=prefetch)
+
+
+def check_vocab(data_vocab: int, model_cfg: Any) -> None:
+    """The model must have an embedding row for every id the data holds."""
+    if model_cfg is None:
+        return
+    model_vocab = getattr(model_cfg, "vocab_size", None)
+    if model_vocab is not None and model_vocab < data_vocab:
+        raise ConfigError("model.vocab_size", f"{model_vocab} is smaller than the data's tokenizer "
+                                              f"({data_vocab} tokens); unset it or raise it to >= {data_vocab}")
+    pretrained = getattr(model_cfg, "pretrained", None)
+    if pretrained and (Path(pretrained).expanduser() / "config.json").is_file():
+        pv = json.loads((Path(pretrained).expanduser() / "config.json").read_text()).get("vocab_size")
+        if pv is not None and pv < data_vocab:
+            raise ConfigError("data.tokenizer", f"the data's tokenizer has {data_vocab} tokens but the pretrained "
+                                                f"model {pretrained} only {pv}; prepare the data with the model's "
+                                                "tokenizer (data.tokenizer=<its dir>)")
+
 
 def read_meta(prepared: Path) -> dict[str, Any]:
-    return json.loads((prepared / "meta.json").read_text())
+    from llmtrain.data.prepare import read_meta as _read
+
+    return _read(prepared)

@@ -11,6 +11,8 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from llmtrain.errors import ConfigError
 
 EOS = "<|endoftext|>"
@@ -50,7 +52,7 @@ def train_bpe(texts: Iterable[str], vocab_size: int) -> Any:
 
 
 def load_pretrained_tokenizer(name_or_dir: str) -> Any:
-    """GPT-2 BPE from a local dir or a hub name."""
+    """GPT-2 BPE (or any fast tokenizer) from a local dir or a hub name."""
     from transformers import AutoTokenizer, GPT2TokenizerFast
 
     path = Path(name_or_dir).expanduser()
@@ -67,12 +69,52 @@ def load_pretrained_tokenizer(name_or_dir: str) -> Any:
     else:
         try:
             tok = AutoTokenizer.from_pretrained(name_or_dir)
-        except OSError as e:
+        except (OSError, ValueError) as e:
             raise ConfigError("data.tokenizer", f"cannot load tokenizer {name_or_dir!r} (offline or unknown "
-                                                f"name): {str(e).splitlines()[0]}") from None
+                                                f"name; use a local dir, bpe or byte): "
+                                                f"{str(e).splitlines()[0]}") from None
+    if not getattr(tok, "is_fast", False):
+        raise ConfigError("data.tokenizer", f"{name_or_dir!r} has no fast (Rust) tokenizer; give a dir with "
+                                            "tokenizer.json or vocab.json+merges.txt")
     if tok.eos_token_id is None:
         raise ConfigError("data.tokenizer", f"tokenizer {name_or_dir!r} has no end-of-text token")
     return tok
+
+
+def build_tokenizer(spec: str, vocab_size: int, texts: Iterable[str] | None = None) -> Any:
+    """`byte` | `bpe` (trained on `texts`) | local dir | hub name."""
+    if spec == "byte":
+        return byte_tokenizer()
+    if spec == "bpe":
+        if vocab_size < 257:
+            raise ConfigError("data.vocab_size", f"a bpe vocabulary needs > 256 tokens (got {vocab_size})")
+        if vocab_size > (1 << 31) - 1:
+            raise ConfigError("data.vocab_size", f"{vocab_size} is too large")
+        assert texts is not None, "bpe needs the corpus to train on"
+        return train_bpe(texts, vocab_size)
+    return load_pretrained_tokenizer(spec)
+
+
+def encode_batch(tok: Any, texts: list[str]) -> list[list[int]]:
+    """Token ids of each text, no special tokens (the Rust batch encoder, parallel over texts)."""
+    backend = tok.backend_tokenizer
+    enc = getattr(backend, "encode_batch_fast", backend.encode_batch)
+    return [e.ids for e in enc(texts, add_special_tokens=False)]
+
+
+def encode_documents(tok: Any, texts: list[str], ends: list[bool], eos: int, dtype: np.dtype) -> np.ndarray:
+    """One flat array: each text's ids, followed by `eos` where its document ends."""
+    parts = []
+    for ids, end in zip(encode_batch(tok, texts), ends, strict=True):
+        if end:
+            ids.append(eos)
+        parts.append(np.asarray(ids, dtype=dtype))
+    return np.concatenate(parts) if parts else np.zeros(0, dtype=dtype)
+
+
+def vocab_len(tok: Any) -> int:
+    """Number of ids the tokenizer can emit (base vocabulary + added tokens)."""
+    return len(tok)
 
 
 def tokenizer_hash(tok: Any) -> str:
