@@ -158,6 +158,47 @@ def save_checkpoint(run_dir: Path, step: int, strategy: Any, trainer_state: dict
     return final
 
 
+# what must not change between a checkpoint and the run resuming it (max_steps, eval/ckpt cadence may)
+RESUME_KEYS = ("model", "data", "strategy.name", "trainer.micro_batch_size", "trainer.grad_accum_steps",
+               "optim.name")
+
+
+NOT_FINGERPRINTED = ("num_proc", "out_dir")
+
+
+def resume_fingerprint(cfg: Any) -> dict[str, Any]:
+    """The parts of a run's config that a checkpoint is only valid for."""
+    from omegaconf import OmegaConf
+
+    out = {}
+    for key in RESUME_KEYS:
+        node = OmegaConf.select(cfg, key)
+        out[key] = OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else \
+            getattr(node, "value", node)
+    for k in NOT_FINGERPRINTED:  # how data is prepared, not what it is
+        out["data"].pop(k, None)
+    return out
+
+
+def check_resumable(ckpt: Path, saved: dict[str, Any] | None, current: dict[str, Any]) -> None:
+    """One-line error when the checkpoint was written by an incompatible config."""
+    from llmtrain.errors import ConfigError
+
+    if saved is None:
+        return
+    for key in RESUME_KEYS:
+        a, b = saved.get(key), current.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+            if diff:
+                k = diff[0]
+                raise ConfigError(f"{key}.{k}", f"is {b.get(k)!r} but checkpoint {ckpt} was trained with "
+                                                f"{a.get(k)!r}; use a new hydra.run.dir (or name=...) for a new run")
+        elif a != b:
+            raise ConfigError(key, f"is {b!r} but checkpoint {ckpt} was trained with {a!r}; use a new "
+                                   "hydra.run.dir (or name=...) for a new run")
+
+
 def load_checkpoint(ckpt: Path, strategy: Any) -> dict[str, Any]:
     """Restore model/optimizer through the strategy, this rank's RNG, and return the trainer state."""
     from llmtrain.errors import ConfigError

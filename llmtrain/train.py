@@ -77,7 +77,8 @@ def _fit(cfg: DictConfig, run_dir: Path, env: Any, device: torch.device, precisi
         (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     logger = MetricsLogger(cfg.logger, run_dir, enabled=strategy.is_main, total_steps=t.max_steps,
                            run_config=OmegaConf.to_container(cfg, resolve=True))
-    trainer = Trainer(t, spec, strategy, data, scheduler, logger, run_dir, cfg.logger.log_every)
+    trainer = Trainer(t, spec, strategy, data, scheduler, logger, run_dir, cfg.logger.log_every,
+                      fingerprint=ckpt.resume_fingerprint(cfg))
     if resume_from is not None:
         trainer.resume(resume_from)
     _announce(strategy, trainer, cfg, resume_from)

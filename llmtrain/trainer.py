@@ -46,9 +46,11 @@ class Trainer:
     """Runs optimizer steps with accumulation, logs, evaluates and checkpoints."""
 
     def __init__(self, cfg: TrainerConfig, spec: ModelSpec, strategy: Strategy, data: DataModule,
-                 scheduler: Scheduler, logger: MetricsLogger, run_dir: Path, log_every: int) -> None:
+                 scheduler: Scheduler, logger: MetricsLogger, run_dir: Path, log_every: int,
+                 fingerprint: dict[str, Any] | None = None) -> None:
         self.cfg, self.spec, self.strategy, self.data = cfg, spec, strategy, data
         self.scheduler, self.logger, self.run_dir, self.log_every = scheduler, logger, run_dir, log_every
+        self.fingerprint = fingerprint  # config a checkpoint is valid for (checked on resume)
         self.step = 0
         self.train_loader = self._loader("train", shuffle=True)
         self.lm = data.info.task == "lm"
@@ -135,11 +137,14 @@ class Trainer:
 
     # checkpoints ---------------------------------------------------------------------------------------
     def save(self) -> Path:
-        state = {"step": self.step, "loader": self.train_loader.state_dict(),
+        state = {"step": self.step, "loader": self.train_loader.state_dict(), "config": self.fingerprint,
                  "scheduler": self.scheduler.state_dict()}
         return ckpt.save_checkpoint(self.run_dir, self.step, self.strategy, state, self.cfg.keep_checkpoints)
 
     def resume(self, path: Path) -> None:
+        if self.fingerprint is not None:
+            saved = ckpt.load_torch(path / "trainer.pt").get("config")
+            ckpt.check_resumable(path, saved, self.fingerprint)
         state = ckpt.load_checkpoint(path, self.strategy)
         self.step = int(state["step"])
         self.train_loader.load_state_dict(state["loader"])

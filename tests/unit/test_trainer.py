@@ -214,3 +214,15 @@ def test_compile_matches_eager(tmp_path: Path) -> None:
 
     keys = set(load_file(comp / "final" / "model.safetensors"))
     assert keys == set(load_file(eager / "final" / "model.safetensors")) and not any("_orig_mod" in k for k in keys)
+
+
+def test_resume_with_another_model_is_refused(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    run(_tiny(run_dir, "trainer.max_steps=2"), run_dir)
+    before = (run_dir / "metrics.jsonl").read_text()
+    with pytest.raises(SystemExit) as ei:
+        run(_tiny(run_dir, "trainer.max_steps=4", "model.n_layer=3"), run_dir)
+    assert ei.value.code == 2
+    assert (run_dir / "metrics.jsonl").read_text() == before
+    run(_tiny(run_dir, "trainer.max_steps=4"), run_dir)  # extending max_steps is allowed
+    assert sorted(losses(run_dir)) == [1, 2, 3, 4]
