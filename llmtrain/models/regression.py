@@ -1,8 +1,23 @@
-"""Regression models: linear (y = Xw + b) and a two-layer ReLU net."""
+"""Regression models: linear (y = Xw + b) and a two-layer ReLU net.
+
+Loss: for each sample the squared error is averaged over the outputs, then summed over the batch;
+count = number of samples. So the trainer's loss (and eval_loss) is the per-sample MSE, which for
+a well-fitted linear target approaches noise_std**2 whatever out_features is.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from llmtrain.errors import ConfigError
+from llmtrain.models.base import Batch, DataInfo, ModelSpec, register_model
+from llmtrain.models.state_io import load_module, save_module
+
+ARCHS = ("linear", "mlp")
 
 
 @dataclass
@@ -12,3 +27,44 @@ class RegressionModelConfig:
     family: str = "regression"
     arch: str = "linear"  # linear | mlp
     hidden: int = 64  # mlp hidden width
+
+
+class MLP(nn.Sequential):
+    """Linear(in, hidden) - ReLU - Linear(hidden, out)."""
+
+    def __init__(self, in_features: int, hidden: int, out_features: int) -> None:
+        super().__init__(nn.Linear(in_features, hidden), nn.ReLU(), nn.Linear(hidden, out_features))
+
+
+class RegressionSpec(ModelSpec):
+    name = "regression"
+    task = "regression"
+
+    def build(self, cfg: RegressionModelConfig, info: DataInfo) -> nn.Module:
+        if info.in_features is None or info.out_features is None:
+            raise ConfigError("data.kind", "regression models need in_features/out_features from the data")
+        if cfg.arch == "linear":
+            return nn.Linear(info.in_features, info.out_features)
+        if cfg.arch == "mlp":
+            if cfg.hidden <= 0:
+                raise ConfigError("model.hidden", f"must be > 0 (got {cfg.hidden})")
+            return MLP(info.in_features, cfg.hidden, info.out_features)
+        raise ConfigError("model.arch", f"unknown regression arch {cfg.arch!r}; choose one of {list(ARCHS)}")
+
+    def loss(self, model: nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        pred = model(batch["x"])  # [B, out]
+        y = batch["y"]  # [B, out]
+        per_sample = (pred.float() - y.float()).pow(2).mean(dim=1)  # [B]
+        return per_sample.sum(), torch.tensor(y.shape[0], device=y.device)
+
+    def count(self, batch: Batch) -> int:
+        return int(batch["y"].shape[0])
+
+    def export(self, model: nn.Module, cfg: RegressionModelConfig, info: DataInfo, out_dir: Path) -> None:
+        save_module(model, cfg, info, out_dir)
+
+    def load(self, cfg: RegressionModelConfig, info: DataInfo, path: Path) -> nn.Module:
+        return load_module(path, RegressionModelConfig, self.build)
+
+
+register_model(RegressionSpec())
