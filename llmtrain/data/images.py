@@ -1,8 +1,29 @@
-"""32x32 RGB classification data: synthetic by default, CIFAR-10 from its local python archive."""
+"""32x32 RGB classification data: synthetic by default, CIFAR-10 from its local python archive.
+
+Both give batches {"x": float32 [B, 3, 32, 32], "y": int64 [B]}, normalised per channel with the
+train split's mean and std.
+"""
 
 from __future__ import annotations
 
+import pickle
+import tarfile
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from llmtrain.data.base import DataModule, register_data
+from llmtrain.errors import ConfigError, require
+from llmtrain.models.base import Batch, DataInfo
+
+SHAPE = (3, 32, 32)
+CIFAR_DIR = "cifar-10-batches-py"
+CIFAR_TRAIN = tuple(f"data_batch_{i}" for i in range(1, 6))
+CIFAR_VAL = "test_batch"
+CIFAR_CLASSES = 10
 
 
 @dataclass
@@ -15,3 +36,131 @@ class ImageDataConfig:
     n_train: int = 2048  # synthetic only
     n_val: int = 512  # synthetic only
     seed: int = 0
+    noise_std: float = 1.0  # synthetic only: pixel noise on top of the unit-scale class templates
+
+
+class ImageDataset:
+    """Images [N, 3, 32, 32] (uint8 or float32) and labels [N]; normalised per channel on fetch."""
+
+    def __init__(self, x: np.ndarray, y: np.ndarray, mean: np.ndarray, std: np.ndarray) -> None:
+        self.x, self.y = torch.from_numpy(x), torch.from_numpy(y.astype(np.int64))
+        self.mean = torch.from_numpy(mean.astype(np.float32)).view(1, -1, 1, 1)  # [1, 3, 1, 1]
+        self.std = torch.from_numpy(std.astype(np.float32)).view(1, -1, 1, 1)
+
+    def __len__(self) -> int:
+        return int(self.x.shape[0])
+
+    def get(self, indices: np.ndarray) -> Batch:
+        idx = torch.from_numpy(np.asarray(indices, dtype=np.int64))
+        x = (self.x[idx].float() - self.mean) / self.std  # [B, 3, 32, 32]
+        return {"x": x, "y": self.y[idx]}
+
+
+def channel_stats(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-channel mean and std of images [N, C, H, W] (float64; uint8 via a 256-bin histogram)."""
+    mean, std = np.empty(x.shape[1]), np.empty(x.shape[1])
+    for c in range(x.shape[1]):
+        if x.dtype == np.uint8:  # exact, without a float copy of 50k images
+            hist = np.bincount(x[:, c].ravel(), minlength=256).astype(np.float64)
+            v = np.arange(256, dtype=np.float64)
+            mean[c] = (hist * v).sum() / hist.sum()
+            std[c] = np.sqrt((hist * (v - mean[c]) ** 2).sum() / hist.sum())
+        else:
+            mean[c], std[c] = x[:, c].mean(dtype=np.float64), x[:, c].std(dtype=np.float64)
+    return mean, np.maximum(std, 1e-8)
+
+
+def synthetic_images(n: int, num_classes: int, templates: np.ndarray, noise_std: float,
+                     g: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """n images: a class template shifted by up to 2 pixels, plus Gaussian noise. -> x [n,3,32,32], y [n]."""
+    y = g.integers(0, num_classes, size=n)
+    shifts = g.integers(-2, 3, size=(n, 2))
+    x = np.empty((n, *SHAPE), dtype=np.float32)
+    for i in range(n):
+        x[i] = np.roll(templates[y[i]], tuple(shifts[i]), axis=(1, 2))
+    x += noise_std * g.standard_normal(x.shape, dtype=np.float32)
+    return x, y
+
+
+def read_cifar10(path: str | Path) -> dict[str, Any]:
+    """CIFAR-10 from `cifar-10-python.tar.gz` or an extracted `cifar-10-batches-py` dir.
+
+    -> {"train": (x uint8 [50000, 3, 32, 32], y int64 [50000]), "val": (x, y) of test_batch, "classes"}.
+    The batches are the dataset's own pickles: only point this at a copy of the official archive.
+    """
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise ConfigError("data.path", f"{p} not found; give cifar-10-python.tar.gz or its extracted "
+                                       f"{CIFAR_DIR} dir, or unset data.path for synthetic images")
+    blobs: dict[str, dict] = {}
+    wanted = {*CIFAR_TRAIN, CIFAR_VAL, "batches.meta"}
+    if p.is_file():
+        try:
+            with tarfile.open(p, "r:*") as tar:
+                for member in tar:
+                    name = Path(member.name).name
+                    if member.isfile() and name in wanted:
+                        f = tar.extractfile(member)
+                        assert f is not None
+                        blobs[name] = pickle.load(f, encoding="bytes")
+        except (tarfile.TarError, pickle.UnpicklingError, EOFError) as e:
+            raise ConfigError("data.path", f"{p} is not a CIFAR-10 python archive ({e})") from None
+    else:
+        d = p / CIFAR_DIR if (p / CIFAR_DIR).is_dir() else p
+        for name in wanted:
+            if (d / name).is_file():
+                with open(d / name, "rb") as f:
+                    blobs[name] = pickle.load(f, encoding="bytes")
+    missing = [n for n in (*CIFAR_TRAIN, CIFAR_VAL) if n not in blobs]
+    if missing:
+        raise ConfigError("data.path", f"{p} lacks {CIFAR_DIR}/{{{','.join(missing)}}}; give the official "
+                                       "cifar-10-python.tar.gz or its extracted dir")
+
+    def stack(names: tuple[str, ...]) -> tuple[np.ndarray, np.ndarray]:
+        x = np.concatenate([np.asarray(blobs[n][b"data"], dtype=np.uint8) for n in names])  # [N, 3072]
+        y = np.concatenate([np.asarray(blobs[n][b"labels"], dtype=np.int64) for n in names])  # [N]
+        return x.reshape(-1, *SHAPE), y  # channel-major rows: R plane, G plane, B plane
+
+    meta = blobs.get("batches.meta", {})
+    classes = [c.decode() for c in meta.get(b"label_names", [])] or [str(i) for i in range(CIFAR_CLASSES)]
+    return {"train": stack(CIFAR_TRAIN), "val": stack((CIFAR_VAL,)), "classes": classes}
+
+
+@register_data("images")
+class ImageDataModule(DataModule):
+    """CIFAR-10 when data.path is set, else a deterministic synthetic problem drawn from data.seed.
+
+    Synthetic: each class has a smooth random template (8x8x3 noise upsampled to 32x32); an image is
+    its class template shifted by up to 2 pixels plus pixel noise of std `noise_std`.
+    """
+
+    def __init__(self, cfg: ImageDataConfig, *, model_cfg: Any = None, is_main: bool = True,
+                 barrier: Any = None) -> None:
+        self.cfg = cfg
+        require(cfg.num_classes >= 2, "data.num_classes", f"must be >= 2 (got {cfg.num_classes})")
+        if cfg.path:
+            require(cfg.num_classes == CIFAR_CLASSES, "data.num_classes",
+                    f"CIFAR-10 has {CIFAR_CLASSES} classes (got {cfg.num_classes})")
+            data = read_cifar10(cfg.path)
+            (xt, yt), (xv, yv), classes = data["train"], data["val"], data["classes"]
+            source = "cifar10"
+        else:
+            for key in ("n_train", "n_val"):
+                require(getattr(cfg, key) > 0, f"data.{key}", f"must be > 0 (got {getattr(cfg, key)})")
+            require(cfg.noise_std >= 0, "data.noise_std", f"must be >= 0 (got {cfg.noise_std})")
+            g = np.random.default_rng(cfg.seed)
+            low = g.standard_normal((cfg.num_classes, 3, 8, 8)).astype(np.float32)
+            templates = low.repeat(4, axis=2).repeat(4, axis=3)  # [K, 3, 32, 32], smooth blocks
+            xt, yt = synthetic_images(cfg.n_train, cfg.num_classes, templates, cfg.noise_std, g)
+            xv, yv = synthetic_images(cfg.n_val, cfg.num_classes, templates, cfg.noise_std, g)
+            classes = [str(i) for i in range(cfg.num_classes)]
+            source = "synthetic"
+        self.mean, self.std = channel_stats(xt)
+        self._splits = {"train": ImageDataset(xt, yt, self.mean, self.std),
+                        "val": ImageDataset(xv, yv, self.mean, self.std)}
+        self.info = DataInfo(task="classification", num_classes=cfg.num_classes, image_shape=SHAPE,
+                             extra={"source": source, "classes": classes, "mean": self.mean.tolist(),
+                                    "std": self.std.tolist()})
+
+    def split(self, name: str) -> ImageDataset:
+        return self._splits[name]
