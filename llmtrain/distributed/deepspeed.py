@@ -1,0 +1,278 @@
+"""DeepSpeed ZeRO 0-3 (optional CPU offload), bf16/fp16 from trainer.precision, sharded checkpoints.
+
+DeepSpeed is imported lazily (it costs seconds to import). The engine owns precision, gradient
+reduction and clipping; the trainer's loop stays the same:
+
+* the trainer already divides the loss by the global target count, so ``engine.backward`` runs with
+  ``scale_wrt_gas=False`` (no second division by the accumulation steps);
+* the accumulation boundary is set explicitly before every micro-step
+  (``set_gradient_accumulation_boundary``): ZeRO 0/1 reduce gradients only on the last micro-step,
+  ZeRO 2/3 reduce-scatter every micro-step (their gradients live in partitions);
+* the learning rate is set by ``llmtrain.optim.Scheduler`` on the torch optimizer's param groups,
+  which DeepSpeed's ZeRO wrappers step directly (no DeepSpeed scheduler).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+from collections.abc import Iterator
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from llmtrain.distributed.base import OptimizerFactory, SetupArgs, Strategy, apply_activation_checkpointing
+from llmtrain.errors import ConfigError
+from llmtrain.precision import Precision
+
+TAG = "deepspeed"  # sub-directory of a llmtrain checkpoint holding DeepSpeed's files
+# Prefixes that wrappers add to parameter names but not to the plain model's state_dict keys.
+_WRAPPER_PREFIXES = ("_checkpoint_wrapped_module.", "_orig_mod.")
+
+
+def _import_deepspeed() -> Any:
+    """Import deepspeed quietly, on the CPU accelerator when no GPU is visible."""
+    if "DS_ACCELERATOR" not in os.environ and not torch.cuda.is_available():
+        os.environ["DS_ACCELERATOR"] = "cpu"
+    try:
+        import deepspeed
+    except ImportError as e:
+        raise ConfigError("strategy.name", f"deepspeed is not installed ({e}); pip install 'llmtrain[deepspeed]'"
+                          ) from None
+    from deepspeed.utils import logger as ds_logger
+
+    if os.environ.get("LLMTRAIN_DEEPSPEED_VERBOSE", "0") == "0":
+        ds_logger.setLevel(logging.WARNING)
+    return deepspeed
+
+
+def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    """A copy of `base` with `override` merged in; nested dicts merge, everything else replaces."""
+    out = dict(base)
+    for k, v in override.items():
+        out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def build_ds_config(cfg: Any, args: SetupArgs, world_size: int, pin_memory: bool = False) -> dict[str, Any]:
+    """The DeepSpeed JSON config for `strategy.*` and the trainer's SetupArgs (before user overrides)."""
+    stage = int(cfg.zero_stage)
+    if cfg.offload_params and stage != 3:
+        raise ConfigError("strategy.offload_params", f"needs strategy.zero_stage=3 (got {stage})")
+    if cfg.offload_optimizer and stage == 0:
+        raise ConfigError("strategy.offload_optimizer", "needs strategy.zero_stage=1, 2 or 3 (got 0)")
+    zero: dict[str, Any] = {"stage": stage}
+    if cfg.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": pin_memory}
+    if cfg.offload_params:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": pin_memory}
+    own_clip = stage == 0 and args.precision == Precision.fp32  # plain engine: we clip (and measure) ourselves
+    ds: dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": args.micro_batch_size,
+        "gradient_accumulation_steps": args.grad_accum_steps,
+        "train_batch_size": args.micro_batch_size * args.grad_accum_steps * world_size,
+        "gradient_clipping": 0.0 if own_clip else float(args.grad_clip),
+        "zero_optimization": zero,
+        # our optimizer comes from llmtrain.optim (any torch optimizer, also under offload)
+        "zero_allow_untested_optimizer": True,
+        "zero_force_ds_cpu_optimizer": False,
+        "steps_per_print": 2**31 - 1,
+        "wall_clock_breakdown": False,
+    }
+    if args.precision == Precision.bf16:
+        ds["bf16"] = {"enabled": True}
+    elif args.precision == Precision.fp16:
+        # dynamic loss scaling from 2**16, like torch's GradScaler
+        ds["fp16"] = {"enabled": True, "loss_scale": 0, "initial_scale_power": 16, "loss_scale_window": 1000,
+                      "hysteresis": 2, "min_loss_scale": 1}
+    return ds
+
+
+def load_user_config(path: str | None) -> dict[str, Any]:
+    """The raw DeepSpeed JSON of `strategy.deepspeed_config` ({} when unset)."""
+    if not path:
+        return {}
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ConfigError("strategy.deepspeed_config", f"cannot read {path}: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError("strategy.deepspeed_config", f"{path} must hold a JSON object")
+    if "scheduler" in data:
+        raise ConfigError("strategy.deepspeed_config", f"{path} has a 'scheduler' block; the learning rate comes "
+                                                       "from scheduler=... (remove the block)")
+    return data
+
+
+def _check_batch_keys(ds: dict[str, Any], args: SetupArgs, world_size: int) -> None:
+    want = {"train_micro_batch_size_per_gpu": args.micro_batch_size,
+            "gradient_accumulation_steps": args.grad_accum_steps,
+            "train_batch_size": args.micro_batch_size * args.grad_accum_steps * world_size}
+    for key, value in want.items():
+        if int(ds.get(key, value)) != value:
+            raise ConfigError("strategy.deepspeed_config", f"{key}={ds[key]} disagrees with the trainer ({value}); "
+                                                           "set trainer.micro_batch_size / grad_accum_steps instead")
+
+
+def clean_key(name: str) -> str:
+    """A parameter name without wrapper prefixes (activation checkpointing, compile, engine)."""
+    for prefix in _WRAPPER_PREFIXES:
+        if name.startswith(prefix):
+            name = name[len(prefix):]
+        name = name.replace("." + prefix, ".")
+    return name
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class DeepSpeedStrategy(Strategy):
+    """The DeepSpeed engine behind the Strategy interface."""
+
+    engine: Any
+
+    def setup(self, model: nn.Module, make_optimizer: OptimizerFactory, args: SetupArgs) -> None:
+        deepspeed = _import_deepspeed()
+        from deepspeed.accelerator import get_accelerator
+
+        self.args = args
+        if args.precision == Precision.fp16 and not get_accelerator().is_fp16_supported():
+            raise ConfigError("trainer.precision", f"DeepSpeed has no fp16 on the {get_accelerator()._name} "
+                                                   "accelerator; use bf16 or fp32")
+        self._init_comm(deepspeed)
+        ds = build_ds_config(self.cfg, args, self.world_size, pin_memory=self.device.type == "cuda")
+        ds = deep_merge(ds, load_user_config(self.cfg.deepspeed_config))
+        _check_batch_keys(ds, args, self.world_size)
+        self.ds_config = ds
+        if args.gradient_checkpointing:
+            apply_activation_checkpointing(model, args.block_classes)
+        self._plain = model
+        optimizer = None if "optimizer" in ds else make_optimizer(model)  # a JSON optimizer block wins
+        params = None if optimizer is not None else [p for p in model.parameters() if p.requires_grad]
+        self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, model_parameters=params,
+                                                    config=ds, dist_init_required=False)
+        if args.compile:
+            self.engine.compile()
+        self.model = self.engine
+        # The torch optimizer whose param groups DeepSpeed steps: the Scheduler writes lr there.
+        self.optimizer = self.engine.basic_optimizer
+        self._own_clip = float(ds.get("gradient_clipping", 0.0)) == 0.0 and not self._engine_measures_norm()
+        self._clip_warned = False
+
+    def _init_comm(self, deepspeed: Any) -> None:
+        """Reuse the torch process group (gloo on CPU); one process gets a private world of one."""
+        import torch.distributed as dist
+
+        if not dist.is_initialized():
+            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+            os.environ.setdefault("MASTER_PORT", str(_free_port()))
+            os.environ.setdefault("RANK", str(self.rank))
+            os.environ.setdefault("LOCAL_RANK", str(self.env.local_rank))
+            os.environ.setdefault("WORLD_SIZE", str(self.world_size))
+        backend = self.cfg.backend or ("nccl" if self.device.type == "cuda" else "gloo")
+        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False,
+                                   timeout=timedelta(seconds=self.cfg.timeout_s))
+
+    def _engine_measures_norm(self) -> bool:
+        """ZeRO and the mixed-precision wrappers compute the global grad norm in their step."""
+        e = self.engine
+        return e.zero_optimization() or e.bfloat16_enabled() or e.fp16_enabled()
+
+    def unwrap(self) -> nn.Module:
+        return self._plain
+
+    # one step ---------------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def _boundary(self, last_micro_step: bool) -> Iterator[None]:
+        self.engine.set_gradient_accumulation_boundary(last_micro_step)
+        yield
+
+    def no_sync(self, last_micro_step: bool) -> contextlib.AbstractContextManager:
+        return self._boundary(last_micro_step)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        # The loss is already normalised by the global count: no division by gradient_accumulation_steps.
+        self.engine.backward(loss, scale_wrt_gas=False)
+
+    def clip_grad_norm(self, max_norm: float) -> torch.Tensor | None:
+        if not self._own_clip:
+            return None  # the engine clips by `gradient_clipping` inside step(); see last_grad_norm()
+        limit = max_norm if max_norm > 0 else float("inf")
+        return torch.nn.utils.clip_grad_norm_(self._plain.parameters(), limit, foreach=True)
+
+    def last_grad_norm(self) -> float:
+        norm = self.engine.get_global_grad_norm()
+        return float(norm) if norm is not None else float("nan")
+
+    def step(self) -> bool:
+        self.engine.step()
+        return bool(self.engine.was_step_applied())
+
+    def loss_scale(self) -> float | None:
+        if not self.engine.fp16_enabled():
+            return None
+        scale = self.engine._get_optimizer_loss_scale()
+        return float(scale) if scale is not None else None
+
+    # checkpoints: every rank writes its own partition ---------------------------------------------------
+    def save(self, ckpt_dir: Path) -> None:
+        self.engine.save_checkpoint(str(ckpt_dir), tag=TAG, save_latest=False)
+
+    def load(self, ckpt_dir: Path) -> None:
+        path, _ = self.engine.load_checkpoint(str(ckpt_dir), tag=TAG, load_optimizer_states=True,
+                                              load_lr_scheduler_states=False)
+        if path is None:
+            raise ConfigError("trainer.resume", f"{ckpt_dir} holds no DeepSpeed checkpoint ({TAG}/)")
+
+    def full_state_dict(self) -> dict[str, torch.Tensor] | None:
+        """fp32 master weights gathered on rank 0, keyed like the plain model's state_dict (collective)."""
+        import deepspeed
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        full: dict[int, torch.Tensor] = {}
+        seen: set[int] = set()
+        for p in self._plain.parameters():  # same order on every rank: the gathers are collectives
+            if id(p) in seen:
+                continue
+            seen.add(id(p))
+            value = safe_get_full_fp32_param(p) if p.requires_grad else None
+            if value is None and hasattr(p, "ds_id"):
+                with deepspeed.zero.GatheredParameters([p]):
+                    value = p.detach().clone()
+            elif value is None:
+                value = p.detach()
+            if self.is_main:
+                full[id(p)] = value.detach().to("cpu", torch.float32).clone()
+        if not self.is_main:
+            return None
+        out: dict[str, torch.Tensor] = {}
+        for key, t in self._plain.state_dict(keep_vars=True).items():
+            out[clean_key(key)] = full[id(t)] if id(t) in full else t.detach().to("cpu").clone()
+        return out
+
+
+def consolidate_deepspeed(ckpt_dir: Path) -> dict[str, torch.Tensor]:
+    """fp32 weights from a llmtrain DeepSpeed checkpoint dir, in one process (no process group)."""
+    _import_deepspeed()
+    ds_dir = Path(ckpt_dir) / TAG
+    if not ds_dir.is_dir():
+        raise ConfigError("checkpoint", f"{ckpt_dir} holds no DeepSpeed checkpoint ({TAG}/)")
+    if not list(ds_dir.glob("*optim_states.pt")):  # ZeRO-0: the module state is complete on rank 0
+        from llmtrain.checkpoint import load_torch
+
+        state = load_torch(next(ds_dir.glob("mp_rank_*_model_states.pt")))["module"]
+    else:
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=TAG)
+    return {clean_key(k): (v.float() if v.is_floating_point() else v) for k, v in state.items()}
