@@ -38,7 +38,7 @@ from llmtrain.errors import ConfigError
 
 FORMAT_VERSION = 2
 CHUNK_CHARS = 1 << 18  # characters per tokenisation piece (a long document is split into pieces)
-BATCH_CHARS = 1 << 22  # characters per in-process encode_batch call
+BATCH_CHARS = 1 << 20  # characters per in-process encode_batch call (bounds the transient ids)
 READ_BYTES = 1 << 20  # file read size
 TEXT_SUFFIXES = (".txt", ".text", ".md", ".rst", ".py", ".jsonl")
 _REPLACED = [0]  # undecodable bytes seen by the counting error handler (this process)
