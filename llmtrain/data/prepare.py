@@ -454,11 +454,14 @@ def _build(cfg: Any, src: Source, digest: str, out: Path, quiet: bool) -> Path:
             stream = _encode_with_datasets(src, cfg, tok, eos, dtype, tmp / ".work", digest)
         else:
             stream = _encode_in_process(iter_pieces(src, cfg.text_field, cfg.hf_split), tok, eos, dtype)
-        for ids, n_chars, n_docs in stream:
-            train.write(ids)
-            chars, docs = chars + n_chars, docs + n_docs
-            bar.update(n_chars)
-        bar.close()
+        try:
+            for ids, n_chars, n_docs in stream:
+                train.write(ids)
+                chars, docs = chars + n_chars, docs + n_docs
+                bar.update(n_chars)
+        finally:
+            bar.close()
+            train.close()
         shutil.rmtree(tmp / ".work", ignore_errors=True)
         total = train.tokens
         if total < 2:
