@@ -53,6 +53,7 @@ class Trainer:
         self.fingerprint = fingerprint  # config a checkpoint is valid for (checked on resume)
         self.step = 0
         self.train_loader = self._loader("train", shuffle=True)
+        self._loader("val", shuffle=False)  # fail at start, not at the first eval, if val is too small
         self.lm = data.info.task == "lm"
 
     def _loader(self, split: str, shuffle: bool) -> Loader:

@@ -178,7 +178,13 @@ class DataModule(ABC):
     def loader(self, split: str, batch_size: int, *, seed: int, shuffle: bool, rank: int, world_size: int,
                device: torch.device, prefetch: int | None = None) -> Loader:
         """A resumable loader over this rank's share of `split` (see ShardedSampler, Loader)."""
+        from llmtrain.errors import ConfigError
+
         ds = self.split(split)
+        if batch_size * world_size > len(ds):
+            raise ConfigError("trainer.micro_batch_size", f"one global micro-batch takes {batch_size}x{world_size} "
+                                                          f"items but the {split} split has only {len(ds)}; lower "
+                                                          "trainer.micro_batch_size or use more data")
         sampler = ShardedSampler(len(ds), batch_size, seed=seed, shuffle=shuffle, rank=rank,
                                  world_size=world_size)
         return Loader(ds, sampler, device, prefetch=prefetch)

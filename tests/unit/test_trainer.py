@@ -226,3 +226,11 @@ def test_resume_with_another_model_is_refused(tmp_path: Path) -> None:
     assert (run_dir / "metrics.jsonl").read_text() == before
     run(_tiny(run_dir, "trainer.max_steps=4"), run_dir)  # extending max_steps is allowed
     assert sorted(losses(run_dir)) == [1, 2, 3, 4]
+
+
+def test_val_split_smaller_than_a_batch_fails_at_start(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    with pytest.raises(SystemExit) as ei:
+        run(_tiny(run_dir, "trainer.micro_batch_size=512", "data.val_fraction=0.01"), run_dir)
+    assert ei.value.code == 2
+    assert not (run_dir / "metrics.jsonl").exists()
