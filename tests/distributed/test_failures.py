@@ -1,0 +1,160 @@
+"""A rank that dies or stalls ends the whole 2-process job with an error, in bounded time (no hang).
+
+The test itself signals rank 1's process (found under the launcher, by its RANK, in /proc) at step 2:
+no fault-injection code lives in the trainer.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from helpers import PY, TINY_LM, base_env, free_port
+
+pytestmark = [pytest.mark.distributed,
+              pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="needs Linux /proc")]
+
+TIMEOUT_S = 5  # strategy.timeout_s: how long a collective waits for a silent peer
+
+
+def _launch(run_dir: Path, strategy: str) -> subprocess.Popen:
+    cmd = [PY, "-m", "torch.distributed.run", "--nproc_per_node=2", "--nnodes=1", f"--master_port={free_port()}",
+           "--max_restarts=0", "-m", "llmtrain.train", *TINY_LM, f"strategy={strategy}",
+           f"strategy.timeout_s={TIMEOUT_S}", "trainer.max_steps=100000", "trainer.eval_every=0",
+           "trainer.ckpt_every=0", f"hydra.run.dir={run_dir}"]
+    run_dir.mkdir(parents=True)
+    log = open(run_dir.parent / "job.log", "w")  # a file, not a pipe: a full pipe would stall rank 0
+    try:
+        return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=base_env(), start_new_session=True)
+    finally:
+        log.close()
+
+
+def _log(run_dir: Path) -> str:
+    return (run_dir.parent / "job.log").read_text()[-3000:]
+
+
+def _children() -> dict[int, list[int]]:
+    """parent pid -> child pids, from /proc."""
+    kids: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_text()
+            except OSError:
+                continue
+            ppid = int(stat.rsplit(")", 1)[1].split()[1])
+            kids.setdefault(ppid, []).append(int(entry))
+    return kids
+
+
+def _descendants(root: int) -> list[int]:
+    """All live descendants of root (torchrun starts each worker in a session of its own)."""
+    kids, out, todo = _children(), [], [root]
+    while todo:
+        for c in kids.get(todo.pop(), []):
+            out.append(c)
+            todo.append(c)
+    return out
+
+
+def _rank_pid(launcher: int, rank: int) -> int | None:
+    """The worker under this launcher whose environment says RANK=rank."""
+    for pid in _descendants(launcher):
+        try:
+            env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if f"RANK={rank}".encode() in env and any(e.startswith(b"TORCHELASTIC_RUN_ID=") for e in env):
+            return pid
+    return None
+
+
+def _wait_for_step(proc: subprocess.Popen, run_dir: Path, step: int, timeout: float = 120) -> None:
+    metrics = run_dir / "metrics.jsonl"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, f"job ended early:\n{_log(run_dir)}"
+        if metrics.is_file():
+            steps = [json.loads(x).get("step", 0) for x in metrics.read_text().splitlines() if x.strip()]
+            if steps and max(steps) >= step:
+                return
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)
+    raise AssertionError(f"training did not reach step {step} in {timeout}s")
+
+
+def _wait_exit(proc: subprocess.Popen, run_dir: Path, timeout: float) -> tuple[int, float]:
+    t0 = time.monotonic()
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        raise AssertionError(f"job still running {timeout}s after the fault (hang):\n{_log(run_dir)}") from None
+    return proc.returncode, time.monotonic() - t0
+
+
+def _alive(pid: int) -> bool:
+    """True while pid runs (a zombie, exited but not yet reaped, counts as gone)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def _assert_gone(pids: list[int]) -> None:
+    deadline = time.monotonic() + 5
+    while any(_alive(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    left = [p for p in pids if _alive(p)]
+    for p in left:
+        os.kill(p, signal.SIGKILL)
+    assert not left, f"worker processes left behind: {left}"
+
+
+def test_killed_rank_fails_the_job(tmp_path: Path) -> None:
+    """SIGKILL rank 1 (FSDP) after step 2: the launcher stops rank 0 and exits non-zero within seconds."""
+    proc = _launch(tmp_path / "run", "fsdp")
+    _wait_for_step(proc, tmp_path / "run", 2)
+    workers = _descendants(proc.pid)
+    pid = _rank_pid(proc.pid, 1)
+    assert pid is not None, "rank 1 not found"
+    os.kill(pid, signal.SIGKILL)
+    code, took = _wait_exit(proc, tmp_path / "run", timeout=60)
+    assert code != 0, _log(tmp_path / "run")
+    print(f"\nfsdp: job exited {code} {took:.1f}s after rank 1 was killed")
+    _assert_gone(workers)
+
+
+def test_stalled_rank_times_out(tmp_path: Path) -> None:
+    """SIGSTOP rank 1 (DDP): rank 0's next collective fails after strategy.timeout_s instead of waiting forever.
+
+    The launcher then asks the stalled rank to stop (SIGTERM, which a stopped process only sees once
+    continued), so the test continues it after rank 0 is gone and checks the job's non-zero exit.
+    """
+    proc = _launch(tmp_path / "run", "ddp")
+    _wait_for_step(proc, tmp_path / "run", 2)
+    workers = _descendants(proc.pid)
+    rank0, rank1 = _rank_pid(proc.pid, 0), _rank_pid(proc.pid, 1)
+    assert rank0 is not None and rank1 is not None
+    os.kill(rank1, signal.SIGSTOP)
+    t0 = time.monotonic()
+    try:
+        while _alive(rank0) and time.monotonic() - t0 < TIMEOUT_S + 60:
+            time.sleep(0.2)
+        rank0_gone = time.monotonic() - t0
+        assert not _alive(rank0), f"rank 0 still waiting {rank0_gone:.0f}s after its peer stalled"
+    finally:
+        os.kill(rank1, signal.SIGCONT)
+    code, _ = _wait_exit(proc, tmp_path / "run", timeout=60)
+    assert code != 0, _log(tmp_path / "run")
+    assert "timed out" in _log(tmp_path / "run").lower() or "timeout" in _log(tmp_path / "run").lower()
+    print(f"\nrank 0 gave up {rank0_gone:.1f}s after its peer stalled (timeout_s={TIMEOUT_S})")
+    assert rank0_gone >= TIMEOUT_S - 1
+    _assert_gone(workers)
