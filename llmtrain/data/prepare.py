@@ -262,9 +262,12 @@ class ShardWriter:
         self.out, self.split, self.dtype, self.cap = out, split, np.dtype(dtype), shard_tokens
         self.shards: list[dict[str, Any]] = []
         self._fh: Any = None
+        self.max_id = -1  # largest id written: the model needs rows up to it, not the tokenizer's full size
 
     def write(self, arr: np.ndarray) -> None:
         arr = np.asarray(arr, dtype=self.dtype)
+        if len(arr):
+            self.max_id = max(self.max_id, int(arr.max()))
         while len(arr):
             if self._fh is None or self.shards[-1]["tokens"] >= self.cap:
                 self._roll()
@@ -472,7 +475,7 @@ def _build(cfg: Any, src: Source, digest: str, out: Path, quiet: bool) -> Path:
         val_shards = val.close()
         tok.save_pretrained(str(tmp / "tokenizer"))
         meta = {"format": FORMAT_VERSION, "hash": digest, "train_tokens": total - n_val, "val_tokens": n_val,
-                "vocab_size": vocab, "eos_token_id": eos, "dtype": dtype.name,
+                "vocab_size": vocab, "max_token_id": train.max_id, "eos_token_id": eos, "dtype": dtype.name,
                 "tokenizer": {"spec": cfg.tokenizer, "hash": toks.tokenizer_hash(tok), "dir": "tokenizer"},
                 "sources": src.describe(), "documents": docs, "characters": chars,
                 "replaced_bytes": _REPLACED[0], "val_fraction": cfg.val_fraction, "shard_tokens": cfg.shard_tokens,

@@ -51,9 +51,10 @@ class GPT2Spec(ModelSpec):
 
         if cfg.pretrained:
             model = _from_pretrained(cfg.pretrained)
-            if info.vocab_size is not None and info.vocab_size > model.config.vocab_size:
-                raise ConfigError("data.tokenizer", f"tokenizer has {info.vocab_size} tokens but the pretrained "
-                                                    f"model only {model.config.vocab_size}; use the model's tokenizer")
+            needed = info.extra.get("needed_vocab", info.vocab_size)
+            if needed is not None and needed > model.config.vocab_size:
+                raise ConfigError("data.tokenizer", f"the data's token ids reach {needed - 1} but the pretrained model "
+                                                    f"has {model.config.vocab_size} embeddings; use the model's tokenizer")
             return model
         if cfg.n_embd % cfg.n_head:
             raise ConfigError("model.n_head", f"n_embd={cfg.n_embd} is not divisible by n_head={cfg.n_head}")

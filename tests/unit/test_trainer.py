@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import TINY_LM, compose, losses, read_metrics
+from helpers import SHARED_DATA, TINY_LM, compose, losses, read_metrics
 
 from llmtrain import checkpoint as ckpt
 from llmtrain.data.base import DataModule
@@ -234,3 +234,25 @@ def test_val_split_smaller_than_a_batch_fails_at_start(tmp_path: Path) -> None:
         run(_tiny(run_dir, "trainer.micro_batch_size=512", "data.val_fraction=0.01"), run_dir)
     assert ei.value.code == 2
     assert not (run_dir / "metrics.jsonl").exists()
+
+
+@pytest.mark.skipif(not (SHARED_DATA / "gpt2-tokenizer").is_dir(), reason="needs ../shared/data/gpt2-tokenizer")
+def test_pretrained_vocab_checked_against_ids_present(tmp_path: Path) -> None:
+    """The shared GPT-2 tokenizer lists 50258 entries (an unused padding id); a stock 50257-row GPT-2
+    fine-tunes on it, while a model whose embeddings miss ids the data holds is refused."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("Hello world, this is a tiny corpus for a fine-tuning check.\n" * 200)
+    for vocab, ok in ((50257, True), (1000, False)):
+        pre = tmp_path / f"pre{vocab}"
+        GPT2LMHeadModel(GPT2Config(vocab_size=vocab, n_positions=64, n_embd=16, n_layer=1, n_head=2)).save_pretrained(pre)
+        run_dir = tmp_path / f"run{vocab}"
+        cfg = _tiny(run_dir, "trainer.max_steps=1", f"model.pretrained={pre}", f"data.source={corpus}",
+                    f"data.tokenizer={SHARED_DATA / 'gpt2-tokenizer'}", "data.val_fraction=0.2")
+        if ok:
+            run(cfg, run_dir)
+            assert len(losses(run_dir)) == 1
+        else:
+            with pytest.raises(SystemExit):
+                run(cfg, run_dir)
