@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -38,6 +39,41 @@ def base_env(tmp_cache: Path | None = None) -> dict[str, str]:
     return env
 
 
+def descendants(root: int) -> list[int]:
+    """Live descendants of root, from /proc (empty where there is none).
+
+    torchrun starts each worker in a session of its own, so killing the launcher's process group
+    alone would leave the workers running.
+    """
+    kids: dict[int, list[int]] = {}
+    proc_dir = Path("/proc")
+    for entry in proc_dir.iterdir() if proc_dir.is_dir() else []:
+        if entry.name.isdigit():
+            try:
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            kids.setdefault(ppid, []).append(int(entry.name))
+    out, todo = [], [root]
+    while todo:
+        for child in kids.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child)
+    return out
+
+
+def kill_tree(proc: subprocess.Popen, grace: float = 10) -> None:
+    """SIGTERM the launcher's group (torchrun then stops its workers), then SIGKILL whatever is left."""
+    pids = descendants(proc.pid)
+    with contextlib.suppress(OSError):
+        os.killpg(proc.pid, signal.SIGTERM)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(timeout=grace)
+    for pid in [proc.pid, *pids]:
+        with contextlib.suppress(OSError):
+            os.kill(pid, signal.SIGKILL)
+
+
 def run_cmd(cmd: list[str], *, timeout: float = 240, env: dict[str, str] | None = None,
             cwd: Path | None = None) -> subprocess.CompletedProcess:
     """Run cmd in its own process group; on timeout kill the whole group and fail loudly."""
@@ -46,7 +82,7 @@ def run_cmd(cmd: list[str], *, timeout: float = 240, env: dict[str, str] | None 
     try:
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
+        kill_tree(proc)
         out, err = proc.communicate()
         raise AssertionError(f"timed out after {timeout}s: {' '.join(cmd)}\n--- stdout\n{out[-3000:]}\n"
                              f"--- stderr\n{err[-3000:]}") from None

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import PY, TINY_LM, base_env, free_port
+from helpers import PY, TINY_LM, base_env, descendants, free_port, kill_tree
 
 pytestmark = [pytest.mark.distributed,
               pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="needs Linux /proc")]
@@ -39,33 +39,9 @@ def _log(run_dir: Path) -> str:
     return (run_dir.parent / "job.log").read_text()[-3000:]
 
 
-def _children() -> dict[int, list[int]]:
-    """parent pid -> child pids, from /proc."""
-    kids: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                stat = Path(f"/proc/{entry}/stat").read_text()
-            except OSError:
-                continue
-            ppid = int(stat.rsplit(")", 1)[1].split()[1])
-            kids.setdefault(ppid, []).append(int(entry))
-    return kids
-
-
-def _descendants(root: int) -> list[int]:
-    """All live descendants of root (torchrun starts each worker in a session of its own)."""
-    kids, out, todo = _children(), [], [root]
-    while todo:
-        for c in kids.get(todo.pop(), []):
-            out.append(c)
-            todo.append(c)
-    return out
-
-
 def _rank_pid(launcher: int, rank: int) -> int | None:
     """The worker under this launcher whose environment says RANK=rank."""
-    for pid in _descendants(launcher):
+    for pid in descendants(launcher):
         try:
             env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
         except OSError:
@@ -85,7 +61,7 @@ def _wait_for_step(proc: subprocess.Popen, run_dir: Path, step: int, timeout: fl
             if steps and max(steps) >= step:
                 return
         time.sleep(0.2)
-    os.killpg(proc.pid, signal.SIGKILL)
+    kill_tree(proc)
     raise AssertionError(f"training did not reach step {step} in {timeout}s")
 
 
@@ -94,7 +70,7 @@ def _wait_exit(proc: subprocess.Popen, run_dir: Path, timeout: float) -> tuple[i
     try:
         proc.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
+        kill_tree(proc)
         proc.wait()
         raise AssertionError(f"job still running {timeout}s after the fault (hang):\n{_log(run_dir)}") from None
     return proc.returncode, time.monotonic() - t0
@@ -122,7 +98,7 @@ def test_killed_rank_fails_the_job(tmp_path: Path) -> None:
     """SIGKILL rank 1 (FSDP) after step 2: the launcher stops rank 0 and exits non-zero within seconds."""
     proc = _launch(tmp_path / "run", "fsdp")
     _wait_for_step(proc, tmp_path / "run", 2)
-    workers = _descendants(proc.pid)
+    workers = descendants(proc.pid)
     pid = _rank_pid(proc.pid, 1)
     assert pid is not None, "rank 1 not found"
     os.kill(pid, signal.SIGKILL)
@@ -140,7 +116,7 @@ def test_stalled_rank_times_out(tmp_path: Path) -> None:
     """
     proc = _launch(tmp_path / "run", "ddp")
     _wait_for_step(proc, tmp_path / "run", 2)
-    workers = _descendants(proc.pid)
+    workers = descendants(proc.pid)
     rank0, rank1 = _rank_pid(proc.pid, 0), _rank_pid(proc.pid, 1)
     assert rank0 is not None and rank1 is not None
     os.kill(rank1, signal.SIGSTOP)
