@@ -95,7 +95,7 @@ def _announce(strategy: Any, trainer: Trainer, cfg: DictConfig, resume_from: Any
     if not strategy.is_main:
         return
     t = cfg.trainer
-    n_params = sum(p.numel() for p in strategy.unwrap().parameters())
+    n_params = strategy.num_parameters()
     gb = t.micro_batch_size * t.grad_accum_steps * strategy.world_size
     where = f"resuming from {resume_from} at step {trainer.step}" if resume_from else "starting fresh"
     print(f"llmtrain: {cfg.model.family} ({n_params / 1e6:.2f}M params) · strategy {cfg.strategy.name.value} × "

@@ -83,6 +83,10 @@ class Strategy(ABC):
     def rank(self) -> int:
         return self.env.rank
 
+    def num_parameters(self) -> int:
+        """Parameters of the whole model (all shards), counting tied tensors once."""
+        return sum(p.numel() for p in self.unwrap().parameters())
+
     # wrapping ---------------------------------------------------------------------------------
     @abstractmethod
     def setup(self, model: nn.Module, make_optimizer: OptimizerFactory, args: SetupArgs) -> None:

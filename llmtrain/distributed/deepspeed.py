@@ -189,7 +189,11 @@ class DeepSpeedStrategy(Strategy):
         return e.zero_optimization() or e.bfloat16_enabled() or e.fp16_enabled()
 
     def unwrap(self) -> nn.Module:
+        """The plain module; under ZeRO-3 its parameters are empty placeholders outside forward."""
         return self._plain
+
+    def num_parameters(self) -> int:
+        return sum(int(getattr(p, "ds_numel", p.numel())) for p in self._plain.parameters())
 
     # one step ---------------------------------------------------------------------------------------
     @contextlib.contextmanager
