@@ -25,6 +25,11 @@ DS = TINY_LM + [f"trainer.max_steps={STEPS}", "strategy=deepspeed", f"trainer.ck
                 "trainer.keep_checkpoints=10"]  # 2 processes x micro-batch 4
 
 
+def _accum(stage: int) -> tuple[str, ...]:
+    """Overrides of the accumulation runs; ZeRO-3's also checkpoints activations (exported below)."""
+    return ("trainer.grad_accum_steps=2",) + (("trainer.gradient_checkpointing=true",) if stage == 3 else ())
+
+
 def _rel(a: dict[int, float], b: dict[int, float]) -> float:
     assert sorted(a) == sorted(b)
     return max(abs(a[k] - b[k]) / abs(b[k]) for k in b)
@@ -81,7 +86,7 @@ def runs(root: Path, zero3_json: Path) -> Runs:
 @pytest.mark.parametrize("stage", [1, 2, 3])
 def test_loss_parity_with_single_process(runs: Runs, stage: int, gas: int) -> None:
     """First 20 losses of ZeRO-`stage` on 2 processes equal one process with the same global batch (fp32)."""
-    ds = losses(runs.zero(stage) if gas == 1 else runs.zero(stage, f"trainer.grad_accum_steps={gas}"))
+    ds = losses(runs.zero(stage) if gas == 1 else runs.zero(stage, *_accum(stage)))
     ref = losses(runs.single(gas))
     assert len(ds) == STEPS
     assert _rel(ds, ref) <= PARITY_RTOL
@@ -120,26 +125,30 @@ def _eval_loss(model_dir: Path) -> float:
 
 
 @pytest.mark.distributed
-@pytest.mark.parametrize("stage", [2, 3])
-def test_export_cli_consolidates_zero_checkpoint(runs: Runs, root: Path, stage: int) -> None:
-    """`python -m llmtrain.export` on a ZeRO run (one process) gives the in-run final/ and the 1-process weights."""
+@pytest.mark.parametrize(("stage", "accum"), [(2, False), (3, True)])
+def test_export_cli_consolidates_zero_checkpoint(runs: Runs, root: Path, stage: int, accum: bool) -> None:
+    """`python -m llmtrain.export` on a ZeRO run (one process) gives the in-run final/ and the 1-process weights.
+
+    The ZeRO-3 run accumulates and checkpoints activations (wrapped block names in DeepSpeed's files)."""
     from transformers import GPT2LMHeadModel
 
+    trained = runs.zero(stage, *_accum(stage)) if accum else runs.zero(stage)
+    reference = runs.single(2 if accum else 1)
     run = root / f"export_zero{stage}"
     shutil.rmtree(run, ignore_errors=True)
-    shutil.copytree(runs.zero(stage), run, ignore=shutil.ignore_patterns("final"))
+    shutil.copytree(trained, run, ignore=shutil.ignore_patterns("final"))
     res = run_cmd([PY, "-m", "llmtrain.export", str(run)], timeout=120, env=base_env())
     assert res.returncode == 0, res.stderr[-3000:]
     exported = GPT2LMHeadModel.from_pretrained(str(run / "final")).state_dict()
-    in_run = GPT2LMHeadModel.from_pretrained(str(runs.zero(stage) / "final")).state_dict()
-    single = GPT2LMHeadModel.from_pretrained(str(runs.single() / "final")).state_dict()
+    in_run = GPT2LMHeadModel.from_pretrained(str(trained / "final")).state_dict()
+    single = GPT2LMHeadModel.from_pretrained(str(reference / "final")).state_dict()
     assert exported.keys() == in_run.keys() == single.keys()
     assert all(exported[k].dtype == torch.float32 for k in exported)
     assert all(torch.equal(exported[k], in_run[k]) for k in exported)  # same fp32 master weights
     assert max((exported[k] - single[k]).abs().max().item() for k in exported) < 1e-5
     assert torch.equal(exported["lm_head.weight"], exported["transformer.wte.weight"])
-    assert _eval_loss(run / "final") == pytest.approx(_eval_loss(runs.single() / "final"), rel=1e-5)
-    evals = [[r["eval_loss"] for r in read_metrics(d) if "eval_loss" in r] for d in (run, runs.single())]
+    assert _eval_loss(run / "final") == pytest.approx(_eval_loss(reference / "final"), rel=1e-5)
+    evals = [[r["eval_loss"] for r in read_metrics(d) if "eval_loss" in r] for d in (run, reference)]
     assert evals[0][-1] == pytest.approx(evals[1][-1], rel=1e-5)
 
 
