@@ -35,9 +35,10 @@ TAG = "deepspeed"  # sub-directory of a llmtrain checkpoint holding DeepSpeed's 
 _WRAPPER_PREFIXES = ("_checkpoint_wrapped_module.", "_orig_mod.")
 
 
-def _import_deepspeed() -> Any:
-    """Import deepspeed quietly, on the CPU accelerator when no GPU is visible."""
-    if "DS_ACCELERATOR" not in os.environ and not torch.cuda.is_available():
+def _import_deepspeed(device: torch.device | None = None) -> Any:
+    """Import deepspeed quietly, on the CPU accelerator for a CPU run or when no GPU is visible."""
+    if "DS_ACCELERATOR" not in os.environ and (not torch.cuda.is_available()
+                                               or (device is not None and device.type == "cpu")):
         os.environ["DS_ACCELERATOR"] = "cpu"
     try:
         import deepspeed
@@ -142,10 +143,14 @@ class DeepSpeedStrategy(Strategy):
     engine: Any
 
     def setup(self, model: nn.Module, make_optimizer: OptimizerFactory, args: SetupArgs) -> None:
-        deepspeed = _import_deepspeed()
+        deepspeed = _import_deepspeed(self.device)
         from deepspeed.accelerator import get_accelerator
 
         self.args = args
+        if get_accelerator().device_name() != self.device.type:
+            raise ConfigError("trainer.device", f"{self.device.type}, but DeepSpeed runs on its "
+                                                f"{get_accelerator().device_name()} accelerator; set DS_ACCELERATOR="
+                                                f"{self.device.type} or trainer.device to match")
         if args.precision == Precision.fp16 and not get_accelerator().is_fp16_supported():
             raise ConfigError("trainer.precision", f"DeepSpeed has no fp16 on the {get_accelerator()._name} "
                                                    "accelerator; use bf16 or fp32")
@@ -167,7 +172,6 @@ class DeepSpeedStrategy(Strategy):
         # The torch optimizer whose param groups DeepSpeed steps: the Scheduler writes lr there.
         self.optimizer = self.engine.basic_optimizer
         self._own_clip = float(ds.get("gradient_clipping", 0.0)) == 0.0 and not self._engine_measures_norm()
-        self._clip_warned = False
 
     def _init_comm(self, deepspeed: Any) -> None:
         """Reuse the torch process group (gloo on CPU); one process gets a private world of one."""

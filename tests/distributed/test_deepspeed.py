@@ -19,7 +19,7 @@ from helpers import PY, REPO, TINY_LM, base_env, losses, read_metrics, run_cmd, 
 
 STEPS = 20
 CKPT = 10
-PARITY_RTOL = 1e-5  # measured: <= 2e-7 for every stage, with and without accumulation
+PARITY_RTOL = 1e-6  # measured: <= 1.7e-7 for every stage, with and without accumulation
 REF = TINY_LM + [f"trainer.max_steps={STEPS}", "trainer.micro_batch_size=8"]  # one process, global batch 8
 DS = TINY_LM + [f"trainer.max_steps={STEPS}", "strategy=deepspeed", f"trainer.ckpt_every={CKPT}",
                 "trainer.keep_checkpoints=10"]  # 2 processes x micro-batch 4
