@@ -130,7 +130,8 @@ def test_stalled_rank_times_out(tmp_path: Path) -> None:
         os.kill(rank1, signal.SIGCONT)
     code, _ = _wait_exit(proc, tmp_path / "run", timeout=60)
     assert code != 0, _log(tmp_path / "run")
-    assert "timed out" in _log(tmp_path / "run").lower() or "timeout" in _log(tmp_path / "run").lower()
+    full_log = (tmp_path / "job.log").read_text().lower()  # the whole log: tracebacks push it out of the tail
+    assert "timed out" in full_log or "timeout" in full_log, _log(tmp_path / "run")
     print(f"\nrank 0 gave up {rank0_gone:.1f}s after its peer stalled (timeout_s={TIMEOUT_S})")
     assert rank0_gone >= TIMEOUT_S - 1
     _assert_gone(workers)
