@@ -159,6 +159,8 @@ class Trainer:
         out = {"samples_per_s": m["samples"] / dt, "step_time_s": dt}
         if self.lm:
             out["tokens_per_s"] = m["targets"] / dt
+        if self.strategy.device.type == "cuda":
+            out["peak_mem_gib"] = torch.cuda.max_memory_allocated(self.strategy.device) / 2**30
         return out
 
 
