@@ -158,6 +158,38 @@ class Strategy(ABC):
         return box[0]
 
 
+class TorchOptimizerStrategy(Strategy):
+    """Backends that step a torch optimizer in this process (single, DDP, FSDP2), fp16 via a loss scaler."""
+
+    scaler: Any = None  # GradScaler / ShardedGradScaler for fp16, else None
+
+    def backward(self, loss: torch.Tensor) -> None:
+        (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+
+    def clip_grad_norm(self, max_norm: float) -> torch.Tensor:
+        """Global norm over every parameter (sharded DTensor grads reduce their partial norms)."""
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
+        limit = max_norm if max_norm > 0 else float("inf")
+        norm = torch.nn.utils.clip_grad_norm_(self.unwrap().parameters(), limit, foreach=True)
+        return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+
+    def step(self) -> bool:
+        stepped = True
+        if self.scaler is not None:
+            scale = self.scaler.get_scale()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            stepped = self.scaler.get_scale() >= scale  # the scale drops only when the step was skipped
+        else:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return stepped
+
+    def loss_scale(self) -> float | None:
+        return float(self.scaler.get_scale()) if self.scaler is not None else None
+
+
 def apply_activation_checkpointing(model: nn.Module, block_classes: tuple[type[nn.Module], ...]) -> None:
     """Recompute each block's activations in backward (non-reentrant checkpointing)."""
     if not block_classes:

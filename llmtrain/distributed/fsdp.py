@@ -24,10 +24,14 @@ from torch.distributed.checkpoint.state_dict import (
     set_state_dict,
 )
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
-from torch.distributed.tensor import DTensor
 
 from llmtrain.checkpoint import load_torch, save_torch
-from llmtrain.distributed.base import OptimizerFactory, SetupArgs, Strategy, apply_activation_checkpointing
+from llmtrain.distributed.base import (
+    OptimizerFactory,
+    SetupArgs,
+    TorchOptimizerStrategy,
+    apply_activation_checkpointing,
+)
 from llmtrain.distributed.env import init_single_process_group
 from llmtrain.precision import Precision, make_grad_scaler
 
@@ -35,7 +39,7 @@ DCP_SUBDIR = "dcp"  # <ckpt>/dcp/{.metadata, __<rank>_0.distcp}
 SCALER_FILE = "scaler.pt"
 
 
-class FSDPStrategy(Strategy):
+class FSDPStrategy(TorchOptimizerStrategy):
     """Fully sharded data parallel (FSDP2); also runs with one process (a 1-rank mesh)."""
 
     def setup(self, model: nn.Module, make_optimizer: OptimizerFactory, args: SetupArgs) -> None:
@@ -73,34 +77,6 @@ class FSDPStrategy(Strategy):
         assert isinstance(self.model, FSDPModule)
         self.model.set_requires_gradient_sync(last_micro_step)
         return contextlib.nullcontext()
-
-    def backward(self, loss: torch.Tensor) -> None:
-        (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
-
-    def clip_grad_norm(self, max_norm: float) -> torch.Tensor:
-        """Global norm over all shards (DTensor grads all-reduce their partial norms)."""
-        if self.scaler is not None:
-            self.scaler.unscale_(self.optimizer)
-        limit = max_norm if max_norm > 0 else float("inf")
-        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), limit, foreach=True)
-        if isinstance(norm, DTensor):
-            norm = norm.full_tensor()
-        return norm
-
-    def step(self) -> bool:
-        stepped = True
-        if self.scaler is not None:
-            scale = self.scaler.get_scale()
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-            stepped = self.scaler.get_scale() >= scale
-        else:
-            self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return stepped
-
-    def loss_scale(self) -> float | None:
-        return float(self.scaler.get_scale()) if self.scaler is not None else None
 
     # checkpoints: DCP, one shard file per rank ----------------------------------------------------------
     def save(self, ckpt_dir: Path) -> None:

@@ -9,11 +9,16 @@ import torch
 from torch import nn
 
 from llmtrain.checkpoint import load_torch, save_torch
-from llmtrain.distributed.base import OptimizerFactory, SetupArgs, Strategy, apply_activation_checkpointing
+from llmtrain.distributed.base import (
+    OptimizerFactory,
+    SetupArgs,
+    TorchOptimizerStrategy,
+    apply_activation_checkpointing,
+)
 from llmtrain.precision import autocast, make_grad_scaler
 
 
-class SingleStrategy(Strategy):
+class SingleStrategy(TorchOptimizerStrategy):
     """Plain module; autocast + GradScaler for mixed precision."""
 
     sharded_scaler = False
@@ -35,30 +40,6 @@ class SingleStrategy(Strategy):
 
     def autocast(self) -> contextlib.AbstractContextManager:
         return autocast(self.args.precision, self.device)
-
-    def backward(self, loss: torch.Tensor) -> None:
-        (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
-
-    def clip_grad_norm(self, max_norm: float) -> torch.Tensor:
-        if self.scaler is not None:
-            self.scaler.unscale_(self.optimizer)
-        limit = max_norm if max_norm > 0 else float("inf")
-        return torch.nn.utils.clip_grad_norm_(self._plain.parameters(), limit, foreach=True)
-
-    def step(self) -> bool:
-        stepped = True
-        if self.scaler is not None:
-            scale = self.scaler.get_scale()
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-            stepped = self.scaler.get_scale() >= scale
-        else:
-            self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return stepped
-
-    def loss_scale(self) -> float | None:
-        return float(self.scaler.get_scale()) if self.scaler is not None else None
 
     # checkpoints: rank 0 writes the full state (DDP replicas are identical) ------------------------
     def save(self, ckpt_dir: Path) -> None:
