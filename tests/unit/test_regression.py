@@ -20,13 +20,7 @@ from llmtrain.train import run
 QUIET = ["logger.progress=false", "logger.log_every=1"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny matmuls are far faster on one thread than on two contended ones."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _train(overrides: list[str], run_dir: Path):

@@ -141,14 +141,20 @@ def test_interrupted_save_is_ignored(tmp_path: Path) -> None:
     assert ckpt.resolve_resume("auto", run_dir).name == "step_00000002"
 
 
-def test_resume_never_refuses_to_overwrite(tmp_path: Path) -> None:
+@pytest.mark.parametrize("override", ["trainer.resume=never", "model.n_layer=3"],
+                         ids=["resume-never", "another-model"])
+def test_refused_invocations_leave_the_run_untouched(tmp_path: Path, override: str) -> None:
+    """resume=never on a run with checkpoints, or resuming it with another model: exit 2, nothing written."""
     run_dir = tmp_path / "run"
     run(_tiny(run_dir, "trainer.max_steps=2"), run_dir)
-    before = (run_dir / "metrics.jsonl").read_text()
+    before = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
     with pytest.raises(SystemExit) as ei:
-        run(_tiny(run_dir, "trainer.max_steps=4", "trainer.resume=never"), run_dir)
+        run(_tiny(run_dir, "trainer.max_steps=4", override), run_dir)
     assert ei.value.code == 2
-    assert (run_dir / "metrics.jsonl").read_text() == before
+    assert {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()} == before
+    if override.startswith("model"):
+        run(_tiny(run_dir, "trainer.max_steps=4"), run_dir)  # extending max_steps is allowed
+        assert sorted(losses(run_dir)) == [1, 2, 3, 4]
 
 
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
@@ -214,18 +220,6 @@ def test_compile_matches_eager(tmp_path: Path) -> None:
 
     keys = set(load_file(comp / "final" / "model.safetensors"))
     assert keys == set(load_file(eager / "final" / "model.safetensors")) and not any("_orig_mod" in k for k in keys)
-
-
-def test_resume_with_another_model_is_refused(tmp_path: Path) -> None:
-    run_dir = tmp_path / "run"
-    run(_tiny(run_dir, "trainer.max_steps=2"), run_dir)
-    before = (run_dir / "metrics.jsonl").read_text()
-    with pytest.raises(SystemExit) as ei:
-        run(_tiny(run_dir, "trainer.max_steps=4", "model.n_layer=3"), run_dir)
-    assert ei.value.code == 2
-    assert (run_dir / "metrics.jsonl").read_text() == before
-    run(_tiny(run_dir, "trainer.max_steps=4"), run_dir)  # extending max_steps is allowed
-    assert sorted(losses(run_dir)) == [1, 2, 3, 4]
 
 
 def test_val_split_smaller_than_a_batch_fails_at_start(tmp_path: Path) -> None:

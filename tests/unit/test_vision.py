@@ -24,13 +24,7 @@ from llmtrain.train import run
 INFO10 = DataInfo(task="classification", num_classes=10, image_shape=(3, 32, 32))
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Small convolutions run faster on one thread than on two contended ones."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # --- models ---------------------------------------------------------------------------------------
