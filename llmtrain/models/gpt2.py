@@ -36,9 +36,11 @@ def _hf_config(cfg: GPT2ModelConfig, info: DataInfo):
     if vocab is None:
         raise ConfigError("model.vocab_size", "unknown: set model.vocab_size or use a data module with a tokenizer")
     eos = info.eos_token_id if info.eos_token_id is not None else vocab - 1
+    # No pad_token_id, as in the released GPT-2: packed blocks have no padding, and with one set HF checks
+    # every forward's input for it (a device sync) and warns about the EOS separators.
     return GPT2Config(vocab_size=vocab, n_positions=cfg.n_positions, n_embd=cfg.n_embd, n_layer=cfg.n_layer,
                       n_head=cfg.n_head, resid_pdrop=cfg.dropout, embd_pdrop=cfg.dropout,
-                      attn_pdrop=cfg.dropout, bos_token_id=eos, eos_token_id=eos, pad_token_id=eos,
+                      attn_pdrop=cfg.dropout, bos_token_id=eos, eos_token_id=eos,
                       tie_word_embeddings=True)
 
 
