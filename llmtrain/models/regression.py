@@ -8,14 +8,13 @@ a well-fitted linear target approaches noise_std**2 whatever out_features is.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from torch import nn
 
 from llmtrain.errors import ConfigError
-from llmtrain.models.base import Batch, DataInfo, ModelSpec, register_model
-from llmtrain.models.state_io import load_module, save_module
+from llmtrain.models.base import Batch, DataInfo, register_model
+from llmtrain.models.state_io import PlainModuleSpec
 
 ARCHS = ("linear", "mlp")
 
@@ -36,7 +35,8 @@ class MLP(nn.Sequential):
         super().__init__(nn.Linear(in_features, hidden), nn.ReLU(), nn.Linear(hidden, out_features))
 
 
-class RegressionSpec(ModelSpec):
+class RegressionSpec(PlainModuleSpec):
+    config_cls = RegressionModelConfig
     name = "regression"
     task = "regression"
 
@@ -56,15 +56,6 @@ class RegressionSpec(ModelSpec):
         y = batch["y"]  # [B, out]
         per_sample = (pred.float() - y.float()).pow(2).mean(dim=1)  # [B]
         return per_sample.sum(), torch.tensor(y.shape[0], device=y.device)
-
-    def count(self, batch: Batch) -> int:
-        return int(batch["y"].shape[0])
-
-    def export(self, model: nn.Module, cfg: RegressionModelConfig, info: DataInfo, out_dir: Path) -> None:
-        save_module(model, cfg, info, out_dir)
-
-    def load(self, cfg: RegressionModelConfig, info: DataInfo, path: Path) -> nn.Module:
-        return load_module(path, RegressionModelConfig, self.build)
 
 
 register_model(RegressionSpec())

@@ -14,7 +14,7 @@ from typing import Any
 from torch import nn
 
 from llmtrain.errors import ConfigError
-from llmtrain.models.base import DataInfo
+from llmtrain.models.base import Batch, DataInfo, ModelSpec
 
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
@@ -61,3 +61,18 @@ def load_module(path: Path, config_cls: type, build: Any) -> nn.Module:
     model = build(cfg, DataInfo(**dims))
     model.load_state_dict(load_file(str(path / WEIGHTS)))
     return model
+
+
+class PlainModuleSpec(ModelSpec):
+    """A family of plain torch modules over {"x", "y"} batches, exported with save_module."""
+
+    config_cls: type  # the family's model config dataclass
+
+    def count(self, batch: Batch) -> int:
+        return int(batch["y"].shape[0])
+
+    def export(self, model: nn.Module, cfg: Any, info: DataInfo, out_dir: Path) -> None:
+        save_module(model, cfg, info, out_dir)
+
+    def load(self, cfg: Any, info: DataInfo, path: Path) -> nn.Module:
+        return load_module(path, self.config_cls, self.build)

@@ -6,15 +6,14 @@ Loss: cross-entropy summed over the batch; count = number of samples.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from llmtrain.errors import ConfigError
-from llmtrain.models.base import Batch, DataInfo, ModelSpec, register_model
-from llmtrain.models.state_io import load_module, save_module
+from llmtrain.models.base import Batch, DataInfo, register_model
+from llmtrain.models.state_io import PlainModuleSpec
 
 ARCHS = ("resnet", "cnn")
 
@@ -95,7 +94,8 @@ class LeNet(nn.Module):
         return self.fc3(x)
 
 
-class VisionSpec(ModelSpec):
+class VisionSpec(PlainModuleSpec):
+    config_cls = VisionModelConfig
     name = "vision"
     task = "classification"
 
@@ -123,15 +123,6 @@ class VisionSpec(ModelSpec):
         logits = model(batch["x"])  # [B, num_classes]
         y = batch["y"]  # [B]
         return F.cross_entropy(logits.float(), y, reduction="sum"), torch.tensor(y.shape[0], device=y.device)
-
-    def count(self, batch: Batch) -> int:
-        return int(batch["y"].shape[0])
-
-    def export(self, model: nn.Module, cfg: VisionModelConfig, info: DataInfo, out_dir: Path) -> None:
-        save_module(model, cfg, info, out_dir)
-
-    def load(self, cfg: VisionModelConfig, info: DataInfo, path: Path) -> nn.Module:
-        return load_module(path, VisionModelConfig, self.build)
 
 
 register_model(VisionSpec())

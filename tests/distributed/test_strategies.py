@@ -96,15 +96,20 @@ def test_mixed_precision_tracks_fp32(runs: Runs, name: str) -> None:
         assert sum(r["skipped"] for r in recs) < STEPS // 2  # overflow skips are rare, not the norm
 
 
+def _run_dir_at(full: Path, step: int, dest: Path) -> tuple[Path, str]:
+    """A new run dir holding only `full`'s config and its checkpoint of `step`."""
+    ck = f"checkpoints/step_{step:08d}"
+    shutil.copytree(full / ck, dest / ck)
+    shutil.copy(full / "config.yaml", dest / "config.yaml")
+    return dest, ck
+
+
 # resume ----------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("name", ["ddp", "fsdp"])
 def test_exact_resume(runs: Runs, name: str, tmp_path: Path) -> None:
     """Restarting from the step-10 checkpoint reproduces steps 11..20 bit for bit."""
     full = runs(name)
-    fresh = tmp_path / "resumed"
-    ck = f"checkpoints/step_{CKPT_AT:08d}"
-    shutil.copytree(full / ck, fresh / ck)
-    shutil.copy(full / "config.yaml", fresh / "config.yaml")
+    fresh, ck = _run_dir_at(full, CKPT_AT, tmp_path / "resumed")
     overrides, nproc = RUNS[name]
     res = train_cli([*COMMON, *overrides, "trainer.resume=auto"], fresh, nproc=nproc, timeout=180)
     assert f"resuming from {fresh / ck} at step {CKPT_AT}" in res.stdout
@@ -120,10 +125,7 @@ def test_export_cli_matches_final(runs: Runs, name: str, tmp_path: Path) -> None
     from transformers import GPT2LMHeadModel
 
     full = runs(name)
-    out = tmp_path / "exported"
-    ck = f"checkpoints/step_{STEPS:08d}"
-    shutil.copytree(full / ck, out / ck)
-    shutil.copy(full / "config.yaml", out / "config.yaml")
+    out, _ = _run_dir_at(full, STEPS, tmp_path / "exported")
     res = run_cmd([PY, "-m", "llmtrain.export", str(out)], timeout=120, env=base_env())
     assert res.returncode == 0, res.stderr[-3000:]
 
