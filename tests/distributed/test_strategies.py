@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import PY, TINY_LM, base_env, losses, read_metrics, run_cmd, train_cli
+from helpers import PY, REPO, TINY_LM, base_env, losses, read_metrics, run_cmd, train_cli
 
 pytestmark = pytest.mark.distributed
 
@@ -140,3 +140,20 @@ def test_export_cli_matches_final(runs: Runs, name: str, tmp_path: Path) -> None
         la = trained(input_ids=ids, labels=ids).loss
         lb = exported(input_ids=ids, labels=ids).loss
     assert torch.equal(la, lb)
+
+
+# launch scripts ------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("script", ["torchrun.sh", "accelerate.sh"])
+def test_launch_script_reproduces_ddp(runs: Runs, script: str, tmp_path: Path) -> None:
+    """launch/<script> with 2 CPU processes trains the same first steps as the torchrun DDP run, bit for bit."""
+    env = base_env()
+    env.update(PYTHON=PY, NPROC_PER_NODE="2", ACCELERATE=str(Path(PY).parent / "accelerate"))
+    run_dir = tmp_path / "run"
+    overrides = [a for a in COMMON if not a.startswith("trainer.max_steps=")]
+    res = run_cmd(["bash", str(REPO / "launch" / script), *overrides, *RUNS["ddp"][0], "trainer.device=cpu",
+                   "trainer.max_steps=5", f"hydra.run.dir={run_dir}"], timeout=180, env=env)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert "strategy ddp × 2" in res.stdout
+    ref = losses(runs("ddp"))
+    got = losses(run_dir)
+    assert got == {k: ref[k] for k in range(1, 6)}
