@@ -7,12 +7,13 @@ The reference is one process with the same global batch: micro 8 there, micro 4 
 from __future__ import annotations
 
 import math
+import os
 import shutil
 from pathlib import Path
 
 import pytest
 import torch
-from helpers import PY, REPO, TINY_LM, base_env, losses, read_metrics, run_cmd, train_cli
+from helpers import PY, REPO, TINY_LM, base_env, free_port, losses, read_metrics, run_cmd, train_cli
 
 pytestmark = pytest.mark.distributed
 
@@ -143,17 +144,36 @@ def test_export_cli_matches_final(runs: Runs, name: str, tmp_path: Path) -> None
 
 
 # launch scripts ------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("script", ["torchrun.sh", "accelerate.sh"])
+def _fake_slurm(bin_dir: Path) -> dict[str, str]:
+    """`srun` that runs its command here (dropping its own flags) and `scontrol` naming this host."""
+    bin_dir.mkdir()
+    (bin_dir / "srun").write_text('#!/usr/bin/env bash\nwhile [[ "$1" == --* ]]; do shift; done\nexec "$@"\n')
+    (bin_dir / "scontrol").write_text("#!/usr/bin/env bash\necho 127.0.0.1\n")
+    for f in bin_dir.iterdir():
+        f.chmod(0o755)
+    return {"PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_NNODES": "1", "SLURM_GPUS_ON_NODE": "2",
+            "SLURM_JOB_NODELIST": "node1", "SLURM_JOB_ID": "4242", "MASTER_PORT": str(free_port()),
+            "LLMTRAIN_REPO": str(REPO)}
+
+
+@pytest.mark.parametrize("script", ["torchrun.sh", "accelerate.sh", "slurm.sbatch"])
 def test_launch_script_reproduces_ddp(runs: Runs, script: str, tmp_path: Path) -> None:
-    """launch/<script> with 2 CPU processes trains the same first steps as the torchrun DDP run, bit for bit."""
+    """launch/<script> with 2 CPU processes trains the same first steps as the torchrun DDP run, bit for bit.
+
+    SLURM itself is not here: fake `srun`/`scontrol` run the template's torchrun rendezvous on this host.
+    """
     env = base_env()
     env.update(PYTHON=PY, NPROC_PER_NODE="2", ACCELERATE=str(Path(PY).parent / "accelerate"))
+    if script == "slurm.sbatch":
+        env.update(_fake_slurm(tmp_path / "bin"))
     run_dir = tmp_path / "run"
     overrides = [a for a in COMMON if not a.startswith("trainer.max_steps=")]
     res = run_cmd(["bash", str(REPO / "launch" / script), *overrides, *RUNS["ddp"][0], "trainer.device=cpu",
                    "trainer.max_steps=5", f"hydra.run.dir={run_dir}"], timeout=180, env=env)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     assert "strategy ddp × 2" in res.stdout
+    if script == "slurm.sbatch":
+        assert "1 node(s) × 2 process(es), rendezvous 127.0.0.1:" in res.stdout
     ref = losses(runs("ddp"))
     got = losses(run_dir)
     assert got == {k: ref[k] for k in range(1, 6)}
