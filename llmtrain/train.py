@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 import random
 import sys
@@ -49,14 +50,18 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     if (why := check_supported(precision, device)) is not None:
         raise ConfigError("trainer.precision", why)
     init_process_group(env, device, cfg.strategy.backend, cfg.strategy.timeout_s)
+    strategy = None
     try:
-        return _fit(cfg, run_dir, env, device, precision)
+        strategy = build_strategy(cfg.strategy, env, device)
+        return _fit(cfg, run_dir, strategy, device, precision)
     finally:
+        if strategy is not None:
+            strategy.close()
+        gc.collect()  # backend objects go now, with the process group alive, not in destructors at exit
         destroy_process_group()
 
 
-def _fit(cfg: DictConfig, run_dir: Path, env: Any, device: torch.device, precision: Precision) -> dict:
-    strategy = build_strategy(cfg.strategy, env, device)
+def _fit(cfg: DictConfig, run_dir: Path, strategy: Any, device: torch.device, precision: Precision) -> dict:
     run_dir = Path(strategy.broadcast_object(str(run_dir)))  # rank 0's run dir for all ranks
     resume_from = ckpt.resolve_resume(cfg.trainer.resume, run_dir)
     if cfg.trainer.resume == "never" and ckpt.list_checkpoints(run_dir):

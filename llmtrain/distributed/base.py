@@ -87,6 +87,10 @@ class Strategy(ABC):
         """Parameters of the whole model (all shards), counting tied tensors once."""
         return sum(p.numel() for p in self.unwrap().parameters())
 
+    def close(self) -> None:
+        """Release backend state while the process group still exists (not in destructors at exit)."""
+        self.model = self.optimizer = None
+
     # wrapping ---------------------------------------------------------------------------------
     @abstractmethod
     def setup(self, model: nn.Module, make_optimizer: OptimizerFactory, args: SetupArgs) -> None:

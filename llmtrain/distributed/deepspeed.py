@@ -196,6 +196,13 @@ class DeepSpeedStrategy(Strategy):
         """The plain module; under ZeRO-3 its parameters are empty placeholders outside forward."""
         return self._plain
 
+    def close(self) -> None:
+        """The engine's own teardown (ZeRO-3 hooks and buffers), before the process group goes away."""
+        if getattr(self, "engine", None) is not None:
+            self.engine.destroy()
+            self.engine = None
+        super().close()
+
     def num_parameters(self) -> int:
         return sum(int(getattr(p, "ds_numel", p.numel())) for p in self._plain.parameters())
 
