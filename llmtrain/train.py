@@ -17,7 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 from llmtrain import checkpoint as ckpt
 from llmtrain.config import conf_dir, register_configs, validate
 from llmtrain.data.base import build_data
-from llmtrain.distributed import SetupArgs, build_strategy
+from llmtrain.distributed import SetupArgs, Strategy, build_strategy
 from llmtrain.distributed.env import (
     destroy_process_group,
     init_process_group,
@@ -61,7 +61,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         destroy_process_group()
 
 
-def _fit(cfg: DictConfig, run_dir: Path, strategy: Any, device: torch.device, precision: Precision) -> dict:
+def _fit(cfg: DictConfig, run_dir: Path, strategy: Strategy, device: torch.device, precision: Precision) -> dict:
     run_dir = Path(strategy.broadcast_object(str(run_dir)))  # rank 0's run dir for all ranks
     resume_from = ckpt.resolve_resume(cfg.trainer.resume, run_dir)
     if cfg.trainer.resume == "never" and ckpt.list_checkpoints(run_dir):
