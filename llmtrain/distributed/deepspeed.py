@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from llmtrain.distributed.base import OptimizerFactory, SetupArgs, Strategy, apply_activation_checkpointing
+from llmtrain.distributed.env import init_single_process_group
 from llmtrain.errors import ConfigError
 from llmtrain.precision import Precision
 
@@ -129,14 +130,6 @@ def clean_key(name: str) -> str:
     return name
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 class DeepSpeedStrategy(Strategy):
     """The DeepSpeed engine behind the Strategy interface."""
 
@@ -175,14 +168,8 @@ class DeepSpeedStrategy(Strategy):
 
     def _init_comm(self, deepspeed: Any) -> None:
         """Reuse the torch process group (gloo on CPU); one process gets a private world of one."""
-        import torch.distributed as dist
-
-        if not dist.is_initialized():
-            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-            os.environ.setdefault("MASTER_PORT", str(_free_port()))
-            os.environ.setdefault("RANK", str(self.rank))
-            os.environ.setdefault("LOCAL_RANK", str(self.env.local_rank))
-            os.environ.setdefault("WORLD_SIZE", str(self.world_size))
+        init_single_process_group(self.device, self.cfg.backend)  # no-op when the launcher started a group
+        os.environ.setdefault("LOCAL_RANK", str(self.env.local_rank))  # the engine reads it from the environment
         backend = self.cfg.backend or ("nccl" if self.device.type == "cuda" else "gloo")
         deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False,
                                    timeout=timedelta(seconds=self.cfg.timeout_s))
