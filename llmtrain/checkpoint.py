@@ -188,13 +188,12 @@ def check_resumable(ckpt: Path, saved: dict[str, Any] | None, current: dict[str,
         return
     for key in RESUME_KEYS:
         a, b = saved.get(key), current.get(key)
-        if isinstance(a, dict) and isinstance(b, dict):
+        if isinstance(a, dict) and isinstance(b, dict):  # name the first differing sub-key
             diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
-            if diff:
-                k = diff[0]
-                raise ConfigError(f"{key}.{k}", f"is {b.get(k)!r} but checkpoint {ckpt} was trained with "
-                                                f"{a.get(k)!r}; use a new hydra.run.dir (or name=...) for a new run")
-        elif a != b:
+            if not diff:
+                continue
+            key, a, b = f"{key}.{diff[0]}", a.get(diff[0]), b.get(diff[0])
+        if a != b:
             raise ConfigError(key, f"is {b!r} but checkpoint {ckpt} was trained with {a!r}; use a new "
                                    "hydra.run.dir (or name=...) for a new run")
 
