@@ -163,11 +163,9 @@ def _iter_text_file(path: Path, chunk: int) -> Iterator[tuple[str, bool]]:
     buf = ""
     with open(path, "rb") as fh:
         while block := fh.read(READ_BYTES):
-            buf += dec.decode(block)
-            while len(buf) > 2 * chunk:
-                i = _cut(buf[: 2 * chunk], chunk)
-                yield buf[:i], False
-                buf = buf[i:]
+            *done, buf = split_text(buf + dec.decode(block), chunk)  # keep the tail: the document goes on
+            for piece in done:
+                yield piece, False
     buf += dec.decode(b"", final=True)
     if buf:
         yield buf, True
@@ -192,7 +190,7 @@ def _iter_jsonl(path: Path, text_field: str, chunk: int) -> Iterator[tuple[str, 
 def _pieces(text: str, chunk: int) -> Iterator[tuple[str, bool]]:
     if not text:
         return
-    parts = list(split_text(text, chunk)) if len(text) > 2 * chunk else [text]
+    parts = list(split_text(text, chunk))
     for k, p in enumerate(parts):
         yield p, k == len(parts) - 1
 
@@ -242,16 +240,6 @@ def iter_pieces(src: Source, text_field: str = "text", split: str = "train", chu
             yield from _iter_text_file(f, chunk)
         if on_file is not None:
             on_file(f)
-
-
-def iter_documents(files: list[Path], text_field: str = "text") -> Iterator[str]:
-    """Whole documents (for tests and small corpora; holds one document at a time)."""
-    cur: list[str] = []
-    for piece, end in iter_pieces(Source("files", "", files), text_field):
-        cur.append(piece)
-        if end:
-            yield "".join(cur)
-            cur = []
 
 
 # shards ------------------------------------------------------------------------------------------
@@ -438,7 +426,6 @@ def prepare(cfg: Any, *, quiet: bool = False, only_locate: bool = False, force: 
 
 def _build(cfg: Any, src: Source, digest: str, out: Path, quiet: bool) -> Path:
     t0 = time.perf_counter()
-    _REPLACED[0] = 0
     tok = toks.build_tokenizer(cfg.tokenizer, cfg.vocab_size,
                                (p for p, _ in iter_pieces(src, cfg.text_field, cfg.hf_split)))
     eos, vocab = int(tok.eos_token_id), toks.vocab_len(tok)

@@ -140,9 +140,3 @@ def check_vocab(data_vocab: int, model_cfg: Any) -> None:
             raise ConfigError("data.tokenizer", f"the data's token ids reach {data_vocab - 1} but the pretrained "
                                                 f"model {pretrained} has only {pv} embeddings; prepare the data with the model's "
                                                 "tokenizer (data.tokenizer=<its dir>)")
-
-
-def read_meta(prepared: Path) -> dict[str, Any]:
-    from llmtrain.data.prepare import read_meta as _read
-
-    return _read(prepared)
