@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from llmtrain.data.base import DataModule, register_data
+from llmtrain.data.synthetic import ArrayDataset
 from llmtrain.errors import ConfigError, require
 from llmtrain.models.base import Batch, DataInfo
 
@@ -39,21 +40,18 @@ class ImageDataConfig:
     noise_std: float = 1.0  # synthetic only: pixel noise on top of the unit-scale class templates
 
 
-class ImageDataset:
+class ImageDataset(ArrayDataset):
     """Images [N, 3, 32, 32] (uint8 or float32) and labels [N]; normalised per channel on fetch."""
 
     def __init__(self, x: np.ndarray, y: np.ndarray, mean: np.ndarray, std: np.ndarray) -> None:
-        self.x, self.y = torch.from_numpy(x), torch.from_numpy(y.astype(np.int64))
+        super().__init__(x, y.astype(np.int64))
         self.mean = torch.from_numpy(mean.astype(np.float32)).view(1, -1, 1, 1)  # [1, 3, 1, 1]
         self.std = torch.from_numpy(std.astype(np.float32)).view(1, -1, 1, 1)
 
-    def __len__(self) -> int:
-        return int(self.x.shape[0])
-
     def get(self, indices: np.ndarray) -> Batch:
-        idx = torch.from_numpy(np.asarray(indices, dtype=np.int64))
-        x = (self.x[idx].float() - self.mean) / self.std  # [B, 3, 32, 32]
-        return {"x": x, "y": self.y[idx]}
+        batch = super().get(indices)
+        batch["x"] = (batch["x"].float() - self.mean) / self.std  # [B, 3, 32, 32]
+        return batch
 
 
 def channel_stats(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -35,7 +35,7 @@ class RegressionDataConfig:
 
 
 class ArrayDataset:
-    """Rows of in-memory arrays: {"x": float32 [B, F], "y": float32 [B, out]}."""
+    """Rows of in-memory arrays: {"x": x[indices], "y": y[indices]} (regression: float32 [B, F], [B, out])."""
 
     def __init__(self, x: np.ndarray, y: np.ndarray) -> None:
         self.x, self.y = torch.from_numpy(x), torch.from_numpy(y)
