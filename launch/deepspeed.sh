@@ -10,7 +10,7 @@
 # Environment: NUM_GPUS (processes per node; default: the GPU count, 1 without GPUs; with a hostfile:
 # its slots), NUM_NODES (default: every host of HOSTFILE), HOSTFILE (unset: this node only),
 # MASTER_ADDR (multi-node; default: the first host), MASTER_PORT (default: a free port on one node,
-# 29500 with a hostfile), PYTHON (python).
+# 29500 with a hostfile), PYTHON (python), LLMTRAIN_DEEPSPEED_VERBOSE=1 (DeepSpeed's own INFO lines).
 # Without a GPU DS_ACCELERATOR defaults to cpu (DeepSpeed's CPU accelerator, gloo).
 set -euo pipefail
 
@@ -36,5 +36,8 @@ else
   port="${MASTER_PORT:-$("$PYTHON" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')}"
   args+=(--hostfile=/dev/null --num_gpus="${NUM_GPUS:-$(( GPUS > 0 ? GPUS : 1 ))}" --master_port="$port")
 fi
+
+# the launcher's own INFO lines (ranks, spawned commands) only with LLMTRAIN_DEEPSPEED_VERBOSE=1
+[[ "${LLMTRAIN_DEEPSPEED_VERBOSE:-0}" == "0" ]] && args+=(--log_level=error)
 
 exec "$PYTHON" -m deepspeed.launcher.runner "${args[@]}" --module llmtrain.train strategy=deepspeed "$@"

@@ -18,6 +18,7 @@ import contextlib
 import json
 import logging
 import os
+import warnings
 from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
@@ -48,9 +49,15 @@ def _import_deepspeed(device: torch.device | None = None) -> Any:
                           ) from None
     from deepspeed.utils import logger as ds_logger
 
-    if os.environ.get("LLMTRAIN_DEEPSPEED_VERBOSE", "0") == "0":
+    if not _verbose():
         ds_logger.setLevel(logging.WARNING)
+        # DeepSpeed calls torch collectives that torch deprecates; the user can do nothing about it
+        warnings.filterwarnings("ignore", category=FutureWarning, message=r"`torch\.distributed\.\w+` is deprecated")
     return deepspeed
+
+
+def _verbose() -> bool:
+    return os.environ.get("LLMTRAIN_DEEPSPEED_VERBOSE", "0") != "0"
 
 
 def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
@@ -171,6 +178,14 @@ class DeepSpeedStrategy(Strategy):
         init_single_process_group(self.device, self.cfg.backend)  # no-op when the launcher started a group
         os.environ.setdefault("LOCAL_RANK", str(self.env.local_rank))  # the engine reads it from the environment
         backend = self.cfg.backend or ("nccl" if self.device.type == "cuda" else "gloo")
+        if self.device.type == "cpu":
+            # On CPU the comm backend JIT-builds a shared-memory op that only inference all-reduce uses: a
+            # minute of gcc (echoed to the log) on first use, for nothing in training.
+            import importlib
+
+            ds_comm_torch = importlib.import_module("deepspeed.comm.torch")  # not the `torch` it re-exports
+            if hasattr(ds_comm_torch, "build_shm_op"):
+                ds_comm_torch.build_shm_op = lambda: None
         deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False,
                                    timeout=timedelta(seconds=self.cfg.timeout_s))
 
@@ -195,12 +210,10 @@ class DeepSpeedStrategy(Strategy):
 
     # one step ---------------------------------------------------------------------------------------
     @contextlib.contextmanager
-    def _boundary(self, last_micro_step: bool) -> Iterator[None]:
-        self.engine.set_gradient_accumulation_boundary(last_micro_step)
+    def micro_step(self, sync_grads: bool) -> Iterator[None]:
+        """The engine's accumulation boundary is set before every micro-step (see the module docstring)."""
+        self.engine.set_gradient_accumulation_boundary(sync_grads)
         yield
-
-    def no_sync(self, last_micro_step: bool) -> contextlib.AbstractContextManager:
-        return self._boundary(last_micro_step)
 
     def backward(self, loss: torch.Tensor) -> None:
         # The loss is already normalised by the global count: no division by gradient_accumulation_steps.
