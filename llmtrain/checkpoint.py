@@ -141,7 +141,7 @@ def save_checkpoint(run_dir: Path, step: int, strategy: Any, trainer_state: dict
     strategy.barrier()
     if strategy.is_main:
         manifest = {"step": step, "world_size": strategy.world_size, "strategy": type(strategy).__name__,
-                    "files": sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file())}
+                    "config": trainer_state.get("config"), "files": sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file())}
         atomic_write_text(tmp / MANIFEST, json.dumps(manifest, indent=1))
         if final.exists():  # re-saving a step: keep the old one until the new one is in place
             old = final.with_name(f".old-{final.name}")
@@ -158,44 +158,12 @@ def save_checkpoint(run_dir: Path, step: int, strategy: Any, trainer_state: dict
     return final
 
 
-# what must not change between a checkpoint and the run resuming it (max_steps, eval/ckpt cadence may)
-RESUME_KEYS = ("model", "data", "strategy.name", "trainer.micro_batch_size", "trainer.grad_accum_steps",
-               "optim.name")
-
-
-NOT_FINGERPRINTED = ("num_proc", "out_dir")
-
-
-def resume_fingerprint(cfg: Any) -> dict[str, Any]:
-    """The parts of a run's config that a checkpoint is only valid for."""
-    from omegaconf import OmegaConf
-
-    out = {}
-    for key in RESUME_KEYS:
-        node = OmegaConf.select(cfg, key)
-        out[key] = OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else \
-            getattr(node, "value", node)
-    for k in NOT_FINGERPRINTED:  # how data is prepared, not what it is
-        out["data"].pop(k, None)
-    return out
-
-
-def check_resumable(ckpt: Path, saved: dict[str, Any] | None, current: dict[str, Any]) -> None:
-    """One-line error when the checkpoint was written by an incompatible config."""
-    from llmtrain.errors import ConfigError
-
-    if saved is None:
-        return
-    for key in RESUME_KEYS:
-        a, b = saved.get(key), current.get(key)
-        if isinstance(a, dict) and isinstance(b, dict):  # name the first differing sub-key
-            diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
-            if not diff:
-                continue
-            key, a, b = f"{key}.{diff[0]}", a.get(diff[0]), b.get(diff[0])
-        if a != b:
-            raise ConfigError(key, f"is {b!r} but checkpoint {ckpt} was trained with {a!r}; use a new "
-                                   "hydra.run.dir (or name=...) for a new run")
+def saved_fingerprint(ckpt: Path) -> dict[str, Any] | None:
+    """The config fingerprint a checkpoint was written with (None for checkpoints that hold none)."""
+    manifest = read_manifest(ckpt)
+    if "config" in manifest:
+        return manifest["config"]
+    return load_torch(ckpt / "trainer.pt").get("config")
 
 
 def load_checkpoint(ckpt: Path, strategy: Any) -> dict[str, Any]:

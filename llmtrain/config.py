@@ -6,6 +6,7 @@ Typos and wrong types fail in Hydra's compose; semantic checks raise ConfigError
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,7 +18,7 @@ from llmtrain.data.images import ImageDataConfig
 from llmtrain.data.synthetic import RegressionDataConfig
 from llmtrain.data.text import TextDataConfig
 from llmtrain.distributed.base import StrategyConfig
-from llmtrain.errors import ConfigError, require
+from llmtrain.errors import ConfigError, require, unknown_key
 from llmtrain.models.gpt2 import GPT2ModelConfig
 from llmtrain.models.regression import RegressionModelConfig
 from llmtrain.models.vision import VisionModelConfig
@@ -40,22 +41,23 @@ class Config:
     logger: LoggerConfig = field(default_factory=LoggerConfig)
 
 
-# schemas a group option extends with `defaults: [/schema/<group>/<name>@_here_, _self_]`
-SCHEMAS: dict[tuple[str, str], type] = {
-    ("schema/model", "gpt2"): GPT2ModelConfig,
-    ("schema/model", "regression"): RegressionModelConfig,
-    ("schema/model", "vision"): VisionModelConfig,
-    ("schema/data", "text"): TextDataConfig,
-    ("schema/data", "regression"): RegressionDataConfig,
-    ("schema/data", "images"): ImageDataConfig,
+# Schemas a group option extends with `defaults: [/schema_<group>_<name>@_here_, _self_]`. They are stored
+# at the root of the ConfigStore, not in a group, so `--help` lists only the groups a user picks from.
+SCHEMAS: dict[str, type] = {
+    "schema_model_gpt2": GPT2ModelConfig,
+    "schema_model_regression": RegressionModelConfig,
+    "schema_model_vision": VisionModelConfig,
+    "schema_data_text": TextDataConfig,
+    "schema_data_regression": RegressionDataConfig,
+    "schema_data_images": ImageDataConfig,
 }
 
 
 def register_configs() -> None:
     cs = ConfigStore.instance()
     cs.store(name="base_config", node=Config)
-    for (group, name), node in SCHEMAS.items():
-        cs.store(group=group, name=name, node=node)
+    for name, node in SCHEMAS.items():
+        cs.store(name=name, node=node)
 
 
 def conf_dir() -> Path:
@@ -67,8 +69,37 @@ def conf_dir() -> Path:
     raise FileNotFoundError("llmtrain's conf/ directory is missing from the installation")
 
 
+def unknown_keys(node: Any, prefix: str = "") -> list[tuple[str, list[str]]]:
+    """Keys a typed node does not declare (e.g. added with Hydra's `+key=value`), with their siblings.
+
+    Hydra refuses a misspelt key unless it is prefixed with `+`, which opens the node; the schema still
+    knows which fields exist.
+    """
+    from omegaconf import DictConfig, OmegaConf
+
+    out: list[tuple[str, list[str]]] = []
+    typ = OmegaConf.get_type(node)
+    allowed = {f.name for f in dataclasses.fields(typ)} if dataclasses.is_dataclass(typ) else None
+    for key in node.keys():
+        path = f"{prefix}{key}"
+        if allowed is not None and key not in allowed:
+            out.append((path, sorted(allowed)))
+            continue
+        child = node._get_node(key)
+        if isinstance(child, DictConfig) and not child._is_missing() and not child._is_none():
+            out += unknown_keys(child, path + ".")
+    return out
+
+
+def check_known_keys(cfg: Any) -> None:
+    """One line naming the first key no schema declares, with the closest real key."""
+    for path, siblings in unknown_keys(cfg):
+        raise unknown_key(path, siblings)
+
+
 def validate(cfg: Any) -> None:
     """Cross-field and semantic checks; each component checks its own keys first."""
+    check_known_keys(cfg)
     t = cfg.trainer
     require(t.max_steps > 0, "trainer.max_steps", f"must be > 0 (got {t.max_steps})")
     require(t.micro_batch_size > 0, "trainer.micro_batch_size", f"must be > 0 (got {t.micro_batch_size})")

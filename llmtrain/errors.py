@@ -21,10 +21,29 @@ class ConfigError(Exception):
         self.message = message
 
 
+class Stopped(Exception):
+    """The run stopped before its end on request (a signal); `code` is the process exit code."""
+
+    def __init__(self, message: str, code: int) -> None:
+        super().__init__(message)
+        self.code = code
+
+
 def require(condition: bool, key: str, message: str) -> None:
     """Raise ConfigError(key, message) unless condition holds."""
     if not condition:
         raise ConfigError(key, message)
+
+
+def unknown_key(path: str, siblings: list[str]) -> ConfigError:
+    """The error for a key no schema declares, naming the closest real key."""
+    import difflib
+
+    parent, _, key = path.rpartition(".")
+    close = difflib.get_close_matches(key, siblings, n=1, cutoff=0.5)
+    hint = f"; did you mean {parent + '.' if parent else ''}{close[0]}?" if close else ""
+    where = f"in {parent}" if parent else "at the top level"
+    return ConfigError(path, f"no such key {where}{hint} (--help lists the config)")
 
 
 def report_and_exit(err: ConfigError) -> None:
@@ -33,7 +52,7 @@ def report_and_exit(err: ConfigError) -> None:
 
 
 def user_errors_exit(fn: F) -> F:
-    """Decorator: a ConfigError raised by fn becomes one stderr line and exit 2."""
+    """Decorator: a ConfigError raised by fn becomes one stderr line and exit 2; Stopped its own line and code."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -41,5 +60,11 @@ def user_errors_exit(fn: F) -> F:
             return fn(*args, **kwargs)
         except ConfigError as err:
             report_and_exit(err)
+        except Stopped as stop:
+            from llmtrain.interrupt import release_signals
+
+            print(f"llmtrain: {stop}", file=sys.stderr, flush=True)
+            release_signals()
+            sys.exit(stop.code)
 
     return wrapper  # type: ignore[return-value]

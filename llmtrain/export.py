@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import sys
@@ -12,26 +13,41 @@ import torch
 
 from llmtrain.models.base import DataInfo, ModelSpec
 
+EXPORT_RECORD = "llmtrain_export.json"  # which checkpoint step an export holds
+
 
 def quiet_transformers() -> None:
-    """No per-file progress bars or advisory warnings from transformers inside our own output."""
+    """No per-file progress bars or advisory warnings from transformers inside our own output.
+
+    Only when transformers is in use: the plain model families never import it."""
+    if "transformers" not in sys.modules:
+        return
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
 
 
+def read_export_step(out: Path) -> int | None:
+    """The training step an exported dir was written from (None: not an llmtrain export)."""
+    try:
+        return int(json.loads((out / EXPORT_RECORD).read_text())["step"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def write_final(spec: ModelSpec, model_cfg: Any, info: DataInfo, state: dict[str, torch.Tensor],
-                run_dir: Path) -> Path:
-    """Load `state` into a fresh plain model and export it atomically to run_dir/final."""
+                run_dir: Path, step: int, out: Path | None = None) -> Path:
+    """Load `state` into a fresh plain model and export it atomically to `out` (default run_dir/final)."""
     quiet_transformers()
     model = spec.build(model_cfg, info)
     model.load_state_dict(state)
-    final = run_dir / "final"
-    tmp = run_dir / ".final.tmp"
+    final = out or run_dir / "final"
+    tmp = final.with_name(f".{final.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     spec.export(model, model_cfg, info, tmp)
-    old = run_dir / ".final.old"
+    (tmp / EXPORT_RECORD).write_text(json.dumps({"step": step, "run_dir": str(run_dir.resolve())}) + "\n")
+    old = final.with_name(f".{final.name}.old")
     if final.exists():
         shutil.rmtree(old, ignore_errors=True)
         os.replace(final, old)
@@ -40,10 +56,11 @@ def write_final(spec: ModelSpec, model_cfg: Any, info: DataInfo, state: dict[str
     return final
 
 
-def export_final(spec: ModelSpec, strategy: Any, model_cfg: Any, info: DataInfo, run_dir: Path) -> Path | None:
+def export_final(spec: ModelSpec, strategy: Any, model_cfg: Any, info: DataInfo, run_dir: Path,
+                 step: int) -> Path | None:
     """Gather the trained weights (rank 0) and write final/; every rank calls this."""
     state = strategy.full_state_dict()
-    final = write_final(spec, model_cfg, info, state, run_dir) if strategy.is_main else None
+    final = write_final(spec, model_cfg, info, state, run_dir, step) if strategy.is_main else None
     strategy.barrier()
     return final
 
@@ -59,7 +76,7 @@ def sample_text(spec: ModelSpec, model_cfg: Any, info: DataInfo, final: Path, t:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """llmtrain-export <run_dir> [<checkpoint dir>]: consolidate a checkpoint into <run_dir>/final."""
+    """llmtrain-export <run_dir> [<checkpoint dir>]: consolidate a checkpoint into <run_dir>/final (or --out)."""
     import argparse
 
     from omegaconf import OmegaConf
@@ -71,6 +88,8 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="llmtrain-export", description=main.__doc__)
     ap.add_argument("run_dir", type=Path)
     ap.add_argument("checkpoint", type=Path, nargs="?", help="default: the run's newest complete checkpoint")
+    ap.add_argument("--out", type=Path, help="where to write (default: <run_dir>/final)")
+    ap.add_argument("--force", action="store_true", help="replace an export of another step")
     args = ap.parse_args(argv)
     try:
         from llmtrain import checkpoint as ckpt
@@ -83,13 +102,21 @@ def main(argv: list[str] | None = None) -> None:
         ck = args.checkpoint or ckpt.resolve_resume("auto", args.run_dir)
         if ck is None or not ckpt.is_complete(ck):
             raise ConfigError("checkpoint", f"no complete checkpoint in {args.run_dir}")
+        step = int(ckpt.read_manifest(ck)["step"])
+        out = args.out or args.run_dir / "final"
+        if out.exists() and not args.force:
+            held = read_export_step(out)
+            if held is None and any(out.iterdir()) or held is not None and held != step:
+                what = f"the export of step {held}" if held is not None else "files that are not this export"
+                raise ConfigError("--out", f"{out} holds {what}; pass --force to replace it, or --out <dir> to "
+                                           f"write step {step} elsewhere")
         spec = get_model_spec(cfg.model.family)
         data = build_data(cfg.data, model_cfg=cfg.model)
         state = consolidate(ck, cfg.strategy.name)
-        final = write_final(spec, cfg.model, data.info, state, args.run_dir)
+        final = write_final(spec, cfg.model, data.info, state, args.run_dir, step, out=out)
     except ConfigError as err:
         report_and_exit(err)
-    print(f"exported {ck} → {final}", file=sys.stderr)
+    print(f"exported {ck} (step {step}) → {final}", file=sys.stderr)
 
 
 if __name__ == "__main__":

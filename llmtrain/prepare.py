@@ -58,7 +58,9 @@ def _hydra_main(cfg: DictConfig) -> None:
 
 
 def main() -> None:
-    _hydra_main()
+    from llmtrain.cli import run_app
+
+    run_app(_hydra_main)
 
 
 if __name__ == "__main__":

@@ -6,15 +6,18 @@ import gc
 import os
 import random
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
 import hydra
 import numpy as np
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from llmtrain import checkpoint as ckpt
+from llmtrain import rundir
+from llmtrain.cli import run_app
 from llmtrain.config import conf_dir, register_configs, validate
 from llmtrain.data.base import build_data
 from llmtrain.distributed import SetupArgs, Strategy, build_strategy
@@ -26,10 +29,10 @@ from llmtrain.distributed.env import (
     strip_local_rank_arg,
 )
 from llmtrain.errors import ConfigError, user_errors_exit
-from llmtrain.export import export_final, sample_text
-from llmtrain.models.base import get_model_spec
+from llmtrain.export import export_final, read_export_step, sample_text
+from llmtrain.models.base import DataInfo, ModelSpec, format_count, get_model_spec
 from llmtrain.optim import Scheduler, build_optimizer
-from llmtrain.precision import Precision, check_supported
+from llmtrain.precision import Precision, check_supported, resolve, slow_precision_warning
 from llmtrain.tracking import MetricsLogger
 from llmtrain.trainer import Trainer
 
@@ -41,19 +44,24 @@ def seed_everything(seed: int) -> None:
 
 
 @user_errors_exit
-def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
-    """Train one run into run_dir; returns the last metrics. Every rank calls this."""
+def run(cfg: DictConfig, run_dir: Path, *, pick_dir: bool = False) -> dict[str, Any]:
+    """Train one run into run_dir; returns the last metrics (train and eval). Every rank calls this.
+
+    pick_dir: run_dir is a default, not the user's choice; when it holds a run of another configuration
+    the run goes to a free sibling instead (rundir.pick)."""
     validate(cfg)
     env = read_env()
     device = pick_device(cfg.trainer.device, env)
-    precision = Precision(cfg.trainer.precision)
+    precision = resolve(cfg.trainer.precision, device)
     if (why := check_supported(precision, device)) is not None:
         raise ConfigError("trainer.precision", why)
+    if env.is_main and (warning := slow_precision_warning(precision, device)):
+        print(warning, file=sys.stderr, flush=True)
     init_process_group(env, device, cfg.strategy.backend, cfg.strategy.timeout_s)
     strategy = None
     try:
         strategy = build_strategy(cfg.strategy, env, device)
-        return _fit(cfg, run_dir, strategy, device, precision)
+        return _fit(cfg, run_dir, strategy, device, precision, pick_dir)
     finally:
         if strategy is not None:
             strategy.close()
@@ -61,69 +69,121 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         destroy_process_group()
 
 
-def _fit(cfg: DictConfig, run_dir: Path, strategy: Strategy, device: torch.device, precision: Precision) -> dict:
+def _fit(cfg: DictConfig, run_dir: Path, strategy: Strategy, device: torch.device, precision: Precision,
+         pick_dir: bool) -> dict[str, Any]:
+    fingerprint = rundir.fingerprint(cfg)
+    note = None
+    if pick_dir and strategy.is_main:
+        run_dir, note = rundir.pick(run_dir, fingerprint)
     run_dir = Path(strategy.broadcast_object(str(run_dir)))  # rank 0's run dir for all ranks
+    if note:
+        print(note, file=sys.stderr, flush=True)
     resume_from = ckpt.resolve_resume(cfg.trainer.resume, run_dir)
     if cfg.trainer.resume == "never" and ckpt.list_checkpoints(run_dir):
         raise ConfigError("trainer.resume", f"never, but {run_dir} already holds checkpoints; use "
                                             "trainer.resume=auto to continue it or hydra.run.dir=<new dir>")
+    t = cfg.trainer
+    if resume_from is not None:
+        rundir.check_resumable(resume_from, ckpt.saved_fingerprint(resume_from), fingerprint)
+        if _is_complete(run_dir, resume_from, t.max_steps):
+            if strategy.is_main:
+                print(f"llmtrain: {run_dir} is complete (step {t.max_steps} of {t.max_steps}, final model in "
+                      f"{run_dir / 'final'}); nothing to do. Raise trainer.max_steps to train on, or give a new "
+                      "name=... (or hydra.run.dir=...) for a new run", flush=True)
+            return rundir.last_metrics(run_dir)
     spec = get_model_spec(cfg.model.family)
     data = build_data(cfg.data, model_cfg=cfg.model, is_main=strategy.is_main, barrier=strategy.barrier)
-    seed_everything(cfg.trainer.seed)
+    seed_everything(t.seed)
     model = spec.build(cfg.model, data.info)
-    t = cfg.trainer
     strategy.setup(model, lambda m: build_optimizer(cfg.optim, m),
                    SetupArgs(precision=precision, gradient_checkpointing=t.gradient_checkpointing, compile=t.compile,
                              block_classes=spec.block_classes(model), micro_batch_size=t.micro_batch_size,
                              grad_accum_steps=t.grad_accum_steps, grad_clip=t.grad_clip))
     scheduler = Scheduler(cfg.scheduler, strategy.optimizer, cfg.optim.lr, t.max_steps)
     if strategy.is_main and resume_from is None:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+        rundir.write_config(run_dir, cfg)
+    from omegaconf import OmegaConf
+
     logger = MetricsLogger(cfg.logger, run_dir, enabled=strategy.is_main, total_steps=t.max_steps,
                            run_config=OmegaConf.to_container(cfg, resolve=True))
     trainer = Trainer(t, spec, strategy, data, scheduler, logger, run_dir, cfg.logger.log_every,
-                      fingerprint=ckpt.resume_fingerprint(cfg))
+                      fingerprint=fingerprint)
     if resume_from is not None:
         trainer.resume(resume_from)
-    _announce(strategy, trainer, cfg, resume_from)
+    _announce(strategy, trainer, cfg, precision, resume_from)
     last = trainer.fit()
-    final = export_final(spec, strategy, cfg.model, data.info, run_dir)
-    if strategy.is_main and final is not None and data.info.task == "lm" and t.sample_tokens > 0:
-        text = sample_text(spec, cfg.model, data.info, final, t, device)
+    _finish(spec, strategy, cfg, data.info, run_dir, trainer.step, device)
+    return last or rundir.last_metrics(run_dir)
+
+
+def _is_complete(run_dir: Path, resume_from: Path, max_steps: int) -> bool:
+    """The run trained to max_steps and exported that step: a rerun has nothing to do."""
+    step = int(ckpt.read_manifest(resume_from)["step"])
+    return step >= max_steps and read_export_step(run_dir / "final") == step
+
+
+def _finish(spec: ModelSpec, strategy: Strategy, cfg: DictConfig, info: DataInfo, run_dir: Path, step: int,
+            device: torch.device) -> None:
+    """Export final/ (every rank takes part), then on rank 0 the sample and the model's own report."""
+    main = strategy.is_main
+    if main:
+        print(f"llmtrain: exporting {run_dir / 'final'} ...", flush=True)
+    t0 = time.perf_counter()
+    final = export_final(spec, strategy, cfg.model, info, run_dir, step)
+    if not main or final is None:
+        return
+    print(f"llmtrain: exported step {step} to {final} ({time.perf_counter() - t0:.1f}s)", flush=True)
+    t = cfg.trainer
+    if info.task == "lm" and t.sample_tokens > 0:
+        print(f"llmtrain: sampling {t.sample_tokens} tokens from the exported model ...", flush=True)
+        text = sample_text(spec, cfg.model, info, final, t, device)
         (run_dir / "samples.txt").write_text(text + "\n")
         print(f"\n--- sample ({t.sample_tokens} tokens) ---\n{text}\n---", flush=True)
-    return last
+    for line in spec.report(cfg.model, info, final):
+        print(line, flush=True)
 
 
-def _announce(strategy: Any, trainer: Trainer, cfg: DictConfig, resume_from: Any) -> None:
+def _announce(strategy: Strategy, trainer: Trainer, cfg: DictConfig, precision: Precision, resume_from: Any) -> None:
     if not strategy.is_main:
         return
     t = cfg.trainer
-    n_params = strategy.num_parameters()
     gb = t.micro_batch_size * t.grad_accum_steps * strategy.world_size
     where = f"resuming from {resume_from} at step {trainer.step}" if resume_from else "starting fresh"
-    print(f"llmtrain: {cfg.model.family} ({n_params / 1e6:.2f}M params) · strategy {cfg.strategy.name.value} × "
-          f"{strategy.world_size} on {strategy.device} · global batch {gb} "
-          f"({t.micro_batch_size}×{t.grad_accum_steps}×{strategy.world_size}) · {where} · run dir {trainer.run_dir}",
-          flush=True)
+    print(f"llmtrain: {cfg.model.family} ({format_count(strategy.num_parameters())} params) · strategy "
+          f"{cfg.strategy.name.value} × {strategy.world_size} on {strategy.device} · {precision.value} · global batch "
+          f"{gb} ({t.micro_batch_size}×{t.grad_accum_steps}×{strategy.world_size}) · {where} · run dir "
+          f"{trainer.run_dir}", flush=True)
+
+
+def _explicit_dir() -> bool:
+    """Whether the command line names the run dir (hydra.run.dir=..., name=...) or Hydra sweeps."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    hc = HydraConfig.get()
+    keys = {o.split("=", 1)[0].lstrip("+~") for o in [*hc.overrides.hydra, *hc.overrides.task]}
+    return hc.mode != RunMode.RUN or bool(keys & {"hydra.run.dir", "name"})
 
 
 register_configs()
 
 
 @hydra.main(version_base=None, config_path=str(conf_dir()), config_name="config")
-def _hydra_main(cfg: DictConfig) -> None:
+def _hydra_main(cfg: DictConfig) -> Any:
     from hydra.core.hydra_config import HydraConfig
 
-    run(cfg, Path(HydraConfig.get().runtime.output_dir))
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    try:
+        return run(cfg, run_dir, pick_dir=not _explicit_dir() and cfg.trainer.resume == "auto")
+    finally:
+        rundir.remove_if_empty(run_dir)  # Hydra creates it before a run can refuse its config
 
 
 def main() -> None:
     sys.argv = strip_local_rank_arg(sys.argv)
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # DeepSpeed (also imported by transformers) on CPU
-    _hydra_main()
+    run_app(_hydra_main)
 
 
 if __name__ == "__main__":

@@ -12,10 +12,14 @@ import torch
 from llmtrain import checkpoint as ckpt
 from llmtrain.data.base import DataModule, Loader
 from llmtrain.distributed.base import Strategy
+from llmtrain.errors import Stopped
+from llmtrain.interrupt import StopRequest, hold_signals
 from llmtrain.models.base import Batch, ModelSpec
 from llmtrain.optim import Scheduler
 from llmtrain.precision import Precision
 from llmtrain.tracking import MetricsLogger
+
+EXIT_SIGINT = 130
 
 
 @dataclass
@@ -25,7 +29,7 @@ class TrainerConfig:
     max_steps: int = 300
     micro_batch_size: int = 8
     grad_accum_steps: int = 1
-    precision: Precision = Precision.fp32
+    precision: Precision = Precision.fp32  # auto: bf16 (or fp16) on GPU, fp32 on CPU
     grad_clip: float = 1.0  # global-norm clip; 0 disables
     gradient_checkpointing: bool = False
     compile: bool = False
@@ -47,11 +51,13 @@ class Trainer:
 
     def __init__(self, cfg: TrainerConfig, spec: ModelSpec, strategy: Strategy, data: DataModule,
                  scheduler: Scheduler, logger: MetricsLogger, run_dir: Path, log_every: int,
-                 fingerprint: dict[str, Any] | None = None) -> None:
+                 fingerprint: dict[str, Any] | None = None, stop: StopRequest | None = None) -> None:
         self.cfg, self.spec, self.strategy, self.data = cfg, spec, strategy, data
         self.scheduler, self.logger, self.run_dir, self.log_every = scheduler, logger, run_dir, log_every
-        self.fingerprint = fingerprint  # config a checkpoint is valid for (checked on resume)
+        self.fingerprint = fingerprint  # config a checkpoint is valid for (stored in every checkpoint)
+        self.stop = stop or StopRequest(announce=strategy.is_main)
         self.step = 0
+        self.saved_step = -1  # step of the newest checkpoint this process wrote or resumed from
         self.train_loader = self._loader("train", shuffle=True)
         self._loader("val", shuffle=False)  # fail at start, not at the first eval, if val is too small
         self.lm = data.info.task == "lm"
@@ -63,16 +69,38 @@ class Trainer:
 
     # public ----------------------------------------------------------------------------------------
     def fit(self) -> dict[str, Any]:
-        """Train from the current step to max_steps; returns the last train and eval metrics."""
+        """Train from the current step to max_steps; returns the last train and eval metrics.
+
+        A stop signal (Ctrl-C) ends the run after the current step with a checkpoint: raises Stopped."""
         last: dict[str, Any] = {}
         self.strategy.model.train()  # pretrained loaders hand models over in eval mode
         self.logger.open(self.step)
         try:
-            while self.step < self.cfg.max_steps:
-                last = self._one_step()
+            with self.stop.installed():
+                while self.step < self.cfg.max_steps:
+                    last = self._one_step()
+                    if self.strategy.any_rank(self.stop.requested):  # every rank stops after the same step
+                        self._stop_here()
+        except KeyboardInterrupt:  # a second Ctrl-C: the step in flight is abandoned
+            hold_signals(self.stop.signals)
+            raise Stopped(f"aborted during step {self.step + 1}; {self._resume_hint()}", EXIT_SIGINT) from None
+        except Stopped:
+            hold_signals(self.stop.signals)  # the run is ending: one more Ctrl-C changes nothing
+            raise
         finally:
             self.logger.close()
         return last
+
+    def _stop_here(self) -> None:
+        if self.saved_step != self.step:
+            self.save()
+        raise Stopped(f"stopped at step {self.step} of {self.cfg.max_steps}; {self._resume_hint()}", EXIT_SIGINT)
+
+    def _resume_hint(self) -> str:
+        ckpts = ckpt.list_checkpoints(self.run_dir)
+        if not ckpts:
+            return "no checkpoint was written yet, so a rerun starts from step 0"
+        return f"checkpoint {ckpts[-1]}; rerun the same command to resume from it"
 
     def _one_step(self) -> dict[str, Any]:
         """train_step, then log / eval / checkpoint as due."""
@@ -99,7 +127,7 @@ class Trainer:
         scale = s.world_size / counts[0].item()  # backends average gradients over ranks
         loss_sum = torch.zeros((), dtype=torch.float64, device=s.device)
         for i, batch in enumerate(batches):
-            with s.no_sync(last_micro_step=(i == k - 1)):
+            with s.micro_step(sync_grads=(i == k - 1)):
                 with s.autocast():
                     part, _ = self.spec.loss(s.model, batch)
                 s.backward(part.float() * scale)
@@ -123,6 +151,7 @@ class Trainer:
         s.model.eval()
         loader = self._loader("val", shuffle=False)
         n = max(1, min(self.cfg.eval_batches, loader.sampler.batches_per_epoch))
+        self.logger.status(f"step {self.step}: evaluating ({n} batches per rank)")
         tot = torch.zeros(2, dtype=torch.float64, device=s.device)
         for _ in range(n):
             batch = next(loader)
@@ -138,16 +167,17 @@ class Trainer:
 
     # checkpoints ---------------------------------------------------------------------------------------
     def save(self) -> Path:
+        self.logger.status(f"step {self.step}: saving checkpoint")
         state = {"step": self.step, "loader": self.train_loader.state_dict(), "config": self.fingerprint,
                  "scheduler": self.scheduler.state_dict()}
-        return ckpt.save_checkpoint(self.run_dir, self.step, self.strategy, state, self.cfg.keep_checkpoints)
+        path = ckpt.save_checkpoint(self.run_dir, self.step, self.strategy, state, self.cfg.keep_checkpoints)
+        self.saved_step = self.step
+        return path
 
     def resume(self, path: Path) -> None:
-        if self.fingerprint is not None:
-            saved = ckpt.load_torch(path / "trainer.pt").get("config")
-            ckpt.check_resumable(path, saved, self.fingerprint)
+        """Restore everything a checkpoint holds (its config was checked against this run's beforehand)."""
         state = ckpt.load_checkpoint(path, self.strategy)
-        self.step = int(state["step"])
+        self.step = self.saved_step = int(state["step"])
         self.train_loader.load_state_dict(state["loader"])
         self.scheduler.load_state_dict(state["scheduler"])
 

@@ -206,6 +206,10 @@ def _open_hf(src: Source, split: str) -> Any:
                     raise ConfigError("data.hf_split", f"{src.spec} has splits {sorted(ds)}, not {split!r}")
                 ds = ds[split]
             return ds
+        from llmtrain.hub import OFFLINE_HINT, prepare_hub_lookup
+
+        if not prepare_hub_lookup():
+            raise ConfigError("data.source", f"{src.spec!r} is not a local path, and {OFFLINE_HINT}")
         return datasets.load_dataset(src.spec, split=split, streaming=True)
     except ConfigError:
         raise
@@ -477,7 +481,7 @@ def _build(cfg: Any, src: Source, digest: str, out: Path, quiet: bool) -> Path:
         size = src.total_bytes
         rate = f", {size / 1e6 / meta['seconds']:.2f} MB/s" if size and meta["seconds"] > 0 else ""
         print(f"llmtrain: prepared {out}: {meta['train_tokens']:,} train / {meta['val_tokens']:,} val tokens "
-              f"from {docs:,} documents, vocab {vocab} ({dtype.name}), {meta['seconds']:.1f}s{rate}",
+              f"from {docs:,} document{'s' if docs != 1 else ''}, vocab {vocab} ({dtype.name}), {meta['seconds']:.1f}s{rate}",
               file=sys.stderr)
     if meta["replaced_bytes"] and not quiet:
         print(f"llmtrain: warning: {meta['replaced_bytes']:,} bytes were not valid UTF-8 and were replaced "

@@ -67,12 +67,15 @@ def load_pretrained_tokenizer(name_or_dir: str) -> Any:
     elif name_or_dir.startswith((".", "/", "~")) or path.suffix:
         raise ConfigError("data.tokenizer", f"tokenizer dir not found: {name_or_dir}")
     else:
+        from llmtrain.hub import OFFLINE_HINT, prepare_hub_lookup
+
+        online = prepare_hub_lookup()
         try:
             tok = AutoTokenizer.from_pretrained(name_or_dir)
         except (OSError, ValueError) as e:
-            raise ConfigError("data.tokenizer", f"cannot load tokenizer {name_or_dir!r} (offline or unknown "
-                                                f"name; use a local dir, bpe or byte): "
-                                                f"{str(e).splitlines()[0]}") from None
+            why = str(e).splitlines()[0] if online else OFFLINE_HINT
+            raise ConfigError("data.tokenizer", f"cannot load tokenizer {name_or_dir!r} ({why}); a local dir, "
+                                                "bpe or byte work offline") from None
     if not getattr(tok, "is_fast", False):
         raise ConfigError("data.tokenizer", f"{name_or_dir!r} has no fast (Rust) tokenizer; give a dir with "
                                             "tokenizer.json or vocab.json+merges.txt")

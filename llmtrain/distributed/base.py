@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import contextlib
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
@@ -105,8 +105,9 @@ class Strategy(ABC):
         """Context for the forward pass (mixed precision where the backend leaves it to autocast)."""
         return contextlib.nullcontext()
 
-    def no_sync(self, last_micro_step: bool) -> contextlib.AbstractContextManager:
-        """Suppress gradient synchronisation on all but the last micro-step."""
+    def micro_step(self, sync_grads: bool) -> contextlib.AbstractContextManager:
+        """Context for one micro-step's forward and backward; gradients are reduced over ranks only when
+        `sync_grads` (the last micro-step of an optimizer step), else they accumulate locally."""
         return contextlib.nullcontext()
 
     @abstractmethod
@@ -149,6 +150,16 @@ class Strategy(ABC):
         if self.world_size > 1:
             dist.all_reduce(t, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX)
         return t
+
+    def any_rank(self, flag: bool) -> bool:
+        """True on every rank when `flag` is true on any rank (a CPU collective: no device sync)."""
+        if self.world_size == 1:
+            return flag
+        from llmtrain.distributed.env import control_group
+
+        t = torch.tensor([1 if flag else 0], dtype=torch.int32)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=control_group())
+        return bool(t.item())
 
     def barrier(self) -> None:
         if self.world_size > 1:
@@ -210,7 +221,3 @@ def apply_activation_checkpointing(model: nn.Module, block_classes: tuple[type[n
 
     wrapper = functools.partial(checkpoint_wrapper, checkpoint_impl=CheckpointImpl.NO_REENTRANT)
     _apply(model, checkpoint_wrapper_fn=wrapper, check_fn=lambda m: isinstance(m, block_classes))
-
-
-def iter_params_with_grad(model: nn.Module) -> Iterator[nn.Parameter]:
-    return (p for p in model.parameters() if p.grad is not None)

@@ -20,7 +20,7 @@ class DDPStrategy(SingleStrategy):
         return DistributedDataParallel(model, device_ids=ids, bucket_cap_mb=self.cfg.bucket_cap_mb,
                                        find_unused_parameters=self.cfg.find_unused_parameters)
 
-    def no_sync(self, last_micro_step: bool) -> contextlib.AbstractContextManager:
-        if last_micro_step or not isinstance(self.model, DistributedDataParallel):
+    def micro_step(self, sync_grads: bool) -> contextlib.AbstractContextManager:
+        if sync_grads or not isinstance(self.model, DistributedDataParallel):
             return contextlib.nullcontext()
         return self.model.no_sync()

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import os
-import sys
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -73,15 +73,26 @@ def pick_device(requested: str, env: DistEnv) -> torch.device:
     return torch.device(requested)
 
 
+_CONTROL: list[Any] = []  # the gloo group for small CPU control messages (see control_group)
+
+
 def init_process_group(env: DistEnv, device: torch.device, backend: str | None = None,
                        timeout_s: float = 600.0) -> None:
-    """Start the default process group once (no-op for one process)."""
+    """Start the default process group once (no-op for one process), and a gloo control group beside NCCL."""
     if not env.distributed or dist.is_initialized():
         return
     backend = backend or ("nccl" if device.type == "cuda" else "gloo")
     kwargs = {"device_id": device} if backend == "nccl" else {}
     dist.init_process_group(backend=backend, rank=env.rank, world_size=env.world_size,
                             timeout=timedelta(seconds=timeout_s), **kwargs)
+    # Stop requests are agreed on every step; over gloo on CPU tensors that never waits for the GPU.
+    _CONTROL[:] = [None if backend == "gloo" else dist.new_group(backend="gloo",
+                                                                 timeout=timedelta(seconds=timeout_s))]
+
+
+def control_group() -> Any:
+    """The process group for CPU control collectives (None: the default group, already gloo)."""
+    return _CONTROL[0] if _CONTROL else None
 
 
 def init_single_process_group(device: torch.device, backend: str | None = None) -> None:
@@ -96,11 +107,6 @@ def init_single_process_group(device: torch.device, backend: str | None = None) 
 
 
 def destroy_process_group() -> None:
+    _CONTROL.clear()
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
-
-
-def log0(msg: str, env: DistEnv | None = None) -> None:
-    """Print on rank 0 only."""
-    if env is None or env.is_main:
-        print(msg, file=sys.stdout, flush=True)

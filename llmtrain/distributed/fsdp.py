@@ -72,10 +72,10 @@ class FSDPStrategy(TorchOptimizerStrategy):
         return self.model
 
     # one step ---------------------------------------------------------------------------------------
-    def no_sync(self, last_micro_step: bool) -> contextlib.AbstractContextManager:
+    def micro_step(self, sync_grads: bool) -> contextlib.AbstractContextManager:
         """Skip the reduce-scatter on non-final micro-steps (gradients accumulate unsharded)."""
         assert isinstance(self.model, FSDPModule)
-        self.model.set_requires_gradient_sync(last_micro_step)
+        self.model.set_requires_gradient_sync(sync_grads)
         return contextlib.nullcontext()
 
     # checkpoints: DCP, one shard file per rank ----------------------------------------------------------

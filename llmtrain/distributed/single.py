@@ -21,15 +21,13 @@ from llmtrain.precision import autocast, make_grad_scaler
 class SingleStrategy(TorchOptimizerStrategy):
     """Plain module; autocast + GradScaler for mixed precision."""
 
-    sharded_scaler = False
-
     def setup(self, model: nn.Module, make_optimizer: OptimizerFactory, args: SetupArgs) -> None:
         self.args = args
         self._plain = model.to(self.device)
         if args.gradient_checkpointing:
             apply_activation_checkpointing(self._plain, args.block_classes)
         self.optimizer = make_optimizer(self._plain)
-        self.scaler = make_grad_scaler(args.precision, self.device, sharded=self.sharded_scaler)
+        self.scaler = make_grad_scaler(args.precision, self.device)
         self.model = self._wrap(torch.compile(self._plain) if args.compile else self._plain)
 
     def _wrap(self, model: nn.Module) -> nn.Module:

@@ -70,6 +70,18 @@ class ModelSpec(ABC):
     def load(self, cfg: Any, info: DataInfo, path: Path) -> nn.Module:
         """Inverse of export."""
 
+    def report(self, cfg: Any, info: DataInfo, path: Path) -> list[str]:
+        """Lines about the exported model at `path`, printed at the end of a run (e.g. recovered weights)."""
+        return []
+
+
+def format_count(n: int) -> str:
+    """12 → '12', 62006 → '62.0K', 1_090_000 → '1.09M', 1.56e9 → '1.56B'."""
+    for div, suffix in ((1e9, "B"), (1e6, "M"), (1e3, "K")):
+        if n >= div:
+            return f"{n / div:.3g}{suffix}" if n / div < 100 else f"{n / div:.0f}{suffix}"
+    return str(n)
+
 
 _REGISTRY: dict[str, ModelSpec] = {}
 

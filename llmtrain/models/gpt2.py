@@ -99,10 +99,18 @@ def _from_pretrained(name_or_dir: str) -> nn.Module:
     looks_local = path.exists() or name_or_dir.startswith((".", "/", "~"))
     if looks_local and not (path / "config.json").is_file():
         raise ConfigError("model.pretrained", f"{name_or_dir} is not a Hugging Face model dir (no config.json)")
+    online = True
+    if not looks_local:
+        from llmtrain.hub import prepare_hub_lookup
+
+        online = prepare_hub_lookup()
     try:
         return GPT2LMHeadModel.from_pretrained(str(path) if looks_local else name_or_dir)
     except OSError as e:
-        raise ConfigError("model.pretrained", f"cannot load {name_or_dir!r}: {str(e).splitlines()[0]}") from None
+        from llmtrain.hub import OFFLINE_HINT
+
+        why = str(e).splitlines()[0] if online else OFFLINE_HINT
+        raise ConfigError("model.pretrained", f"cannot load {name_or_dir!r}: {why}") from None
 
 
 register_model(GPT2Spec())

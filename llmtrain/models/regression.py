@@ -8,7 +8,9 @@ a well-fitted linear target approaches noise_std**2 whatever out_features is.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -50,6 +52,24 @@ class RegressionSpec(PlainModuleSpec):
                 raise ConfigError("model.hidden", f"must be > 0 (got {cfg.hidden})")
             return MLP(info.in_features, cfg.hidden, info.out_features)
         raise ConfigError("model.arch", f"unknown regression arch {cfg.arch!r}; choose one of {list(ARCHS)}")
+
+    def report(self, cfg: RegressionModelConfig, info: DataInfo, path: Path) -> list[str]:
+        """A linear fit: the learnt w and b beside the true ones the data was drawn with."""
+        if cfg.arch != "linear" or "true_w" not in info.extra:
+            return []
+        model = self.load(cfg, info, path)
+        w = model.weight.detach().double().T.numpy()  # [F, out], as y = X w + b
+        b = model.bias.detach().double().numpy()  # [out]
+        true_w, true_b = np.asarray(info.extra["true_w"]), np.asarray(info.extra["true_b"])
+        lines = ["llmtrain: linear fit y = Xw + b, learnt vs true:"]
+        for (i, j), v in np.ndenumerate(w):
+            name = f"w[{i}]" if w.shape[1] == 1 else f"w[{i},{j}]"
+            lines.append(f"  {name:<8} {v:+.4f}  true {true_w[i, j]:+.4f}")
+        for j, v in enumerate(b):
+            lines.append(f"  {'b' if len(b) == 1 else f'b[{j}]':<8} {v:+.4f}  true {true_b[j]:+.4f}")
+        lines.append(f"  max |w - true w| = {np.abs(w - true_w).max():.4f}, max |b - true b| = "
+                     f"{np.abs(b - true_b).max():.4f} (noise std {info.extra.get('noise_std')})")
+        return lines
 
     def loss(self, model: nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         pred = model(batch["x"])  # [B, out]

@@ -81,7 +81,18 @@ class MetricsLogger:
 
     def advance(self, n: int = 1) -> None:
         if self._bar is not None:
+            if self._bar.desc != "train":
+                self._bar.set_description_str("train", refresh=False)
             self._bar.update(n)
+
+    def status(self, msg: str) -> None:
+        """What the run is doing now (a phase that may take a while): the bar's label, else a line."""
+        if not self.enabled:
+            return
+        if self._bar is not None:
+            self._bar.set_description_str(msg, refresh=True)
+        else:
+            print(msg, flush=True)
 
     def write(self, msg: str) -> None:
         """Print a line without breaking the progress bar."""
@@ -96,6 +107,7 @@ class MetricsLogger:
         if not self.enabled:
             return
         if self._bar is not None:
+            self._bar.set_description_str("train", refresh=False)
             self._bar.close()
         self._file.close()
         for kind, sink in self._sinks:

@@ -172,6 +172,8 @@ def test_launch_script_reproduces_ddp(runs: Runs, script: str, tmp_path: Path) -
                    "trainer.max_steps=5", f"hydra.run.dir={run_dir}"], timeout=180, env=env)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     assert "strategy ddp × 2" in res.stdout
+    for noise in ("Setting OMP_NUM_THREADS", "were not passed", "Warning", "Traceback"):  # launcher chatter
+        assert noise not in res.stdout + res.stderr, res.stdout[-3000:] + res.stderr[-3000:]
     if script == "slurm.sbatch":
         assert "1 node(s) × 2 process(es), rendezvous 127.0.0.1:" in res.stdout
     ref = losses(runs("ddp"))

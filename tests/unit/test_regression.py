@@ -38,9 +38,16 @@ def _val_mse(model: torch.nn.Module, data: RegressionDataModule) -> float:
         return float(((model(batch["x"]) - batch["y"]) ** 2).mean())
 
 
-def test_linear_regression_recovers_true_w_and_b(tmp_path: Path) -> None:
+def test_linear_regression_recovers_true_w_and_b(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     cfg, last, model = _train(["experiment=linear_regression"], tmp_path / "run")
     data = build_data(cfg.data)
+    # the run ends by showing the learnt w and b beside the true ones
+    out = capsys.readouterr().out
+    for i in range(cfg.data.in_features):
+        learnt, true = float(model.weight[0, i]), float(data.true_w[i, 0])
+        assert f"w[{i}]     {learnt:+.4f}  true {true:+.4f}" in out, out
+    assert f"b        {float(model.bias[0]):+.4f}  true {float(data.true_b[0]):+.4f}" in out
+    assert "max |w - true w| = 0.0" in out and "(9 params)" in out
     assert isinstance(model, torch.nn.Linear)
     w = model.weight.detach().numpy().T  # [F, out]
     b = model.bias.detach().numpy()

@@ -1,0 +1,61 @@
+"""What every llmtrain command shares: Hydra's own errors as one line, Ctrl-C without a traceback."""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable
+from typing import Any
+
+from llmtrain.errors import EXIT_USAGE, ConfigError, unknown_key
+
+EXIT_INTERRUPTED = 130  # the shell's code for a process ended by Ctrl-C
+
+
+def hydra_error(ex: BaseException) -> ConfigError | None:
+    """A Hydra / OmegaConf composition error (typo, wrong type, unknown option) as a one-line ConfigError.
+
+    None when `ex` is not one (a bug keeps its traceback)."""
+    from hydra.errors import HydraException, MissingConfigException, OverrideParseException
+    from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
+
+    cause = ex.__cause__ if isinstance(ex.__cause__, OmegaConfBaseException) else ex
+    if isinstance(cause, OmegaConfBaseException) and getattr(cause, "full_key", None):
+        key = str(cause.full_key)
+        if isinstance(cause, (ConfigKeyError, ConfigAttributeError)):
+            typ = getattr(cause, "object_type", None)
+            fields = getattr(typ, "__dataclass_fields__", None)
+            return unknown_key(key, sorted(fields) if fields else [])
+        return ConfigError(key, _first_line(getattr(cause, "msg", None) or str(cause)))
+    if isinstance(ex, MissingConfigException):
+        missing = (ex.missing_cfg_file or "").strip("/")
+        group, _, name = missing.rpartition("/")
+        if group and ex.options is not None:
+            return ConfigError(group, f"no option {name!r}; choose one of {', '.join(sorted(ex.options))}")
+        return ConfigError("config", _first_line(str(ex)))
+    if isinstance(ex, OverrideParseException):
+        return ConfigError("overrides", f"cannot parse {getattr(ex, 'override', None)!r}: {_first_line(str(ex))} "
+                                        "(use key=value or group=option)")
+    if isinstance(ex, (HydraException, OmegaConfBaseException)):
+        return ConfigError("config", _first_line(str(ex)))
+    return None
+
+
+def _first_line(text: str) -> str:
+    return next((ln.strip() for ln in text.splitlines() if ln.strip()), text).rstrip(".")
+
+
+def run_app(app: Callable[[], Any]) -> Any:
+    """Run a `@hydra.main` app: its composition errors and Ctrl-C end in one line, not a traceback."""
+    os.environ.setdefault("HYDRA_FULL_ERROR", "1")  # exceptions reach us instead of Hydra's multi-line report
+    try:
+        return app()
+    except KeyboardInterrupt:
+        print("llmtrain: interrupted", file=sys.stderr, flush=True)
+        sys.exit(EXIT_INTERRUPTED)
+    except Exception as ex:
+        err = hydra_error(ex)
+        if err is None:
+            raise
+        print(f"llmtrain: error: {err}", file=sys.stderr, flush=True)
+        sys.exit(EXIT_USAGE)

@@ -1,0 +1,133 @@
+"""What a run dir holds and which one a run uses.
+
+A run dir belongs to one configuration: its fingerprint is the part of the config a checkpoint is only
+valid for (model, data, strategy, batch shape, optimizer). The default run dir (`runs/<name>`) never
+collides: when it holds a run of another fingerprint, the run goes to `runs/<name>-2` (or -3, ...),
+the first that is free or holds this same configuration, so rerunning a command finds its own run again.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from llmtrain.errors import ConfigError
+
+CONFIG_FILE = "config.yaml"
+METRICS_FILE = "metrics.jsonl"
+# what must not change between a checkpoint and the run resuming it (max_steps, lr, cadences may)
+RESUME_KEYS = ("model", "data", "strategy.name", "trainer.micro_batch_size", "trainer.grad_accum_steps",
+               "optim.name")
+NOT_FINGERPRINTED = ("num_proc", "out_dir", "prefetch")  # how data is read or prepared, not what it is
+
+
+def fingerprint(cfg: Any) -> dict[str, Any]:
+    """The parts of a run's config that a checkpoint is only valid for, as plain JSON-able values."""
+    from omegaconf import OmegaConf
+
+    out = {}
+    for key in RESUME_KEYS:
+        node = OmegaConf.select(cfg, key)
+        out[key] = OmegaConf.to_container(node, resolve=True, enum_to_str=True) if OmegaConf.is_config(node) \
+            else getattr(node, "value", node)
+    for k in NOT_FINGERPRINTED:
+        out["data"].pop(k, None)
+    return out
+
+
+def first_difference(saved: dict[str, Any], current: dict[str, Any]) -> tuple[str, Any, Any] | None:
+    """(key, saved value, current value) of the first fingerprint key that differs; None when equal."""
+    for key in RESUME_KEYS:
+        a, b = saved.get(key), current.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):  # name the first differing sub-key
+            diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+            if not diff:
+                continue
+            key, a, b = f"{key}.{diff[0]}", a.get(diff[0]), b.get(diff[0])
+        if a != b:
+            return key, a, b
+    return None
+
+
+def check_resumable(ckpt: Path, saved: dict[str, Any] | None, current: dict[str, Any]) -> None:
+    """One-line error when the checkpoint was written by an incompatible config."""
+    diff = first_difference(saved, current) if saved is not None else None
+    if diff is not None:
+        key, a, b = diff
+        raise ConfigError(key, f"is {b!r} but checkpoint {ckpt} was trained with {a!r}; use a new "
+                               "hydra.run.dir (or name=...) for a new run")
+
+
+def dir_fingerprint(run_dir: Path) -> dict[str, Any] | None:
+    """The fingerprint of the run a dir holds (from its config.yaml); None when it holds none."""
+    from omegaconf import OmegaConf
+
+    path = run_dir / CONFIG_FILE
+    if not path.is_file():
+        return None
+    try:
+        return fingerprint(OmegaConf.load(path))
+    except Exception:  # an unreadable or foreign config.yaml: not a run of ours
+        return {}
+
+
+def pick(requested: Path, current: dict[str, Any]) -> tuple[Path, str | None]:
+    """The default run dir, or the first sibling `<dir>-N` that is free or holds this configuration.
+
+    Returns the dir and a note saying why it is not the requested one (None when it is)."""
+    cand, n = requested, 1
+    while True:
+        saved = dir_fingerprint(cand)
+        if saved is None or first_difference(saved, current) is None:
+            break
+        n += 1
+        cand = requested.with_name(f"{requested.name}-{n}")
+    if cand == requested:
+        return cand, None
+    diff = first_difference(dir_fingerprint(requested) or {}, current)
+    why = f" ({diff[0]}: {diff[1]!r} there, {diff[2]!r} here)" if diff else ""
+    return cand, (f"llmtrain: {requested} holds a run of another configuration{why}; this run uses {cand} "
+                  "(name=... or hydra.run.dir=... picks the dir)")
+
+
+def last_metrics(run_dir: Path) -> dict[str, Any]:
+    """The last train record of metrics.jsonl, with the last eval record's keys merged in."""
+    out: dict[str, Any] = {}
+    path = run_dir / METRICS_FILE
+    if not path.is_file():
+        return out
+    evals: dict[str, Any] = {}
+    for line in path.read_text().splitlines():
+        if line.strip():
+            rec = json.loads(line)
+            (evals if "eval_loss" in rec else out).update(rec)
+    out.update({k: v for k, v in evals.items() if k != "step"})
+    return out
+
+
+def remove_if_empty(run_dir: Path) -> None:
+    """Remove an empty run dir, and its empty parents inside the working dir (e.g. runs/)."""
+    cwd = Path.cwd().resolve()
+    path = run_dir.resolve()
+    while path != cwd:
+        try:
+            path.rmdir()  # only succeeds when empty
+        except OSError:
+            return
+        if cwd not in path.parents:
+            return
+        path = path.parent
+
+
+def write_config(run_dir: Path, cfg: Any) -> None:
+    """The resolved config of the run, written once when a run starts."""
+    from omegaconf import OmegaConf
+
+    from llmtrain.checkpoint import atomic_write_text
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(run_dir / CONFIG_FILE, OmegaConf.to_yaml(cfg, resolve=True))
+
+
+
