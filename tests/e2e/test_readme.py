@@ -1,0 +1,143 @@
+"""Every command of README.md runs as pasted, in order, in a copy of the repository.
+
+The commands are read from the README's ```bash blocks, in order, and run with the repository copy as the
+working directory (so `runs/`, `corpus.txt` … land there, as on a fresh clone). What the test changes:
+
+* training commands get overrides that shrink them (tiny model, short blocks, few steps): the same code
+  paths in seconds. Keys a command sets itself keep the command's value;
+* `data.tokenizer=gpt2` (the Hub's GPT-2 BPE; there is no network here) becomes the local copy in
+  ../shared/data, or the byte tokenizer when that is absent;
+* launchers start 2 CPU processes (NPROC_PER_NODE / NUM_GPUS), and `make` uses the test's own venv.
+
+A command that cannot run here is listed in SKIP with the reason and the test that covers it instead.
+Each command must exit 0 without a traceback, without launcher chatter, and show what the README promises.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from helpers import REPO, SHARED_DATA, base_env, run_cmd
+
+pytestmark = pytest.mark.e2e
+
+VENV_BIN = Path(sys.executable).parent
+GPT2_TOKENIZER = SHARED_DATA / "gpt2-tokenizer"
+SKIP = {  # command prefix -> why it does not run here (and what covers it)
+    "make test": "this is the test suite",
+    "pip install": "installing: make does it for every test run; test_installed_package_runs_outside_the_repo",
+    "sbatch": "no SLURM here; test_launch_script_reproduces_ddp[slurm.sbatch] runs the template under stand-ins",
+}
+GPT_SHRINK = ["model.n_layer=1", "model.n_head=2", "model.n_embd=32", "model.n_positions=64", "data.seq_len=32",
+              "data.embedded_max_bytes=100000", "trainer.micro_batch_size=2", "trainer.grad_accum_steps=1",
+              "trainer.max_steps=4", "trainer.eval_every=2", "trainer.ckpt_every=2", "trainer.eval_batches=1",
+              "trainer.sample_tokens=8", "logger.progress=false"]
+PLAIN_SHRINK = ["trainer.max_steps=4", "logger.progress=false"]
+PLAIN_EXPERIMENTS = ("linear_regression", "mlp_regression", "resnet_images", "cnn_images")
+TRAINS = ("make train", "llmtrain-train", "python -m llmtrain.train", "launch/", "torchrun", "deepspeed",
+          "accelerate launch")
+NOISE = ("Traceback", "FutureWarning", "[INFO]", "Setting OMP_NUM_THREADS", "were not passed", "Retrying in")
+
+
+def readme_commands(text: str) -> list[str]:
+    """Every command line of the ```bash blocks, as shell text (continuations joined, comments dropped)."""
+    out: list[str] = []
+    for block in re.findall(r"```bash\n(.*?)```", text, flags=re.S):
+        for line in block.replace("\\\n", " ").splitlines():
+            line = re.split(r"\s#|^#", line, maxsplit=1)[0].strip()
+            if line:
+                out.append(" ".join(line.split()))
+    return out
+
+
+def _keys(words: list[str]) -> set[str]:
+    return {w.split("=", 1)[0] for w in words if "=" in w and not w.startswith("-")}
+
+
+def adapt(cmd: str) -> str:
+    """The command as run here (shell text): offline, shrunk."""
+    tok = str(GPT2_TOKENIZER) if GPT2_TOKENIZER.is_dir() else "byte"
+    line = re.sub(r"(?<!\S)data\.tokenizer=gpt2(?!\S)", f"data.tokenizer={tok}", cmd)
+    words = shlex.split(line)
+    program = " ".join(w for w in words if not re.match(r"[A-Z_][A-Z0-9_]*=", w))  # without VAR=value
+    if not program.startswith(TRAINS) or "--help" in words or "--cfg" in words:
+        return line
+    args = re.search(r'ARGS="([^"]*)"', line)
+    overrides = shlex.split(args.group(1)) if args else words
+    plain = any(f"experiment={e}" in overrides for e in PLAIN_EXPERIMENTS)
+    extra = [o for o in (PLAIN_SHRINK if plain else GPT_SHRINK) if o.split("=", 1)[0] not in _keys(overrides)]
+    if not plain and "data.tokenizer" not in _keys(overrides) and any(
+            f"experiment=gpt2_{s}" in overrides for s in ("small", "medium", "large", "xl")):
+        extra.append(f"data.tokenizer={tok}")  # those presets use the Hub's GPT-2 BPE
+    if program.startswith("make"):
+        if args:
+            return f'{line[:args.start()]}ARGS="{args.group(1)} {" ".join(extra)}"{line[args.end():]}'
+        return f'{line} ARGS="{" ".join(extra)}"'
+    return f"{line} {shlex.join(extra)}"
+
+
+def _copy_repo(dest: Path) -> None:
+    """The files a fresh clone has (tracked, plus new ones not ignored): no runs/, no .venv."""
+    listed = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=REPO, capture_output=True,
+                            check=True).stdout.decode().split("\0")
+    for rel in filter(None, listed):
+        src = REPO / rel
+        if src.is_file():
+            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dest / rel)
+
+
+def test_readme_commands_run_as_pasted(tmp_path: Path) -> None:
+    commands = readme_commands((REPO / "README.md").read_text())
+    assert commands[:2] == ["make train", "make test"], commands[:2]
+    clone = tmp_path / "clone"
+    _copy_repo(clone)
+    env = base_env(tmp_path / "cache")
+    for k in ("OMP_NUM_THREADS", "HYDRA_FULL_ERROR"):  # as on a user's shell: the launchers must cope
+        env.pop(k, None)
+    env.update(PATH=f"{VENV_BIN}{os.pathsep}{env['PATH']}", PYTHONPATH=str(clone), NPROC_PER_NODE="2", NUM_GPUS="2")
+    ran = []
+    for cmd in commands:
+        if any(cmd.startswith(prefix) for prefix in SKIP):
+            continue
+        line = adapt(cmd)
+        if line.startswith("make "):  # the venv this test runs in, not a new one
+            line = f"make -o {VENV_BIN.parent}/.installed VENV={VENV_BIN.parent} {line[5:]}"
+        res = run_cmd(["bash", "-c", line], env=env, cwd=clone, timeout=240)
+        out = res.stdout + res.stderr
+        assert res.returncode == 0, f"{cmd}\n→ {line}\nexit {res.returncode}\n{out[-5000:]}"
+        for noise in NOISE:
+            assert noise not in out, f"{cmd}: {noise!r} in its output\n{out[-5000:]}"
+        check_promise(cmd, res.stdout, res.stderr, clone)
+        ran.append(cmd)
+    assert len(ran) >= 12, ran
+
+
+def check_promise(cmd: str, stdout: str, stderr: str, clone: Path) -> None:
+    """What the README says each command shows or leaves behind."""
+    if cmd == "make train":
+        assert "--- sample (8 tokens) ---" in stdout and "llmtrain: exporting" in stdout
+        assert (clone / "runs" / "gpt2_tiny" / "final" / "model.safetensors").is_file()
+    elif cmd.startswith("make train ARGS="):  # same configuration, longer: continues runs/gpt2_tiny
+        assert "resuming from" in stdout and re.search(r"run dir \S*/runs/gpt2_tiny$", stdout, re.M), stdout
+    elif "experiment=linear_regression" in cmd:
+        assert "max |w - true w|" in stdout and "true" in stdout
+    elif cmd.startswith("llmtrain-train model=gpt2_small"):  # runs/gpt2_tiny holds the tiny run
+        assert "holds a run of another configuration" in stderr and "runs/gpt2_tiny-2" in stdout
+    elif "trainer=debug" in cmd:
+        assert "runs/gpt2_small-debug" in stdout
+    elif "--help" in cmd:
+        assert "experiment:" in stdout and "schema" not in stdout
+    elif "--cfg job" in cmd:
+        assert "name: gpt2_small" in stdout and not (clone / "runs" / "gpt2_small").exists()
+    elif cmd.startswith("llmtrain-export"):
+        assert (clone / "exported" / "gpt2_tiny" / "model.safetensors").is_file()
+    elif cmd.startswith(("launch/", "OMP_NUM_THREADS=1 torchrun")):
+        assert "× 2 on cpu" in stdout, stdout
