@@ -105,7 +105,7 @@ def validate(cfg: Any) -> None:
     require(t.micro_batch_size > 0, "trainer.micro_batch_size", f"must be > 0 (got {t.micro_batch_size})")
     require(t.grad_accum_steps > 0, "trainer.grad_accum_steps", f"must be > 0 (got {t.grad_accum_steps})")
     require(t.grad_clip >= 0, "trainer.grad_clip", f"must be >= 0, 0 disables clipping (got {t.grad_clip})")
-    for key in ("eval_every", "ckpt_every", "eval_batches", "sample_tokens"):
+    for key in ("eval_every", "ckpt_every", "eval_batches", "sample_tokens", "sample_every"):
         require(getattr(t, key) >= 0, f"trainer.{key}", f"must be >= 0 (got {getattr(t, key)})")
     require(t.device in ("auto", "cpu", "cuda"), "trainer.device", f"must be auto, cpu or cuda (got {t.device!r})")
     if t.device == "cuda":

@@ -65,16 +65,6 @@ def export_final(spec: ModelSpec, strategy: Any, model_cfg: Any, info: DataInfo,
     return final
 
 
-def sample_text(spec: ModelSpec, model_cfg: Any, info: DataInfo, final: Path, t: Any, device: torch.device) -> str:
-    """A sample from the exported model (so every strategy samples the same way)."""
-    from llmtrain.generate import sample
-
-    quiet_transformers()
-    model = spec.load(model_cfg, info, final).to(device)
-    return sample(model, info.tokenizer, t.sample_prompt, t.sample_tokens, temperature=t.sample_temperature,
-                  top_k=t.sample_top_k, seed=t.seed, device=device)
-
-
 def main(argv: list[str] | None = None) -> None:
     """llmtrain-export <run_dir> [<checkpoint dir>]: consolidate a checkpoint into <run_dir>/final (or --out)."""
     import argparse

@@ -12,6 +12,7 @@ import functools
 import os
 import socket
 import sys
+from pathlib import Path
 from urllib.parse import urlparse
 
 PROBE_TIMEOUT_S = 3.0
@@ -60,3 +61,27 @@ def prepare_hub_lookup() -> bool:
 
 
 OFFLINE_HINT = "the Hugging Face Hub cannot be reached and the name is not in the local cache; use a local dir"
+
+
+def hf_model_dir(name_or_dir: str, key: str) -> Path:
+    """A local Hugging Face model dir: `name_or_dir` itself, or a hub name's snapshot (downloaded, or from
+    the local cache when offline). Raises ConfigError(key) with one line when there is none."""
+    from llmtrain.errors import ConfigError
+
+    path = Path(name_or_dir).expanduser()
+    if path.exists() or name_or_dir.startswith((".", "/", "~")):
+        if not (path / "config.json").is_file():
+            raise ConfigError(key, f"{name_or_dir} is not a Hugging Face model dir (no config.json)")
+        return path
+    online = prepare_hub_lookup()
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(name_or_dir, allow_patterns=MODEL_FILES))
+    except Exception as e:  # offline and not cached, unknown repo, no access: one line
+        why = str(e).splitlines()[0] if online and str(e) else OFFLINE_HINT
+        raise ConfigError(key, f"cannot load {name_or_dir!r}: {why}") from None
+
+
+MODEL_FILES = ["config.json", "generation_config.json", "*.safetensors", "pytorch_model.bin", "tokenizer.json",
+               "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt"]

@@ -29,7 +29,8 @@ from llmtrain.distributed.env import (
     strip_local_rank_arg,
 )
 from llmtrain.errors import ConfigError, user_errors_exit
-from llmtrain.export import export_final, read_export_step, sample_text
+from llmtrain.export import export_final, read_export_step
+from llmtrain.generation.training import TrainingSampler, truncate_samples
 from llmtrain.models.base import DataInfo, ModelSpec, format_count, get_model_spec
 from llmtrain.optim import Scheduler, build_optimizer
 from llmtrain.precision import Precision, check_supported, resolve, slow_precision_warning
@@ -106,13 +107,16 @@ def _fit(cfg: DictConfig, run_dir: Path, strategy: Strategy, device: torch.devic
 
     logger = MetricsLogger(cfg.logger, run_dir, enabled=strategy.is_main, total_steps=t.max_steps,
                            run_config=OmegaConf.to_container(cfg, resolve=True))
+    sampler = TrainingSampler(t, spec, cfg.model, data.info, strategy, run_dir, logger.write)
     trainer = Trainer(t, spec, strategy, data, scheduler, logger, run_dir, cfg.logger.log_every,
-                      fingerprint=fingerprint)
+                      fingerprint=fingerprint, sampler=sampler if sampler.enabled else None)
     if resume_from is not None:
         trainer.resume(resume_from)
+        if strategy.is_main:
+            truncate_samples(run_dir, trainer.step)
     _announce(strategy, trainer, cfg, precision, resume_from)
     last = trainer.fit()
-    _finish(spec, strategy, cfg, data.info, run_dir, trainer.step, device)
+    _finish(spec, strategy, cfg, data.info, run_dir, trainer.step, sampler)
     return last or rundir.last_metrics(run_dir)
 
 
@@ -123,24 +127,24 @@ def _is_complete(run_dir: Path, resume_from: Path, max_steps: int) -> bool:
 
 
 def _finish(spec: ModelSpec, strategy: Strategy, cfg: DictConfig, info: DataInfo, run_dir: Path, step: int,
-            device: torch.device) -> None:
-    """Export final/ (every rank takes part), then on rank 0 the sample and the model's own report."""
+            sampler: TrainingSampler) -> None:
+    """Export final/, then the end-of-run sample and the model's own report (every rank takes part)."""
     main = strategy.is_main
     if main:
         print(f"llmtrain: exporting {run_dir / 'final'} ...", flush=True)
     t0 = time.perf_counter()
     final = export_final(spec, strategy, cfg.model, info, run_dir, step)
-    if not main or final is None:
-        return
-    print(f"llmtrain: exported step {step} to {final} ({time.perf_counter() - t0:.1f}s)", flush=True)
-    t = cfg.trainer
-    if info.task == "lm" and t.sample_tokens > 0:
-        print(f"llmtrain: sampling {t.sample_tokens} tokens from the exported model ...", flush=True)
-        text = sample_text(spec, cfg.model, info, final, t, device)
-        (run_dir / "samples.txt").write_text(text + "\n")
-        print(f"\n--- sample ({t.sample_tokens} tokens) ---\n{text}\n---", flush=True)
-    for line in spec.report(cfg.model, info, final):
-        print(line, flush=True)
+    if main:
+        print(f"llmtrain: exported step {step} to {final} ({time.perf_counter() - t0:.1f}s)", flush=True)
+    if sampler.enabled:
+        if main:
+            print(f"llmtrain: sampling {cfg.trainer.sample_tokens} tokens ...", flush=True)
+        out = sampler(step)
+        if main:
+            (run_dir / "samples.txt").write_text("\n\n".join(c.text for c in out) + "\n")
+    if main and final is not None:
+        for line in spec.report(cfg.model, info, final):
+            print(line, flush=True)
 
 
 def _announce(strategy: Strategy, trainer: Trainer, cfg: DictConfig, precision: Precision, resume_from: Any) -> None:

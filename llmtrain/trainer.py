@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -40,9 +41,11 @@ class TrainerConfig:
     seed: int = 1337
     resume: str = "auto"  # auto | never | <checkpoint or run dir>
     device: str = "auto"  # auto | cpu | cuda
-    sample_tokens: int = 200  # tokens generated at the end (LMs); 0 disables
-    sample_prompt: str = ""  # prompt for the final sample ("" starts from the end-of-text token)
-    sample_temperature: float = 0.8
+    sample_tokens: int = 200  # tokens per sample (LMs); 0 disables sampling
+    sample_every: int = 0  # steps between samples during training (samples.jsonl); 0: only at the end
+    sample_prompt: str = ""  # prompt of the samples ("" starts from the end-of-text token)
+    sample_prompts: list[str] = field(default_factory=list)  # several prompts (wins over sample_prompt)
+    sample_temperature: float = 0.8  # 0: greedy
     sample_top_k: int = 50
 
 
@@ -51,8 +54,10 @@ class Trainer:
 
     def __init__(self, cfg: TrainerConfig, spec: ModelSpec, strategy: Strategy, data: DataModule,
                  scheduler: Scheduler, logger: MetricsLogger, run_dir: Path, log_every: int,
-                 fingerprint: dict[str, Any] | None = None, stop: StopRequest | None = None) -> None:
+                 fingerprint: dict[str, Any] | None = None, stop: StopRequest | None = None,
+                 sampler: Callable[[int], Any] | None = None) -> None:
         self.cfg, self.spec, self.strategy, self.data = cfg, spec, strategy, data
+        self.sampler = sampler  # samples from the current weights (a collective); see generation.training
         self.scheduler, self.logger, self.run_dir, self.log_every = scheduler, logger, run_dir, log_every
         self.fingerprint = fingerprint  # config a checkpoint is valid for (stored in every checkpoint)
         self.stop = stop or StopRequest(announce=strategy.is_main)
@@ -115,6 +120,9 @@ class Trainer:
             last.update(self.evaluate())
         if self._due(self.cfg.ckpt_every):
             self.save()
+        every = self.cfg.sample_every
+        if self.sampler is not None and every > 0 and self.step % every == 0 and self.step < self.cfg.max_steps:
+            self.sampler(self.step)  # the end-of-run sample is the run's last act, after export
         return last
 
     def train_step(self) -> dict[str, Any]:

@@ -36,7 +36,7 @@ import numpy as np
 from llmtrain.data import tokenizers as toks
 from llmtrain.errors import ConfigError
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3  # 3: tokenizer saved by llmtrain's Tokenizer (tokenizer.json + config)
 CHUNK_CHARS = 1 << 18  # characters per tokenisation piece (a long document is split into pieces)
 BATCH_CHARS = 1 << 20  # characters per in-process encode_batch call (bounds the transient ids)
 READ_BYTES = 1 << 20  # file read size
@@ -519,12 +519,10 @@ def read_meta(prepared: Path) -> dict[str, Any]:
     return meta
 
 
-def load_prepared(out: Path) -> tuple[dict[str, Any], Any]:
+def load_prepared(out: Path) -> tuple[dict[str, Any], toks.Tokenizer]:
     """meta.json and the dataset's own tokenizer (checked against the recorded hash)."""
-    from transformers import AutoTokenizer
-
     meta = read_meta(out)
-    tok = AutoTokenizer.from_pretrained(str(out / meta["tokenizer"].get("dir", "tokenizer")))
+    tok = toks.Tokenizer.from_dir(out / meta["tokenizer"].get("dir", "tokenizer"))
     recorded = meta["tokenizer"].get("hash")
     if recorded and toks.tokenizer_hash(tok) != recorded:
         raise ConfigError("data.source", f"{out}/tokenizer differs from the one the data was tokenised with "

@@ -1,12 +1,16 @@
-"""Tokenizers, all as transformers fast tokenizers so they save and load the same way.
+"""Tokenizers: a Rust `tokenizers` backend with its end-of-text token, saved in the Hugging Face layout.
 
 `byte`: 256 byte symbols + <|endoftext|>; `bpe`: byte-level BPE trained on the corpus; a local dir
-(`vocab.json`+`merges.txt` or `tokenizer.json`) or a hub name via transformers.
+(`tokenizer.json`, or GPT-2's `vocab.json` + `merges.txt`) or a hub name. Loading a saved tokenizer
+(`tokenizer.json` + `tokenizer_config.json`) needs only the `tokenizers` library, not transformers (whose
+import costs seconds); transformers converts a vocab/merges dir or a hub name when data is prepared, and
+`AutoTokenizer.from_pretrained` loads what `Tokenizer.save_pretrained` writes.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -16,16 +20,100 @@ import numpy as np
 from llmtrain.errors import ConfigError
 
 EOS = "<|endoftext|>"
+MAX_LENGTH = 1 << 30  # the model's context, not the tokenizer, bounds a text
 
 
-def _wrap(tok: Any) -> Any:
-    from transformers import PreTrainedTokenizerFast
-
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS, bos_token=EOS, unk_token=EOS,
-                                   pad_token=EOS, model_max_length=1 << 30)
+def _content(tok: Any) -> str | None:
+    """A special token from tokenizer_config.json: a string or {"content": ...}."""
+    return tok.get("content") if isinstance(tok, dict) else tok
 
 
-def byte_tokenizer() -> Any:
+class Tokenizer:
+    """A fast tokenizer: `backend_tokenizer` (tokenizers.Tokenizer), its EOS, and the rest of its HF config.
+
+    Speaks the part of transformers' tokenizer API llmtrain uses (`tok(text)["input_ids"]`, `decode`,
+    `eos_token_id`, `len(tok)`, `save_pretrained`), so a transformers tokenizer works wherever this does.
+    """
+
+    def __init__(self, backend: Any, eos_token: str = EOS, config: dict[str, Any] | None = None) -> None:
+        self.backend_tokenizer = backend
+        self.eos_token = eos_token
+        self.eos_token_id = backend.token_to_id(eos_token)
+        if self.eos_token_id is None:
+            raise ConfigError("data.tokenizer", f"the tokenizer has no {eos_token!r} token")
+        self.config = {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": eos_token, "bos_token": eos_token,
+                       "unk_token": eos_token, "model_max_length": MAX_LENGTH, "clean_up_tokenization_spaces": False,
+                       **(config or {})}
+        self.config["eos_token"] = eos_token
+        self.chat_template: str | None = self.config.get("chat_template")
+
+    def __len__(self) -> int:
+        return self.backend_tokenizer.get_vocab_size(with_added_tokens=True)
+
+    def encode(self, text: str) -> list[int]:
+        return self.backend_tokenizer.encode(text, add_special_tokens=False).ids
+
+    def __call__(self, text: str, add_special_tokens: bool = False) -> dict[str, list[int]]:
+        return {"input_ids": self.backend_tokenizer.encode(text, add_special_tokens=add_special_tokens).ids}
+
+    def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
+        return self.backend_tokenizer.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def save_pretrained(self, out: str | Path) -> None:
+        """tokenizer.json, tokenizer_config.json and special_tokens_map.json, as transformers writes them."""
+        out = Path(out)
+        out.mkdir(parents=True, exist_ok=True)
+        self.backend_tokenizer.save(str(out / "tokenizer.json"))
+        (out / "tokenizer_config.json").write_text(json.dumps(self.config, indent=2, ensure_ascii=False) + "\n")
+        specials = {k: self.config[k] for k in ("bos_token", "eos_token", "unk_token", "pad_token") if self.config.get(k)}
+        (out / "special_tokens_map.json").write_text(json.dumps(specials, indent=2, ensure_ascii=False) + "\n")
+
+    @classmethod
+    def from_dir(cls, path: Path) -> Tokenizer:
+        """A dir with tokenizer.json (+ tokenizer_config.json); else transformers converts what the dir holds."""
+        from tokenizers import Tokenizer as Backend
+
+        cfg_path = path / "tokenizer_config.json"
+        config = json.loads(cfg_path.read_text()) if cfg_path.is_file() else {}
+        if (path / "tokenizer.json").is_file():
+            config = {k: (_content(v) if k.endswith("_token") else v) for k, v in config.items()
+                      if k in CONFIG_KEYS}
+            return cls(Backend.from_file(str(path / "tokenizer.json")), config.get("eos_token") or EOS, config)
+        return cls.from_transformers(_transformers_tokenizer(str(path)))
+
+    @classmethod
+    def from_transformers(cls, tok: Any) -> Tokenizer:
+        """Wrap a transformers fast tokenizer (its backend, special tokens and chat template)."""
+        if not getattr(tok, "is_fast", False):
+            raise ConfigError("data.tokenizer", f"{tok.name_or_path!r} has no fast (Rust) tokenizer; give a dir with "
+                                                "tokenizer.json or vocab.json+merges.txt")
+        if tok.eos_token is None:
+            raise ConfigError("data.tokenizer", f"tokenizer {tok.name_or_path!r} has no end-of-text token")
+        config = {k: getattr(tok, k, None) for k in ("bos_token", "unk_token", "pad_token")}
+        config["model_max_length"] = min(int(getattr(tok, "model_max_length", MAX_LENGTH)), MAX_LENGTH)
+        if getattr(tok, "chat_template", None):
+            config["chat_template"] = tok.chat_template
+        return cls(tok.backend_tokenizer, tok.eos_token, {k: v for k, v in config.items() if v is not None})
+
+
+CONFIG_KEYS = ("bos_token", "eos_token", "unk_token", "pad_token", "model_max_length", "chat_template",
+               "clean_up_tokenization_spaces")
+
+
+def _transformers_tokenizer(name_or_dir: str) -> Any:
+    from transformers import AutoTokenizer, GPT2TokenizerFast
+
+    path = Path(name_or_dir)
+    if path.is_dir() and not (path / "tokenizer_config.json").is_file() and (path / "vocab.json").is_file():
+        return GPT2TokenizerFast.from_pretrained(name_or_dir)
+    return AutoTokenizer.from_pretrained(name_or_dir)
+
+
+def _wrap(tok: Any) -> Tokenizer:
+    return Tokenizer(tok, EOS, {"pad_token": EOS})
+
+
+def byte_tokenizer() -> Tokenizer:
     """Every byte is a token (ids 0-255, GPT-2's byte-to-unicode symbols), <|endoftext|> is 256."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
@@ -38,7 +126,7 @@ def byte_tokenizer() -> Any:
     return _wrap(tok)
 
 
-def train_bpe(texts: Iterable[str], vocab_size: int) -> Any:
+def train_bpe(texts: Iterable[str], vocab_size: int) -> Tokenizer:
     """A byte-level BPE trained on `texts` (HF tokenizers), GPT-2's pre-tokenisation."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
@@ -51,40 +139,28 @@ def train_bpe(texts: Iterable[str], vocab_size: int) -> Any:
     return _wrap(tok)
 
 
-def load_pretrained_tokenizer(name_or_dir: str) -> Any:
+def load_pretrained_tokenizer(name_or_dir: str) -> Tokenizer:
     """GPT-2 BPE (or any fast tokenizer) from a local dir or a hub name."""
-    from transformers import AutoTokenizer, GPT2TokenizerFast
-
     path = Path(name_or_dir).expanduser()
     if path.is_dir():
-        if (path / "tokenizer.json").is_file() or (path / "tokenizer_config.json").is_file():
-            tok = AutoTokenizer.from_pretrained(str(path))
-        elif (path / "vocab.json").is_file() and (path / "merges.txt").is_file():
-            tok = GPT2TokenizerFast.from_pretrained(str(path))
-        else:
+        if not any((path / n).is_file() for n in ("tokenizer.json", "tokenizer_config.json", "vocab.json")):
             raise ConfigError("data.tokenizer", f"{path} holds no tokenizer (need tokenizer.json, or vocab.json "
                                                 "and merges.txt)")
-    elif name_or_dir.startswith((".", "/", "~")) or path.suffix:
+        return Tokenizer.from_dir(path)
+    if name_or_dir.startswith((".", "/", "~")) or path.suffix:
         raise ConfigError("data.tokenizer", f"tokenizer dir not found: {name_or_dir}")
-    else:
-        from llmtrain.hub import OFFLINE_HINT, prepare_hub_lookup
+    from llmtrain.hub import OFFLINE_HINT, prepare_hub_lookup
 
-        online = prepare_hub_lookup()
-        try:
-            tok = AutoTokenizer.from_pretrained(name_or_dir)
-        except (OSError, ValueError) as e:
-            why = str(e).splitlines()[0] if online else OFFLINE_HINT
-            raise ConfigError("data.tokenizer", f"cannot load tokenizer {name_or_dir!r} ({why}); a local dir, "
-                                                "bpe or byte work offline") from None
-    if not getattr(tok, "is_fast", False):
-        raise ConfigError("data.tokenizer", f"{name_or_dir!r} has no fast (Rust) tokenizer; give a dir with "
-                                            "tokenizer.json or vocab.json+merges.txt")
-    if tok.eos_token_id is None:
-        raise ConfigError("data.tokenizer", f"tokenizer {name_or_dir!r} has no end-of-text token")
-    return tok
+    online = prepare_hub_lookup()
+    try:
+        return Tokenizer.from_transformers(_transformers_tokenizer(name_or_dir))
+    except (OSError, ValueError) as e:
+        why = str(e).splitlines()[0] if online else OFFLINE_HINT
+        raise ConfigError("data.tokenizer", f"cannot load tokenizer {name_or_dir!r} ({why}); a local dir, "
+                                            "bpe or byte work offline") from None
 
 
-def build_tokenizer(spec: str, vocab_size: int, texts: Iterable[str] | None = None) -> Any:
+def build_tokenizer(spec: str, vocab_size: int, texts: Iterable[str] | None = None) -> Tokenizer:
     """`byte` | `bpe` (trained on `texts`) | local dir | hub name."""
     if spec == "byte":
         return byte_tokenizer()

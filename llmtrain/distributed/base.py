@@ -145,6 +145,16 @@ class Strategy(ABC):
     def full_state_dict(self) -> dict[str, torch.Tensor] | None:
         """Consolidated model state on rank 0 (None elsewhere), for export."""
 
+    def sampling_model(self, build: Callable[[], nn.Module]) -> nn.Module | None:
+        """The whole model with the current weights on rank 0, to sample from (None elsewhere); every rank
+        calls this. Sharded backends gather into a fresh `build()` on this device."""
+        state = self.full_state_dict()
+        if not self.is_main:
+            return None
+        model = build()
+        model.load_state_dict(state)
+        return model.to(self.device)
+
     # collectives ------------------------------------------------------------------------------
     def all_reduce(self, t: torch.Tensor, op: str = "sum") -> torch.Tensor:
         if self.world_size > 1:

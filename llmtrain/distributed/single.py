@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -56,3 +57,7 @@ class SingleStrategy(TorchOptimizerStrategy):
 
     def full_state_dict(self) -> dict[str, torch.Tensor] | None:
         return self._plain.state_dict() if self.is_main else None
+
+    def sampling_model(self, build: Callable[[], nn.Module]) -> nn.Module | None:
+        """The trained module itself (no copy): replicas are whole on every rank."""
+        return self._plain if self.is_main else None

@@ -70,6 +70,14 @@ class ModelSpec(ABC):
     def load(self, cfg: Any, info: DataInfo, path: Path) -> nn.Module:
         """Inverse of export."""
 
+    def flops_per_token(self, cfg: Any, info: DataInfo, seq_len: int) -> float | None:
+        """Training FLOPs (forward + backward) per target, for MFU; None when unknown."""
+        return None
+
+    def generator(self, model: nn.Module, info: DataInfo, device: torch.device) -> Any:
+        """A text Generator over `model` (language models only; None otherwise)."""
+        return None
+
     def report(self, cfg: Any, info: DataInfo, path: Path) -> list[str]:
         """Lines about the exported model at `path`, printed at the end of a run (e.g. recovered weights)."""
         return []

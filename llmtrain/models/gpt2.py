@@ -1,9 +1,15 @@
-"""GPT-2 (transformers' GPT2LMHeadModel, the Hugging Face weight format), tiny to XL."""
+"""GPT-2, tiny to XL, in the Hugging Face weight format.
+
+`model.impl=native` (default): llmtrain's own GPT-2 (models/gpt2_native.py: fused QKV, SDPA, a loss that
+never holds the full fp32 logits), loading and exporting HF GPT-2 dirs. `model.impl=hf`: transformers'
+`GPT2LMHeadModel` itself, for comparison or for what only transformers has.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -11,8 +17,9 @@ from torch import nn
 
 from llmtrain.errors import ConfigError
 from llmtrain.models.base import Batch, DataInfo, ModelSpec, register_model
+from llmtrain.models.gpt2_native import GPT2, IGNORE_INDEX, Block, GPT2Dims, load_hf, save_hf
 
-IGNORE_INDEX = -100
+IMPLS = ("native", "hf")
 
 
 @dataclass
@@ -20,6 +27,7 @@ class GPT2ModelConfig:
     """`model.*` for family gpt2. Sizes: tiny, small (124M), medium, large, xl."""
 
     family: str = "gpt2"
+    impl: str = "native"  # native | hf (transformers' GPT2LMHeadModel)
     n_layer: int = 4
     n_head: int = 4
     n_embd: int = 128
@@ -29,19 +37,36 @@ class GPT2ModelConfig:
     pretrained: str | None = None  # local dir or hub name to start from (its sizes win)
 
 
-def _hf_config(cfg: GPT2ModelConfig, info: DataInfo):
-    from transformers import GPT2Config
-
+def dims(cfg: GPT2ModelConfig, info: DataInfo) -> GPT2Dims:
     vocab = cfg.vocab_size or info.vocab_size
     if vocab is None:
         raise ConfigError("model.vocab_size", "unknown: set model.vocab_size or use a data module with a tokenizer")
-    eos = info.eos_token_id if info.eos_token_id is not None else vocab - 1
+    if cfg.n_embd % cfg.n_head:
+        raise ConfigError("model.n_head", f"n_embd={cfg.n_embd} is not divisible by n_head={cfg.n_head}")
+    return GPT2Dims(vocab_size=vocab, n_positions=cfg.n_positions, n_embd=cfg.n_embd, n_layer=cfg.n_layer,
+                    n_head=cfg.n_head, dropout=cfg.dropout,
+                    eos_token_id=info.eos_token_id if info.eos_token_id is not None else vocab - 1)
+
+
+def _hf_config(d: GPT2Dims):
+    from transformers import GPT2Config
+
     # No pad_token_id, as in the released GPT-2: packed blocks have no padding, and with one set HF checks
     # every forward's input for it (a device sync) and warns about the EOS separators.
-    return GPT2Config(vocab_size=vocab, n_positions=cfg.n_positions, n_embd=cfg.n_embd, n_layer=cfg.n_layer,
-                      n_head=cfg.n_head, resid_pdrop=cfg.dropout, embd_pdrop=cfg.dropout,
-                      attn_pdrop=cfg.dropout, bos_token_id=eos, eos_token_id=eos,
-                      tie_word_embeddings=True)
+    return GPT2Config(vocab_size=d.vocab_size, n_positions=d.n_positions, n_embd=d.n_embd, n_layer=d.n_layer,
+                      n_head=d.n_head, resid_pdrop=d.dropout, embd_pdrop=d.dropout, attn_pdrop=d.dropout,
+                      bos_token_id=d.eos_token_id, eos_token_id=d.eos_token_id, tie_word_embeddings=True)
+
+
+def core(model: nn.Module) -> nn.Module:
+    """The model inside DDP / DeepSpeed / torch.compile wrappers (FSDP2 modules are the model itself)."""
+    while True:
+        inner = getattr(model, "_orig_mod", None)
+        if inner is None and isinstance(getattr(model, "module", None), nn.Module):
+            inner = model.module
+        if inner is None:
+            return model
+        model = inner
 
 
 class GPT2Spec(ModelSpec):
@@ -49,20 +74,39 @@ class GPT2Spec(ModelSpec):
     task = "lm"
 
     def build(self, cfg: GPT2ModelConfig, info: DataInfo) -> nn.Module:
-        from transformers import GPT2LMHeadModel
-
+        if cfg.impl not in IMPLS:
+            raise ConfigError("model.impl", f"unknown GPT-2 implementation {cfg.impl!r}; choose one of {list(IMPLS)}")
         if cfg.pretrained:
-            model = _from_pretrained(cfg.pretrained)
+            model = self._pretrained(cfg)
             needed = info.extra.get("needed_vocab", info.vocab_size)
-            if needed is not None and needed > model.config.vocab_size:
+            have = model.dims.vocab_size if isinstance(model, GPT2) else model.config.vocab_size
+            if needed is not None and needed > have:
                 raise ConfigError("data.tokenizer", f"the data's token ids reach {needed - 1} but the pretrained model "
-                                                    f"has {model.config.vocab_size} embeddings; use the model's tokenizer")
+                                                    f"has {have} embeddings; use the model's tokenizer")
             return model
-        if cfg.n_embd % cfg.n_head:
-            raise ConfigError("model.n_head", f"n_embd={cfg.n_embd} is not divisible by n_head={cfg.n_head}")
-        return GPT2LMHeadModel(_hf_config(cfg, info))
+        d = dims(cfg, info)
+        if cfg.impl == "hf":
+            from transformers import GPT2LMHeadModel
+
+            return GPT2LMHeadModel(_hf_config(d))
+        return GPT2(d)
+
+    def _pretrained(self, cfg: GPT2ModelConfig) -> nn.Module:
+        from llmtrain.hub import hf_model_dir
+
+        path = hf_model_dir(cfg.pretrained, "model.pretrained")
+        if cfg.impl == "hf":
+            from transformers import GPT2LMHeadModel
+
+            return GPT2LMHeadModel.from_pretrained(str(path))
+        try:
+            return load_hf(path)
+        except (ValueError, FileNotFoundError, KeyError) as e:
+            raise ConfigError("model.pretrained", f"cannot load {cfg.pretrained!r}: {e}") from None
 
     def block_classes(self, model: nn.Module) -> tuple[type[nn.Module], ...]:
+        if isinstance(model, GPT2):
+            return (Block,)
         from transformers.models.gpt2.modeling_gpt2 import GPT2Block
 
         return (GPT2Block,)
@@ -73,8 +117,10 @@ class GPT2Spec(ModelSpec):
         return cfg.n_positions
 
     def loss(self, model: nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-        logits = model(input_ids=batch["input_ids"], use_cache=False).logits  # [B, T, V]
         labels = batch["labels"]  # [B, T], IGNORE_INDEX where there is no target
+        if isinstance(core(model), GPT2):  # the loss runs inside the model's forward (every wrapper's hooks)
+            return model(input_ids=batch["input_ids"], labels=labels)
+        logits = model(input_ids=batch["input_ids"], use_cache=False).logits  # [B, T, V]
         loss_sum = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX,
                                    reduction="sum")
         return loss_sum, (labels != IGNORE_INDEX).sum()
@@ -82,35 +128,44 @@ class GPT2Spec(ModelSpec):
     def count(self, batch: Batch) -> int:
         return int((batch["labels"] != IGNORE_INDEX).sum())
 
+    def flops_per_token(self, cfg: GPT2ModelConfig, info: DataInfo, seq_len: int) -> float | None:
+        return dims(cfg, info).flops_per_token(seq_len) if not cfg.pretrained else None
+
+    def generator(self, model: nn.Module, info: DataInfo, device: torch.device) -> Any:
+        """Generation over the model itself when it is native (its current weights, no copy), else over a
+        native copy of transformers' weights."""
+        from llmtrain.generation import Generator
+
+        m = core(model)
+        if not isinstance(m, GPT2):
+            from llmtrain.models.gpt2_native import dims_from_hf_config, from_hf_state
+
+            d = dims_from_hf_config(m.config.to_dict())
+            native = GPT2(d)
+            native.load_state_dict(from_hf_state(m.state_dict(), d))
+            m = native
+        return Generator(m, info.tokenizer, device, dtype=next(m.parameters()).dtype)
+
     def export(self, model: nn.Module, cfg: GPT2ModelConfig, info: DataInfo, out_dir: Path) -> None:
         out_dir.mkdir(parents=True, exist_ok=True)
-        model.save_pretrained(out_dir, safe_serialization=True)
+        if isinstance(model, GPT2):
+            save_hf(model, out_dir)
+        else:
+            model.save_pretrained(out_dir, safe_serialization=True)
         if info.tokenizer is not None:
             info.tokenizer.save_pretrained(out_dir)
 
     def load(self, cfg: GPT2ModelConfig, info: DataInfo, path: Path) -> nn.Module:
-        return _from_pretrained(str(path))
+        if getattr(cfg, "impl", "native") == "hf":
+            from transformers import GPT2LMHeadModel
+
+            return GPT2LMHeadModel.from_pretrained(str(path))
+        return load_hf(Path(path))
 
 
-def _from_pretrained(name_or_dir: str) -> nn.Module:
-    from transformers import GPT2LMHeadModel
-
-    path = Path(name_or_dir).expanduser()
-    looks_local = path.exists() or name_or_dir.startswith((".", "/", "~"))
-    if looks_local and not (path / "config.json").is_file():
-        raise ConfigError("model.pretrained", f"{name_or_dir} is not a Hugging Face model dir (no config.json)")
-    online = True
-    if not looks_local:
-        from llmtrain.hub import prepare_hub_lookup
-
-        online = prepare_hub_lookup()
-    try:
-        return GPT2LMHeadModel.from_pretrained(str(path) if looks_local else name_or_dir)
-    except OSError as e:
-        from llmtrain.hub import OFFLINE_HINT
-
-        why = str(e).splitlines()[0] if online else OFFLINE_HINT
-        raise ConfigError("model.pretrained", f"cannot load {name_or_dir!r}: {why}") from None
-
+def model_dims(model: nn.Module) -> GPT2Dims | None:
+    """The dims of a native GPT-2 (inside any wrapper); None for other models."""
+    m = core(model)
+    return m.dims if isinstance(m, GPT2) else None
 
 register_model(GPT2Spec())

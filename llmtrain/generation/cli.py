@@ -1,0 +1,163 @@
+"""`llmtrain-generate` (also `python -m llmtrain.generate`): complete prompts with a GPT-2.
+
+    llmtrain-generate source=runs/gpt2_tiny prompt="def main(" max_new_tokens=64 do_sample=false
+
+stdout holds only the generated text: each sample's prompt + completion and a newline (output=text), or
+one JSON object per sample (output=jsonl: prompt, completion, token counts, finish_reason); every log line
+goes to stderr. Prompts come from `prompt=`, `prompts_file=` (one per line) or stdin.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import hydra
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig
+
+from llmtrain.config import conf_dir
+from llmtrain.errors import ConfigError, require, user_errors_exit
+from llmtrain.generation.engine import GenerationConfig, config_keys
+from llmtrain.generation.sampling import check_device
+
+OUTPUTS = ("text", "jsonl")
+
+
+@dataclass
+class GenerateConfig(GenerationConfig):
+    """The root of `conf/generate.yaml`: a source, prompts, and every GenerationConfig key."""
+
+    source: str = MISSING  # run dir | exported / Hugging Face GPT-2 dir | hub name
+    prompt: str | None = None
+    prompts_file: str | None = None  # one prompt per line
+    output: str = "text"  # text | jsonl
+    stream: bool = False  # print tokens as they come (output=text)
+    precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16 | fp16
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    compile: bool = False  # torch.compile the decode step (CUDA graphs on GPU)
+
+
+def read_prompts(cfg: Any) -> list[str]:
+    if cfg.prompt is not None:
+        return [cfg.prompt]
+    if cfg.prompts_file:
+        path = Path(cfg.prompts_file)
+        require(path.is_file(), "prompts_file", f"file not found: {path}")
+        prompts = [ln for ln in path.read_text().splitlines() if ln.strip()]
+        require(bool(prompts), "prompts_file", f"{path} holds no prompt")
+        return prompts
+    if sys.stdin is not None and not sys.stdin.isatty():
+        prompts = [ln for ln in sys.stdin.read().splitlines() if ln.strip()]
+        require(bool(prompts), "prompt", "stdin held no prompt")
+        return prompts
+    raise ConfigError("prompt", "give prompt=\"...\", prompts_file=<file> or prompts on stdin")
+
+
+def check(cfg: Any) -> GenerationConfig:
+    """The generation options, checked before anything is loaded."""
+    gen = GenerationConfig(**{k: v for k, v in cfg.items() if k in config_keys() and k != "stop"},
+                           stop=[s.replace("\\n", "\n").replace("\\t", "\t") for s in cfg.stop])  # \n, \t escapes
+    gen.check()
+    require(cfg.output in OUTPUTS, "output", f"must be one of {list(OUTPUTS)} (got {cfg.output!r})")
+    require(not (cfg.stream and cfg.output == "jsonl"), "stream", "streams text only; use output=text")
+    require(cfg.precision in ("auto", "fp32", "bf16", "fp16"), "precision",
+            f"must be auto, fp32, bf16 or fp16 (got {cfg.precision!r})")
+    check_device(cfg.device)
+    if cfg.device.startswith("cuda"):
+        import torch
+
+        require(torch.cuda.is_available(), "device", "cuda requested but no GPU is visible; use device=cpu or auto")
+    return gen
+
+
+def log(msg: str) -> None:
+    print(f"llmtrain: {msg}", file=sys.stderr, flush=True)
+
+
+@user_errors_exit
+def run(cfg: DictConfig) -> list[Any]:
+    gen_cfg = check(cfg)
+    prompts = read_prompts(cfg)
+    from llmtrain.generation.engine import Generator
+
+    t0 = time.perf_counter()
+    gen = Generator.from_pretrained(cfg.source, device=cfg.device, precision=cfg.precision, compile=cfg.compile)
+    n = sum(p.numel() for p in gen.model.parameters())
+    log(f"loaded {cfg.source} ({n / 1e6:.2f}M params, {gen.device}, {str(gen.dtype).removeprefix('torch.')}) "
+        f"in {time.perf_counter() - t0:.1f}s")
+    t0 = time.perf_counter()
+    out = []
+    if cfg.stream:  # one row at a time, each printed as prompt, pieces as they come, newline
+        def show(i: int, _j: int, piece: str | None) -> None:
+            sys.stdout.write(piece if piece is not None else "\n")
+            sys.stdout.flush()
+
+        def start(i: int, _j: int) -> None:
+            sys.stdout.write(prompts[i])
+            sys.stdout.flush()
+
+        out = gen(prompts, gen_cfg, on_text=show, on_start=start, batch_size=1)
+    else:
+        out = gen(prompts, gen_cfg)
+        for c in out:
+            if cfg.output == "jsonl":
+                rec = {"prompt": c.prompt, "completion": c.completion, "prompt_tokens": c.prompt_tokens,
+                       "completion_tokens": c.completion_tokens, "finish_reason": c.finish_reason,
+                       "prompt_index": c.prompt_index, "sample_index": c.sample_index}
+                sys.stdout.write(json.dumps(rec, ensure_ascii=False) + "\n")
+            else:
+                sys.stdout.write(c.text + "\n")
+    sys.stdout.flush()
+    dt = time.perf_counter() - t0
+    tokens = sum(c.completion_tokens for c in out)
+    log(f"{len(out)} sample{'s' if len(out) != 1 else ''}, {tokens} new tokens in {dt:.2f}s "
+        f"({tokens / max(dt, 1e-9):.0f} tokens/s)")
+    return out
+
+
+def register() -> None:
+    ConfigStore.instance().store(name="base_generate", node=GenerateConfig)
+
+
+register()
+
+
+@hydra.main(version_base=None, config_path=str(conf_dir()), config_name="generate")
+def _hydra_main(cfg: DictConfig) -> None:
+    run(cfg)
+
+
+TEXT_KEYS = ("prompt", "source", "prompts_file")  # free text: passed to Hydra quoted, as the user typed it
+
+
+def hydra_quote(value: str) -> str:
+    """`value` as one Hydra string literal: parentheses, commas, quotes, `${` and all. In Hydra's quoted
+    strings a backslash is literal except before a quote (or the closing quote), where it is doubled."""
+    import re
+
+    body = re.sub(r"(\\+)(?='|$)", lambda m: m.group(1) * 2, value).replace("'", "\\'").replace("${", "\\${")
+    return f"'{body}'"
+
+
+def quote_text_args(argv: list[str]) -> list[str]:
+    """prompt="def main(" reaches Hydra as prompt='def main(' (its grammar would reject the bare text)."""
+    out = []
+    for a in argv:
+        key, eq, value = a.partition("=")
+        if eq and key.lstrip("+") in TEXT_KEYS and not (value[:1] in "'\"" and value[-1:] == value[:1] and value):
+            a = f"{key}={hydra_quote(value)}"
+        out.append(a)
+    return out
+
+
+def main() -> None:
+    from llmtrain.cli import run_app
+
+    sys.argv = [sys.argv[0], *quote_text_args(sys.argv[1:])]
+    run_app(_hydra_main)
+

@@ -1,0 +1,135 @@
+"""`llmtrain-eval`: mean loss and perplexity of a GPT-2 on text.
+
+    llmtrain-eval source=runs/gpt2_tiny/final data.source=corpus.txt
+    llmtrain-eval source=gpt2 data.source=data/corpus-gpt2 split=val batch_size=16
+
+The data is tokenised with the source's own tokenizer (a prepared dir must have been prepared with it) and
+read as `data.seq_len` blocks of its `split`, in order; on the same blocks the loss equals the trainer's
+eval loss. One line on stdout: `eval_loss=… perplexity=… tokens=… blocks=…`; the rest goes to stderr.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import hydra
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig
+
+from llmtrain.config import conf_dir, register_configs
+from llmtrain.errors import ConfigError, require, user_errors_exit
+from llmtrain.generation.sampling import check_device
+
+
+@dataclass
+class EvalConfig:
+    """The root of `conf/eval.yaml`: a source model and the text data group."""
+
+    source: str = MISSING  # run dir | exported / Hugging Face GPT-2 dir | hub name
+    data: Any = MISSING
+    split: str = "val"  # val | train
+    batch_size: int = 8
+    batches: int = 0  # 0: every block of the split
+    precision: str = "fp32"  # fp32 | bf16 | fp16 (autocast) | auto
+    device: str = "auto"
+
+
+def tokenizer_dir(source: str) -> Path:
+    """Where the source's tokenizer lives (a dir data preparation can take as data.tokenizer)."""
+    from omegaconf import OmegaConf
+
+    path = Path(source).expanduser()
+    if (path / "config.yaml").is_file() and not (path / "config.json").is_file():  # a run dir
+        if (path / "final" / "config.json").is_file():
+            return path / "final"
+        from llmtrain.data.base import build_data
+
+        run_cfg = OmegaConf.load(path / "config.yaml")
+        return Path(build_data(run_cfg.data, model_cfg=run_cfg.model).info.extra["prepared_dir"]) / "tokenizer"
+    from llmtrain.hub import hf_model_dir
+
+    return hf_model_dir(source, "source")
+
+
+@user_errors_exit
+def run(cfg: DictConfig) -> dict[str, Any]:
+    import torch
+
+    from llmtrain.data.base import build_data
+    from llmtrain.data.tokenizers import tokenizer_hash
+    from llmtrain.generation.engine import inference_dtype
+    from llmtrain.generation.sources import load_source
+    from llmtrain.precision import autocast
+
+    require(cfg.data.kind == "text", "data", f"evaluates text data (got data.kind={cfg.data.kind!r})")
+    require(cfg.split in ("val", "train"), "split", f"must be val or train (got {cfg.split!r})")
+    require(cfg.batch_size > 0, "batch_size", f"must be > 0 (got {cfg.batch_size})")
+    require(cfg.batches >= 0, "batches", f"must be >= 0, 0 for all (got {cfg.batches})")
+    check_device(cfg.device)
+    device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
+                          ("cpu" if cfg.device == "auto" else cfg.device))
+    dtype = inference_dtype(cfg.precision, device)
+    model, tok = load_source(cfg.source)
+    data_cfg = cfg.data.copy()
+    data_cfg.tokenizer = str(tokenizer_dir(cfg.source))
+    data = build_data(data_cfg)
+    if tokenizer_hash(data.info.tokenizer) != tokenizer_hash(tok):
+        raise ConfigError("data.source", f"{data_cfg.source} was prepared with another tokenizer than "
+                                         f"{cfg.source}'s; give the raw text or re-prepare it with that tokenizer")
+    require(data.info.extra["needed_vocab"] <= model.dims.vocab_size, "data.source",
+            f"token ids reach {data.info.extra['needed_vocab'] - 1}, beyond the model's vocabulary")
+    require(data_cfg.seq_len <= model.dims.n_positions, "data.seq_len",
+            f"{data_cfg.seq_len} exceeds the model's context of {model.dims.n_positions}")
+    model = model.to(device).eval()
+    loader = data.loader(cfg.split, cfg.batch_size, seed=0, shuffle=False, rank=0, world_size=1, device=device)
+    n = loader.sampler.batches_per_epoch if cfg.batches == 0 else min(cfg.batches, loader.sampler.batches_per_epoch)
+    t0 = time.perf_counter()
+    total = torch.zeros(2, dtype=torch.float64, device=device)
+    with torch.no_grad():
+        for _ in range(n):
+            batch = next(loader)
+            with autocast(_precision(dtype), device):
+                loss_sum, count = model(batch["input_ids"], labels=batch["labels"])
+            total += torch.stack([loss_sum.double(), count.double()])
+    mean, tokens = (total[0] / total[1]).item(), int(total[1].item())
+    out = {"eval_loss": mean, "perplexity": math.exp(mean), "tokens": tokens, "blocks": n * cfg.batch_size}
+    print(f"llmtrain: {cfg.split} split of {data.dir}: {n} batches of {cfg.batch_size}×{data_cfg.seq_len} tokens "
+          f"in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
+    print(" ".join(f"{k}={v:.6g}" if isinstance(v, float) else f"{k}={v}" for k, v in out.items()), flush=True)
+    return out
+
+
+def _precision(dtype: Any) -> Any:
+    import torch
+
+    from llmtrain.precision import Precision
+
+    return {torch.float32: Precision.fp32, torch.bfloat16: Precision.bf16, torch.float16: Precision.fp16}[dtype]
+
+
+def register() -> None:
+    register_configs()  # the data schemas
+    ConfigStore.instance().store(name="base_eval", node=EvalConfig)
+
+
+register()
+
+
+@hydra.main(version_base=None, config_path=str(conf_dir()), config_name="eval")
+def _hydra_main(cfg: DictConfig) -> None:
+    run(cfg)
+
+
+def main() -> None:
+    from llmtrain.cli import run_app
+
+    run_app(_hydra_main)
+
+
+if __name__ == "__main__":
+    main()

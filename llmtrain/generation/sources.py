@@ -1,0 +1,59 @@
+"""Where a model to generate from comes from: a run dir, an exported / Hugging Face GPT-2 dir, a hub name."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from llmtrain.errors import ConfigError
+from llmtrain.models.gpt2_native import GPT2, from_hf_state, load_hf
+
+
+def load_source(source: str) -> tuple[GPT2, Any]:
+    """(native GPT-2 in eval mode, its tokenizer) for `source`; one-line ConfigError("source") otherwise."""
+    from llmtrain.data.tokenizers import Tokenizer
+
+    path = Path(source).expanduser()
+    if (path / "config.yaml").is_file() and not (path / "config.json").is_file():
+        return _from_run(path)
+    from llmtrain.hub import hf_model_dir
+
+    path = hf_model_dir(source, "source")
+    try:
+        model = load_hf(path)
+    except (ValueError, KeyError, FileNotFoundError) as e:
+        raise ConfigError("source", f"{source} is not a GPT-2 model dir ({e})") from None
+    if not any((path / n).is_file() for n in ("tokenizer.json", "vocab.json", "tokenizer_config.json")):
+        raise ConfigError("source", f"{source} holds no tokenizer (tokenizer.json or vocab.json + merges.txt)")
+    return model.eval(), Tokenizer.from_dir(path)
+
+
+def _from_run(run_dir: Path) -> tuple[GPT2, Any]:
+    """A run's final/ export; else its newest checkpoint of any strategy, consolidated in memory."""
+    if (run_dir / "final" / "config.json").is_file():
+        return load_source(str(run_dir / "final"))
+    from omegaconf import OmegaConf
+
+    from llmtrain import checkpoint as ckpt
+    from llmtrain.data.base import build_data
+    from llmtrain.distributed.consolidate import consolidate
+    from llmtrain.models.base import get_model_spec
+
+    cfg = OmegaConf.load(run_dir / "config.yaml")
+    if cfg.model.family != "gpt2":
+        raise ConfigError("source", f"{run_dir} trains a {cfg.model.family} model, not a language model")
+    ck = ckpt.resolve_resume("auto", run_dir)
+    if ck is None:
+        raise ConfigError("source", f"{run_dir} has neither final/ nor a complete checkpoint yet")
+    data = build_data(cfg.data, model_cfg=cfg.model)
+    model = get_model_spec("gpt2").build(cfg.model, data.info)
+    state = consolidate(ck, cfg.strategy.name)
+    if isinstance(model, GPT2):
+        model.load_state_dict(state)
+    else:  # model.impl=hf: transformers' layout, converted
+        from llmtrain.models.gpt2_native import dims_from_hf_config
+
+        d = dims_from_hf_config(model.config.to_dict())
+        model = GPT2(d)
+        model.load_state_dict(from_hf_state(state, d))
+    return model.eval(), data.info.tokenizer

@@ -1,0 +1,59 @@
+"""Samples while training (`trainer.sample_every`) and at the end of a run, from the weights being trained.
+
+Every rank calls the sampler: sharded strategies gather the whole model for rank 0 (the strategy's
+`sampling_model`), rank 0 generates with the same engine as `llmtrain-generate`, appends one JSON object per
+sample to `<run>/samples.jsonl` (step, prompt, text) and shows the samples in the progress output.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from llmtrain.generation.engine import Completion, GenerationConfig
+
+SAMPLES_FILE = "samples.jsonl"
+
+
+class TrainingSampler:
+    def __init__(self, t: Any, spec: Any, model_cfg: Any, info: Any, strategy: Any, run_dir: Path,
+                 write: Callable[[str], None]) -> None:
+        self.spec, self.model_cfg, self.info, self.strategy = spec, model_cfg, info, strategy
+        self.run_dir, self.write = run_dir, write
+        self.prompts = list(t.sample_prompts) or [t.sample_prompt]
+        self.cfg = GenerationConfig(max_new_tokens=t.sample_tokens, do_sample=t.sample_temperature > 0,
+                                    temperature=t.sample_temperature, top_k=t.sample_top_k, seed=t.seed,
+                                    overflow="slide", batch_size=len(self.prompts))
+
+    @property
+    def enabled(self) -> bool:
+        return self.cfg.max_new_tokens > 0 and self.info.task == "lm"
+
+    def __call__(self, step: int) -> list[Completion] | None:
+        """Sample from the current weights (a collective); rank 0 returns the completions."""
+        s = self.strategy
+        model = s.sampling_model(lambda: self.spec.build(self.model_cfg, self.info))
+        out = None
+        if s.is_main:
+            was_training = model.training
+            try:
+                out = self.spec.generator(model, self.info, s.device)(self.prompts, self.cfg)
+            finally:
+                model.train(was_training)
+            with open(self.run_dir / SAMPLES_FILE, "a") as f:
+                for c in out:
+                    f.write(json.dumps({"step": step, "prompt": c.prompt, "text": c.text}) + "\n")
+            for c in out:
+                self.write(f"--- sample at step {step} ({c.completion_tokens} tokens) ---\n{c.text}\n---")
+        s.barrier()
+        return out
+
+
+def truncate_samples(run_dir: Path, step: int) -> None:
+    """Drop samples of steps after `step` (from a run that died after its last checkpoint)."""
+    path = run_dir / SAMPLES_FILE
+    if path.is_file():
+        keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= step]
+        path.write_text("".join(ln + "\n" for ln in keep))

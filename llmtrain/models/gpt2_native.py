@@ -1,0 +1,366 @@
+"""GPT-2 in plain PyTorch: fused QKV, `scaled_dot_product_attention`, tied embeddings, a vocabulary padded
+to a multiple of 64, a loss that never holds the full fp32 logits, and a KV-cache path for decoding.
+
+Parameter names follow Hugging Face's `GPT2LMHeadModel` (`transformer.h.0.attn.c_attn.weight`, …) so that
+checkpoints read like HF ones; the four projection weights per block are `nn.Linear` ([out, in]), where
+HF's `Conv1D` stores [in, out]. `to_hf_state` / `from_hf_state` convert, and `save_hf` / `load_hf` write
+and read the Hugging Face directory format (config.json + model.safetensors) without importing
+transformers, so an export loads with `GPT2LMHeadModel.from_pretrained`.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+IGNORE_INDEX = -100
+VOCAB_MULTIPLE = 64  # matmul-friendly vocabulary size (50257 → 50304)
+_CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+KVUpdate = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]  # new [2, B, nh, T, hd] → cached k, v
+
+
+@dataclass(frozen=True)
+class GPT2Dims:
+    """The shape of a GPT-2: what a checkpoint must match."""
+
+    vocab_size: int
+    n_positions: int = 1024
+    n_embd: int = 768
+    n_layer: int = 12
+    n_head: int = 12
+    dropout: float = 0.0
+    layer_norm_epsilon: float = 1e-5
+    eos_token_id: int | None = None
+
+    @property
+    def padded_vocab(self) -> int:
+        return -(-self.vocab_size // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Training FLOPs per token: 6 × (non-embedding params + lm head) + attention (12·L·T·C)."""
+        c, L = self.n_embd, self.n_layer
+        matmul_params = L * 12 * c * c + self.padded_vocab * c
+        return 6 * matmul_params + 12 * L * seq_len * c
+
+
+Op = Callable[[torch.Tensor], torch.Tensor]
+
+
+class BlockOps(NamedTuple):
+    """A block's parameterised operations: its modules (training: every wrapper's hooks, activation
+    checkpointing and adapters apply), or plain functions of their weights (decoding: no module dispatch,
+    which costs more than the math for a token at a time)."""
+
+    ln_1: Op
+    c_attn: Op
+    attn_proj: Op
+    ln_2: Op
+    c_fc: Op
+    mlp_proj: Op
+
+
+def block_forward(x: torch.Tensor, ops: BlockOps, n_head: int, dropout: float, training: bool,
+                  kv: KVUpdate | None = None, attn_mask: torch.Tensor | None = None,
+                  causal: bool = True) -> torch.Tensor:
+    """Pre-norm block: x + attn(ln_1(x)), then x + mlp(ln_2(x)); x [B, T, C].
+
+    Training: causal attention over x. Decoding: `kv` appends this step's keys/values ([2, B, nh, T, hd]) to a
+    cache and returns all cached ones; then `attn_mask` ([B, 1, T, L] bool, True: may attend) or, without
+    one, `causal` (queries and cached keys aligned at the start) or no mask (every cached key visible)."""
+    B, T, C = x.shape
+    qkv = ops.c_attn(ops.ln_1(x)).view(B, T, 3, n_head, C // n_head).permute(2, 0, 3, 1, 4)  # [3, B, nh, T, hd]
+    q, k, v = qkv
+    if kv is not None:
+        k, v = kv(qkv[1:])  # [B, nh, L, hd] each
+    p = dropout if training else 0.0
+    y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=p, is_causal=causal and attn_mask is None)
+    x = x + _dropout(ops.attn_proj(y.transpose(1, 2).reshape(B, T, C)), dropout, training)
+    h = ops.mlp_proj(F.gelu(ops.c_fc(ops.ln_2(x)), approximate="tanh"))  # GPT-2's "gelu_new"
+    return x + _dropout(h, dropout, training)
+
+
+def _dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
+    """Dropout as a function, skipped outright when it cannot drop anything."""
+    return F.dropout(x, p, training) if p > 0 and training else x
+
+
+class Attention(nn.Module):
+    """The attention's projections: fused QKV (`c_attn`) and output (`c_proj`); see block_forward."""
+
+    def __init__(self, d: GPT2Dims) -> None:
+        super().__init__()
+        self.c_attn = nn.Linear(d.n_embd, 3 * d.n_embd)
+        self.c_proj = nn.Linear(d.n_embd, d.n_embd)
+
+
+class MLP(nn.Module):
+    """The MLP's projections: C → 4C (`c_fc`) → C (`c_proj`); see block_forward."""
+
+    def __init__(self, d: GPT2Dims) -> None:
+        super().__init__()
+        self.c_fc = nn.Linear(d.n_embd, 4 * d.n_embd)
+        self.c_proj = nn.Linear(4 * d.n_embd, d.n_embd)
+
+
+class Block(nn.Module):
+    """One transformer block (the unit FSDP shards and activation checkpointing wraps)."""
+
+    def __init__(self, d: GPT2Dims) -> None:
+        super().__init__()
+        self.n_head, self.dropout = d.n_head, d.dropout
+        self.ln_1 = nn.LayerNorm(d.n_embd, eps=d.layer_norm_epsilon)
+        self.attn = Attention(d)
+        self.ln_2 = nn.LayerNorm(d.n_embd, eps=d.layer_norm_epsilon)
+        self.mlp = MLP(d)
+
+    def ops(self) -> BlockOps:
+        return BlockOps(self.ln_1, self.attn.c_attn, self.attn.c_proj, self.ln_2, self.mlp.c_fc, self.mlp.c_proj)
+
+    def lean_ops(self) -> BlockOps | None:
+        """The same operations as functions of the current weights; None when an op is not a plain
+        nn.Linear / nn.LayerNorm (an adapter or another wrapper must run as a module)."""
+        mods = self.ops()
+        if not all(type(m) in (nn.Linear, nn.LayerNorm) for m in mods):
+            return None
+        return BlockOps(*(functools.partial(F.layer_norm, normalized_shape=m.normalized_shape, weight=m.weight,
+                                            bias=m.bias, eps=m.eps) if isinstance(m, nn.LayerNorm)
+                          else functools.partial(F.linear, weight=m.weight, bias=m.bias) for m in mods))
+
+    def forward(self, x: torch.Tensor, kv: KVUpdate | None = None, attn_mask: torch.Tensor | None = None,
+                causal: bool = True) -> torch.Tensor:
+        return block_forward(x, self.ops(), self.n_head, self.dropout, self.training, kv, attn_mask, causal)
+
+
+class Trunk(nn.Module):
+    """Embeddings, blocks and the final norm: token ids [B, T] → hidden states [B, T, C]."""
+
+    def __init__(self, d: GPT2Dims) -> None:
+        super().__init__()
+        self.wte = nn.Embedding(d.padded_vocab, d.n_embd)
+        self.wpe = nn.Embedding(d.n_positions, d.n_embd)
+        self.dropout = d.dropout
+        self.h = nn.ModuleList(Block(d) for _ in range(d.n_layer))
+        self.ln_f = nn.LayerNorm(d.n_embd, eps=d.layer_norm_epsilon)
+
+
+class TiedHead(nn.Module):
+    """The output projection on the token embedding's weight [V_pad, C]; computes the loss itself, so
+    that every strategy's forward hooks (FSDP unshard, ZeRO-3 gather) see the weight in use."""
+
+    def __init__(self, wte: nn.Embedding, vocab_size: int) -> None:
+        super().__init__()
+        self.weight = wte.weight  # tied: the same Parameter
+        self.vocab_size = vocab_size
+
+    def forward(self, h: torch.Tensor, labels: torch.Tensor | None = None) -> Any:
+        if labels is None:
+            return F.linear(h, self.weight)[..., : self.vocab_size]  # [B, T, V]: the padding never sampled
+        return linear_cross_entropy(h.flatten(0, 1), self.weight, labels.flatten(), self.vocab_size)
+
+
+class GPT2(nn.Module):
+    """GPT-2 language model. forward(input_ids, labels) → (loss sum, target count); without labels → logits."""
+
+    def __init__(self, d: GPT2Dims) -> None:
+        super().__init__()
+        self.dims = d
+        self.transformer = Trunk(d)
+        self.lm_head = TiedHead(self.transformer.wte, d.vocab_size)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """GPT-2's init: N(0, 0.02), residual projections N(0, 0.02/√(2·n_layer)), zero biases, unit norms."""
+        std = 0.02
+        for name, m in self.named_modules():
+            if isinstance(m, nn.Linear):
+                s = std / math.sqrt(2 * self.dims.n_layer) if name.endswith("c_proj") else std
+                nn.init.normal_(m.weight, 0.0, s)
+                nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.Embedding):
+                nn.init.normal_(m.weight, 0.0, std)
+            elif isinstance(m, nn.LayerNorm):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+        with torch.no_grad():  # padded vocabulary rows: never an input, masked out of every softmax
+            self.transformer.wte.weight[self.dims.vocab_size:].zero_()
+
+    def hidden(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None,
+               kv: list[KVUpdate] | None = None, attn_mask: torch.Tensor | None = None,
+               causal: bool = True, lean: list[BlockOps] | None = None) -> torch.Tensor:
+        """Hidden states [B, T, C]; `lean` (from lean_ops(), eval only) runs the blocks as plain functions."""
+        t = self.transformer
+        if position_ids is None:
+            position_ids = torch.arange(input_ids.shape[1], device=input_ids.device)  # [T]
+        x = _dropout(t.wte(input_ids) + t.wpe(position_ids), t.dropout, self.training)  # [B, T, C]
+        for i, block in enumerate(t.h):
+            kv_i = kv[i] if kv is not None else None
+            if lean is not None:
+                x = block_forward(x, lean[i], block.n_head, 0.0, False, kv_i, attn_mask, causal)
+            else:
+                x = block(x, kv_i, attn_mask, causal)
+        return t.ln_f(x)
+
+    def lean_ops(self) -> list[BlockOps] | None:
+        """Every block's lean_ops() (None when any block needs its modules: adapters, wrappers)."""
+        ops = [b.lean_ops() if isinstance(b, Block) else None for b in self.transformer.h]
+        return None if any(o is None for o in ops) else ops
+
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None, kv: list[KVUpdate] | None = None,
+                attn_mask: torch.Tensor | None = None, causal: bool = True) -> Any:
+        return self.lm_head(self.hidden(input_ids, position_ids, kv, attn_mask, causal), labels)
+
+
+# loss ---------------------------------------------------------------------------------------------------
+def _chunk_rows(vocab: int) -> int:
+    return max(1, (1 << 28) // vocab)  # ~1 GiB of fp32 logits per chunk at most
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """sum over rows of CE(h @ wᵀ, labels), computed chunk by chunk with the gradients in the same pass.
+
+    Each chunk's fp32 logits live only inside the loop: the softmax minus the one-hot target *is* the
+    gradient of the logits, so grad_h and grad_w are accumulated right there and scaled in backward.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, h: torch.Tensor, w: torch.Tensor, labels: torch.Tensor, vocab: int) -> torch.Tensor:
+        dev = h.device.type
+        dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else h.dtype
+        want_h, want_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        with torch.autocast(dev, enabled=False):
+            hc_all, wc = h.to(dtype), w.to(dtype)  # [N, C], [Vp, C] in the compute dtype
+            grad_h = torch.empty_like(hc_all) if want_h else None
+            grad_w = torch.zeros(w.shape, dtype=torch.float32, device=w.device) if want_w else None
+            total = torch.zeros((), dtype=torch.float32, device=h.device)
+            rows = _chunk_rows(w.shape[0])
+            for s in range(0, h.shape[0], rows):
+                hc, lab = hc_all[s:s + rows], labels[s:s + rows]
+                logits = (hc @ wc.T).float()  # [n, Vp]
+                if w.shape[0] > vocab:
+                    logits[:, vocab:] = float("-inf")
+                lse = torch.logsumexp(logits, dim=-1)  # [n]
+                valid = lab != IGNORE_INDEX
+                tgt = lab.clamp(min=0)
+                total += ((lse - logits.gather(1, tgt[:, None]).squeeze(1)) * valid).sum()
+                if want_h or want_w:
+                    g = logits.sub_(lse[:, None]).exp_()  # softmax, in place
+                    g[torch.arange(len(tgt), device=g.device), tgt] -= 1.0
+                    g = (g * valid[:, None]).to(dtype)  # [n, Vp]: d(loss)/d(logits)
+                    if want_h:
+                        grad_h[s:s + rows] = g @ wc
+                    if want_w:
+                        grad_w += (g.T @ hc).float()
+        ctx.save_for_backward(grad_h if want_h else None, grad_w if want_w else None)
+        ctx.dtypes = (h.dtype, w.dtype)
+        return total
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[Any, ...]:
+        grad_h, grad_w = ctx.saved_tensors
+        gh = (grad_h * grad_out).to(ctx.dtypes[0]) if grad_h is not None else None
+        gw = (grad_w * grad_out).to(ctx.dtypes[1]) if grad_w is not None else None
+        return gh, gw, None, None
+
+
+def linear_cross_entropy(h: torch.Tensor, w: torch.Tensor, labels: torch.Tensor,
+                         vocab: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum of CE over rows with a target, number of such rows) for hidden h [N, C], weight w [Vp, C],
+    labels [N] (IGNORE_INDEX: no target); columns ≥ vocab are padding and never win."""
+    return _LinearCrossEntropy.apply(h, w, labels, vocab), (labels != IGNORE_INDEX).sum()
+
+
+# Hugging Face format ------------------------------------------------------------------------------------
+def to_hf_state(state: dict[str, torch.Tensor], vocab: int) -> dict[str, torch.Tensor]:
+    """Our state dict → GPT2LMHeadModel's (Conv1D layout, unpadded vocabulary, tied head left out)."""
+    out = {}
+    for k, v in state.items():
+        if k == "lm_head.weight":
+            continue
+        if k.endswith(_CONV1D):
+            v = v.t()
+        elif k == "transformer.wte.weight":
+            v = v[:vocab]
+        out[k] = v.detach().contiguous()
+    return out
+
+
+def from_hf_state(state: dict[str, torch.Tensor], d: GPT2Dims) -> dict[str, torch.Tensor]:
+    """GPT2LMHeadModel's state dict (with or without the `transformer.` prefix) → ours."""
+    out = {}
+    for k, v in state.items():
+        if k.endswith((".attn.bias", ".attn.masked_bias")) or k == "lm_head.weight":
+            continue  # causal-mask buffers; the head is tied to wte
+        k = k if k.startswith("transformer.") else f"transformer.{k}"
+        if k.endswith(_CONV1D):
+            v = v.t()
+        elif k == "transformer.wte.weight" and v.shape[0] < d.padded_vocab:
+            v = torch.cat([v, v.new_zeros(d.padded_vocab - v.shape[0], v.shape[1])])
+        out[k] = v.contiguous()
+    out["lm_head.weight"] = out["transformer.wte.weight"]
+    return out
+
+
+def hf_config(d: GPT2Dims) -> dict[str, Any]:
+    """config.json of the equivalent GPT2LMHeadModel."""
+    eos = d.eos_token_id if d.eos_token_id is not None else d.vocab_size - 1
+    return {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "vocab_size": d.vocab_size,
+            "n_positions": d.n_positions, "n_ctx": d.n_positions, "n_embd": d.n_embd, "n_layer": d.n_layer,
+            "n_head": d.n_head, "n_inner": None, "activation_function": "gelu_new", "resid_pdrop": d.dropout,
+            "embd_pdrop": d.dropout, "attn_pdrop": d.dropout, "layer_norm_epsilon": d.layer_norm_epsilon,
+            "initializer_range": 0.02, "scale_attn_weights": True, "use_cache": True, "bos_token_id": eos,
+            "eos_token_id": eos, "tie_word_embeddings": True, "torch_dtype": "float32"}
+
+
+def dims_from_hf_config(cfg: dict[str, Any]) -> GPT2Dims:
+    if cfg.get("model_type", "gpt2") != "gpt2":
+        raise ValueError(f"model_type {cfg.get('model_type')!r} is not gpt2")
+    if cfg.get("n_inner") not in (None, 4 * cfg["n_embd"]) or cfg.get("activation_function", "gelu_new") not in (
+            "gelu_new", "gelu_pytorch_tanh"):
+        raise ValueError("only the standard GPT-2 block (4x MLP, gelu_new) is supported natively; use model.impl=hf")
+    return GPT2Dims(vocab_size=cfg["vocab_size"], n_positions=cfg["n_positions"], n_embd=cfg["n_embd"],
+                    n_layer=cfg["n_layer"], n_head=cfg["n_head"], dropout=cfg.get("resid_pdrop", 0.0),
+                    layer_norm_epsilon=cfg.get("layer_norm_epsilon", 1e-5), eos_token_id=cfg.get("eos_token_id"))
+
+
+def save_hf(model: GPT2, out_dir: Path) -> None:
+    """Write config.json + model.safetensors in the Hugging Face GPT-2 format."""
+    from safetensors.torch import save_file
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    state = {k: v.to("cpu") for k, v in to_hf_state(model.state_dict(), model.dims.vocab_size).items()}
+    save_file(state, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
+    (out_dir / "config.json").write_text(json.dumps(hf_config(model.dims), indent=2) + "\n")
+
+
+def read_hf_state(path: Path) -> dict[str, torch.Tensor]:
+    """Weights of a Hugging Face model dir: model.safetensors, or else pytorch_model.bin (tensors only)."""
+    if (path / "model.safetensors").is_file():
+        from safetensors.torch import load_file
+
+        return load_file(str(path / "model.safetensors"))
+    if (path / "pytorch_model.bin").is_file():
+        return torch.load(path / "pytorch_model.bin", map_location="cpu", weights_only=True)
+    raise FileNotFoundError(f"{path} holds no model.safetensors or pytorch_model.bin")
+
+
+def load_hf(path: Path, dropout: float | None = None) -> GPT2:
+    """A GPT2 from a Hugging Face GPT-2 dir (ours or transformers')."""
+    cfg = json.loads((path / "config.json").read_text())
+    d = dims_from_hf_config(cfg)
+    if dropout is not None:
+        d = GPT2Dims(**{**d.__dict__, "dropout": dropout})
+    with torch.device("meta"):
+        model = GPT2(d)
+    model.load_state_dict(from_hf_state(read_hf_state(path), d), assign=True)
+    model.lm_head.weight = model.transformer.wte.weight  # assign=True replaced the tied Parameter
+    return model
