@@ -12,12 +12,16 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 
-@pytest.fixture(autouse=True)
-def _isolated_cache(tmp_path_factory, monkeypatch):
-    """Prepared datasets go to a per-session cache, never the user's."""
-    cache = tmp_path_factory.getbasetemp() / "llmtrain-cache"
-    monkeypatch.setenv("LLMTRAIN_CACHE", str(cache))
+@pytest.fixture(autouse=True, scope="session")
+def _isolated_cache(tmp_path_factory):
+    """Prepared datasets go to a per-session cache, never the user's (also for module-scoped fixtures)."""
+    before = os.environ.get("LLMTRAIN_CACHE")
+    os.environ["LLMTRAIN_CACHE"] = str(tmp_path_factory.getbasetemp() / "llmtrain-cache")
     yield
+    if before is None:
+        os.environ.pop("LLMTRAIN_CACHE", None)
+    else:
+        os.environ["LLMTRAIN_CACHE"] = before
 
 
 @pytest.fixture

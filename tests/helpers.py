@@ -24,6 +24,15 @@ TINY_LM = [
 ]
 
 
+# Greedy samples every 10 steps (samples.jsonl): equal across strategies when the weights are (sharded ones gathered).
+SAMPLING = ["trainer.sample_tokens=8", "trainer.sample_every=10", "trainer.sample_temperature=0",
+            'trainer.sample_prompts=["def ","x = "]']
+
+
+def samples(run_dir: Path) -> list[tuple[int, str]]:
+    return [(r["step"], r["text"]) for r in (json.loads(ln) for ln in (run_dir / "samples.jsonl").read_text().splitlines())]
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -87,6 +87,7 @@ def run(cfg: DictConfig) -> list[Any]:
 
     t0 = time.perf_counter()
     gen = Generator.from_pretrained(cfg.source, device=cfg.device, precision=cfg.precision, compile=cfg.compile)
+    gen.check_prompts(prompts, gen_cfg)
     n = sum(p.numel() for p in gen.model.parameters())
     log(f"loaded {cfg.source} ({n / 1e6:.2f}M params, {gen.device}, {str(gen.dtype).removeprefix('torch.')}) "
         f"in {time.perf_counter() - t0:.1f}s")

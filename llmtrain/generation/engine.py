@@ -67,18 +67,40 @@ class Completion:
 
 
 class KVCache:
-    """Keys and values of every layer, [n_layer, 2, B, n_head, L, head_dim], and the slot written next."""
+    """Keys and values of every layer, [n_layer, 2, B, n_head, L, head_dim], which slots hold a real token
+    ([B, L]), and the slot written next.
 
-    def __init__(self, d: GPT2Dims, batch: int, length: int, dtype: torch.dtype, device: torch.device) -> None:
+    `writers` append a chunk at `pos` and return the keys/values up to it (eager decoding: attention spans
+    only the filled part). `static_writers` write one token at the tensor `slot` and return the whole cache,
+    so every decode step has the same shapes (compiled decoding: one graph, CUDA graphs on GPU)."""
+
+    def __init__(self, d: GPT2Dims, batch: int, length: int, dtype: torch.dtype, device: torch.device,
+                 static: bool = False) -> None:
         shape = (d.n_layer, 2, batch, d.n_head, length, d.n_embd // d.n_head)
         self.kv = torch.zeros(shape, dtype=dtype, device=device)
+        self.valid = torch.zeros(batch, length, dtype=torch.bool, device=device)
+        self.slot = torch.zeros(1, dtype=torch.long, device=device)
         self.length, self.pos = length, 0
-        self.writers = [functools.partial(self._write, i) for i in range(d.n_layer)]
+        layers = self.kv.unbind(0)
+        self.writers = [functools.partial(self._write, layer) for layer in layers]
+        self.static_writers = [functools.partial(self._write_at_slot, layer) for layer in layers]
+        if static and device.type == "cuda":  # in-place updates inside CUDA graphs
+            for t in (self.kv, self.valid, self.slot):
+                torch._dynamo.mark_static_address(t)
 
-    def _write(self, layer: int, kv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        s, t = self.pos, kv.shape[3]  # kv [2, B, nh, T, hd]: one copy for both
-        self.kv[layer, :, :, :, s:s + t] = kv
-        k, v = self.kv[layer, :, :, :, : s + t]
+    def reset(self) -> None:
+        self.pos = 0
+        self.valid.zero_()
+
+    def _write(self, layer: torch.Tensor, kv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        s, t = self.pos, kv.shape[3]  # layer [2, B, nh, L, hd], kv [2, B, nh, T, hd]: one copy for both
+        layer.narrow(3, s, t).copy_(kv)
+        k, v = layer.narrow(3, 0, s + t).unbind(0)
+        return k, v
+
+    def _write_at_slot(self, layer: torch.Tensor, kv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        layer.index_copy_(3, self.slot, kv)  # kv [2, B, nh, 1, hd]
+        k, v = layer.unbind(0)
         return k, v
 
 
@@ -157,10 +179,11 @@ class Generator:
         self.tok, self.dtype, self.dims = tokenizer, dtype, model.dims
         self.eos = tokenizer.eos_token_id
         self.lean = model.lean_ops()  # None: a block holds adapters or wrappers, run as modules
-        self._step = self._decode_step
+        self._static: dict[int, KVCache] = {}  # compile: one full-length cache per batch size, reused
+        self._compiled = None
         if compile:
             mode = "reduce-overhead" if self.device.type == "cuda" else None  # CUDA graphs on GPU
-            self._step = torch.compile(self._decode_step, mode=mode, dynamic=True)
+            self._compiled = torch.compile(self._static_step, mode=mode, fullgraph=True, dynamic=False)
 
     @classmethod
     def from_pretrained(cls, source: str | Path, device: str = "auto", precision: str = "auto",
@@ -223,6 +246,11 @@ class Generator:
         if err:
             raise err[0]
 
+    def check_prompts(self, prompts: list[str], config: GenerationConfig) -> None:
+        """Refuse, with one line, prompts that do not fit the context (overflow=error)."""
+        for p in prompts:
+            self._encode(p, config)
+
     # decoding ---------------------------------------------------------------------------------------------
     def _encode(self, prompt: str, cfg: GenerationConfig) -> list[int]:
         ids = self.tok.encode(prompt) if prompt else []
@@ -259,8 +287,8 @@ class Generator:
             seen = torch.zeros(B, self.dims.vocab_size, dtype=torch.bool, device=dev)
             seen.scatter_(1, hist[:, :P], valid[:, :P])
         rows = _Rows(self.tok, B, cfg, emit)
-        cache = KVCache(self.dims, B, L, self.dtype, dev)
-        logits, pos, start = self._prefill(cache, hist, valid, 0, P, padded)  # logits [B, V], pos [B]
+        cache = self._cache(B, L)
+        logits, pos = self._prefill(cache, hist, valid, 0, P, padded)  # logits [B, V], pos [B]
         sync_every = 1 if (cfg.stop or emit is not None or dev.type == "cpu") else 8
         pending: list[torch.Tensor] = []
         for t in range(cfg.max_new_tokens):
@@ -278,20 +306,34 @@ class Generator:
                 break
             if seen is not None:
                 seen[torch.arange(B, device=dev), nxt] = True
-            if cache.pos == cache.length:  # the context is full (overflow=slide): keep the newest half
-                keep = cache.length // 2
-                cache.pos = 0
-                logits, pos, start = self._prefill(cache, hist, valid, slot + 1 - keep, slot + 1, True)
+            if cache.pos == min(cache.length, self.dims.n_positions):  # context full (slide): keep the newest half
+                keep = self.dims.n_positions // 2
+                logits, pos = self._prefill(cache, hist, valid, slot + 1 - keep, slot + 1, True)
                 continue
             pos = pos + 1
-            mask = valid[:, None, None, start:slot + 1] if padded else None  # [B, 1, 1, S]
-            logits = self._step(nxt, pos, cache, mask)
+            cache.valid[:, cache.pos] = True  # the slot this token's keys/values go to
+            if self._compiled is not None:
+                cache.slot.fill_(cache.pos)
+                logits = self._compiled(nxt, pos, cache)
+            else:
+                mask = cache.valid[:, None, None, :cache.pos + 1] if padded else None  # [B, 1, 1, S]
+                logits = self._decode_step(nxt, pos, cache, mask)
+            cache.pos += 1
         return rows.results()
 
+    def _cache(self, batch: int, length: int) -> KVCache:
+        if self._compiled is None:
+            return KVCache(self.dims, batch, length, self.dtype, self.device)
+        if batch not in self._static:
+            self._static[batch] = KVCache(self.dims, batch, self.dims.n_positions, self.dtype, self.device, static=True)
+        return self._static[batch]
+
     def _prefill(self, cache: KVCache, hist: torch.Tensor, valid: torch.Tensor, lo: int, hi: int,
-                 padded: bool) -> tuple[torch.Tensor, torch.Tensor, int]:
-        """Run slots [lo, hi) through the model into an empty cache: (last logits [B, V], last position [B], lo)."""
+                 padded: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """Run slots [lo, hi) through the model into the emptied cache: (last logits [B, V], last position [B])."""
         ids, ok = hist[:, lo:hi], valid[:, lo:hi]  # [B, T]
+        cache.reset()
+        cache.valid[:, :ids.shape[1]] = ok
         pos = (ok.long().cumsum(1) - 1).clamp(min=0)  # each row counts its own tokens
         mask = None
         if padded:
@@ -301,13 +343,19 @@ class Generator:
             mask = (ok[:, None, None, :] & causal) | eye  # [B, 1, T, T]
         h = self.model.hidden(ids, pos, cache.writers, mask, causal=True, lean=self.lean)
         cache.pos = ids.shape[1]
-        return self.model.lm_head(h[:, -1:])[:, 0].float(), pos[:, -1], lo
+        return self.model.lm_head(h[:, -1:])[:, 0].float(), pos[:, -1]
 
     def _decode_step(self, nxt: torch.Tensor, pos: torch.Tensor, cache: KVCache,
                      mask: torch.Tensor | None) -> torch.Tensor:
-        """One token per row: write its keys/values at the cache's next slot; logits [B, V]."""
+        """One token per row: its keys/values go to the cache's next slot; logits [B, V]."""
         h = self.model.hidden(nxt[:, None], pos[:, None], cache.writers, mask, causal=False, lean=self.lean)
-        cache.pos += 1
+        return self.model.lm_head(h)[:, -1].float()
+
+    def _static_step(self, nxt: torch.Tensor, pos: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """_decode_step with every shape fixed: the write lands at `cache.slot`, attention spans the whole
+        cache with empty slots masked (what torch.compile turns into one graph)."""
+        mask = cache.valid[:, None, None, :]  # [B, 1, 1, L]
+        h = self.model.hidden(nxt[:, None], pos[:, None], cache.static_writers, mask, causal=False, lean=self.lean)
         return self.model.lm_head(h)[:, -1].float()
 
 

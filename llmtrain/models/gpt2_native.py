@@ -78,7 +78,7 @@ def block_forward(x: torch.Tensor, ops: BlockOps, n_head: int, dropout: float, t
     one, `causal` (queries and cached keys aligned at the start) or no mask (every cached key visible)."""
     B, T, C = x.shape
     qkv = ops.c_attn(ops.ln_1(x)).view(B, T, 3, n_head, C // n_head).permute(2, 0, 3, 1, 4)  # [3, B, nh, T, hd]
-    q, k, v = qkv
+    q, k, v = qkv.unbind(0)
     if kv is not None:
         k, v = kv(qkv[1:])  # [B, nh, L, hd] each
     p = dropout if training else 0.0
@@ -131,7 +131,7 @@ class Block(nn.Module):
         mods = self.ops()
         if not all(type(m) in (nn.Linear, nn.LayerNorm) for m in mods):
             return None
-        return BlockOps(*(functools.partial(F.layer_norm, normalized_shape=m.normalized_shape, weight=m.weight,
+        return BlockOps(*(functools.partial(torch.layer_norm, normalized_shape=m.normalized_shape, weight=m.weight,
                                             bias=m.bias, eps=m.eps) if isinstance(m, nn.LayerNorm)
                           else functools.partial(F.linear, weight=m.weight, bias=m.bias) for m in mods))
 

@@ -15,14 +15,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import PY, REPO, TINY_LM, base_env, losses, read_metrics, run_cmd, train_cli
+from helpers import PY, REPO, SAMPLING, TINY_LM, base_env, losses, read_metrics, run_cmd, samples, train_cli
 
 STEPS = 20
 CKPT = 10
 PARITY_RTOL = 1e-6  # measured: <= 1.7e-7 for every stage, with and without accumulation
-REF = TINY_LM + [f"trainer.max_steps={STEPS}", "trainer.micro_batch_size=8"]  # one process, global batch 8
+REF = TINY_LM + [f"trainer.max_steps={STEPS}", "trainer.micro_batch_size=8", *SAMPLING]  # 1 process, global batch 8
 DS = TINY_LM + [f"trainer.max_steps={STEPS}", "strategy=deepspeed", f"trainer.ckpt_every={CKPT}",
-                "trainer.keep_checkpoints=10"]  # 2 processes x micro-batch 4
+                "trainer.keep_checkpoints=10", *SAMPLING]  # 2 processes x micro-batch 4
 
 
 def _accum(stage: int) -> tuple[str, ...]:
@@ -92,6 +92,9 @@ def test_loss_parity_with_single_process(runs: Runs, stage: int, gas: int) -> No
     assert _rel(ds, ref) <= PARITY_RTOL
     norms = [r["grad_norm"] for r in read_metrics(runs.zero(stage)) if "grad_norm" in r]
     assert norms and all(math.isfinite(n) and n > 0 for n in norms)  # the engine's global norm is reported
+    if stage == 3:  # samples during training: ZeRO-3's partitioned weights gathered for rank 0's greedy samples
+        got = samples(runs.zero(stage) if gas == 1 else runs.zero(stage, *_accum(stage)))
+        assert [s for s, _ in got] == [10, 10, 20, 20] and got == samples(runs.single(gas))
 
 
 # exact resume -----------------------------------------------------------------------------------------

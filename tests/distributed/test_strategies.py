@@ -13,14 +13,26 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import PY, REPO, TINY_LM, base_env, free_port, losses, read_metrics, run_cmd, train_cli
+from helpers import (
+    PY,
+    REPO,
+    SAMPLING,
+    TINY_LM,
+    base_env,
+    free_port,
+    losses,
+    read_metrics,
+    run_cmd,
+    samples,
+    train_cli,
+)
 
 pytestmark = pytest.mark.distributed
 
 STEPS = 20
 CKPT_AT = 10  # resume tests restart from this checkpoint
 COMMON = [*TINY_LM, f"trainer.max_steps={STEPS}", "trainer.eval_every=0", f"trainer.ckpt_every={CKPT_AT}",
-          "trainer.keep_checkpoints=100"]
+          "trainer.keep_checkpoints=100", *SAMPLING]
 FP32_RTOL = 1e-5  # fp32: ranks and accumulation only reorder float sums
 # Mixed precision is compared with the fp32 reference, not with itself: single-process autocast and FSDP's
 # MixedPrecisionPolicy cast differently, so only closeness to the fp32 trajectory is meaningful. Observed
@@ -80,6 +92,15 @@ def test_fp32_loss_parity(runs: Runs, name: str, ref: str) -> None:
     err = _max_rel(losses(runs(name)), losses(runs(ref)))
     print(f"\n{name} vs {ref}: max relative loss difference {err:.2e}")
     assert err <= FP32_RTOL, f"{name} drifts from {ref}: {err:.2e}"
+
+
+@pytest.mark.parametrize(("name", "ref"), [("ddp", "single"), ("fsdp", "single"),
+                                         ("fsdp_accum_ckpt", "single_accum")])
+def test_samples_during_training_match_one_process(runs: Runs, name: str, ref: str) -> None:
+    """trainer.sample_every under DDP and FSDP (sharded weights gathered for rank 0): the greedy samples at
+    steps 10 and 20 are those of one process, and only rank 0 wrote them."""
+    got = samples(runs(name))
+    assert [s for s, _ in got] == [10, 10, 20, 20] and got == samples(runs(ref))
 
 
 @pytest.mark.parametrize("name", ["ddp_bf16", "fsdp_bf16", "ddp_fp16", "fsdp_fp16"])

@@ -20,7 +20,7 @@ def test_train_cli_end_to_end(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     res = train_cli([*TINY_LM, "trainer.max_steps=4", "trainer.sample_tokens=24", "logger.progress=true"], run_dir,
                     env=base_env(tmp_path / "cache"))
-    assert "--- sample (24 tokens) ---" in res.stdout
+    assert "--- sample at step 4 (24 tokens) ---" in res.stdout
     assert "train: 100%" in res.stderr  # the progress bar
     assert [r["step"] for r in read_metrics(run_dir) if "loss" in r] == [1, 2, 3, 4]
     assert (run_dir / "final" / "model.safetensors").is_file()

@@ -15,6 +15,7 @@ Each command must exit 0 without a traceback, without launcher chatter, and show
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shlex
@@ -35,7 +36,7 @@ SKIP = {  # command prefix -> why it does not run here (and what covers it)
     "pip install": "installing: make does it for every test run; test_installed_package_runs_outside_the_repo",
     "sbatch": "no SLURM here; test_launch_script_reproduces_ddp[slurm.sbatch] runs the template under stand-ins",
 }
-GPT_SHRINK = ["model.n_layer=1", "model.n_head=2", "model.n_embd=32", "model.n_positions=64", "data.seq_len=32",
+GPT_SHRINK = ["model.n_layer=1", "model.n_head=2", "model.n_embd=32", "model.n_positions=256", "data.seq_len=32",
               "data.embedded_max_bytes=100000", "trainer.micro_batch_size=2", "trainer.grad_accum_steps=1",
               "trainer.max_steps=4", "trainer.eval_every=2", "trainer.ckpt_every=2", "trainer.eval_batches=1",
               "trainer.sample_tokens=8", "logger.progress=false"]
@@ -43,13 +44,18 @@ PLAIN_SHRINK = ["trainer.max_steps=4", "logger.progress=false"]
 PLAIN_EXPERIMENTS = ("linear_regression", "mlp_regression", "resnet_images", "cnn_images")
 TRAINS = ("make train", "llmtrain-train", "python -m llmtrain.train", "launch/", "torchrun", "deepspeed",
           "accelerate launch")
+PYTHON_BLOCK = "#python\n"  # marks a ```python block among the commands
 NOISE = ("Traceback", "FutureWarning", "[INFO]", "Setting OMP_NUM_THREADS", "were not passed", "Retrying in")
 
 
 def readme_commands(text: str) -> list[str]:
-    """Every command line of the ```bash blocks, as shell text (continuations joined, comments dropped)."""
+    """Every command line of the ```bash blocks, as shell text (continuations joined, comments dropped),
+    and every ```python block whole, in README order."""
     out: list[str] = []
-    for block in re.findall(r"```bash\n(.*?)```", text, flags=re.S):
+    for lang, block in re.findall(r"```(bash|python)\n(.*?)```", text, flags=re.S):
+        if lang == "python":
+            out.append(PYTHON_BLOCK + block)
+            continue
         for line in block.replace("\\\n", " ").splitlines():
             line = re.split(r"\s#|^#", line, maxsplit=1)[0].strip()
             if line:
@@ -107,10 +113,14 @@ def test_readme_commands_run_as_pasted(tmp_path: Path) -> None:
     for cmd in commands:
         if any(cmd.startswith(prefix) for prefix in SKIP):
             continue
-        line = adapt(cmd)
-        if line.startswith("make "):  # the venv this test runs in, not a new one
-            line = f"make -o {VENV_BIN.parent}/.installed VENV={VENV_BIN.parent} {line[5:]}"
-        res = run_cmd(["bash", "-c", line], env=env, cwd=clone, timeout=240)
+        if cmd.startswith(PYTHON_BLOCK):
+            line = "python -"  # the block on stdin
+            res = run_cmd(["python", "-c", cmd], env=env, cwd=clone, timeout=240)
+        else:
+            line = adapt(cmd)
+            if line.startswith("make "):  # the venv this test runs in, not a new one
+                line = f"make -o {VENV_BIN.parent}/.installed VENV={VENV_BIN.parent} {line[5:]}"
+            res = run_cmd(["bash", "-c", line], env=env, cwd=clone, timeout=240)
         out = res.stdout + res.stderr
         assert res.returncode == 0, f"{cmd}\n→ {line}\nexit {res.returncode}\n{out[-5000:]}"
         for noise in NOISE:
@@ -123,7 +133,7 @@ def test_readme_commands_run_as_pasted(tmp_path: Path) -> None:
 def check_promise(cmd: str, stdout: str, stderr: str, clone: Path) -> None:
     """What the README says each command shows or leaves behind."""
     if cmd == "make train":
-        assert "--- sample (8 tokens) ---" in stdout and "llmtrain: exporting" in stdout
+        assert "--- sample at step 4 (8 tokens) ---" in stdout and "llmtrain: exporting" in stdout
         assert (clone / "runs" / "gpt2_tiny" / "final" / "model.safetensors").is_file()
     elif cmd.startswith("make train ARGS="):  # same configuration, longer: continues runs/gpt2_tiny
         assert "resuming from" in stdout and re.search(r"run dir \S*/runs/gpt2_tiny$", stdout, re.M), stdout
@@ -141,3 +151,13 @@ def check_promise(cmd: str, stdout: str, stderr: str, clone: Path) -> None:
         assert (clone / "exported" / "gpt2_tiny" / "model.safetensors").is_file()
     elif cmd.startswith(("launch/", "OMP_NUM_THREADS=1 torchrun")):
         assert "× 2 on cpu" in stdout, stdout
+    elif cmd.startswith("llmtrain-generate") and "output=jsonl" in cmd:
+        recs = [json.loads(ln) for ln in stdout.splitlines()]
+        assert len(recs) == 3 and all(r["prompt"] == "import " for r in recs), stdout
+    elif cmd.startswith("llmtrain-generate"):
+        prompt = "def main(" if "def main(" in cmd else "class Tree:"
+        assert stdout.startswith(prompt) and stdout.endswith("\n") and "llmtrain: loaded" in stderr
+    elif cmd.startswith("llmtrain-eval"):
+        assert re.fullmatch(r"eval_loss=\S+ perplexity=\S+ tokens=\d+ blocks=\d+\n", stdout), stdout
+    elif cmd.startswith(PYTHON_BLOCK):
+        assert stdout.startswith("def main(") and ("length" in stdout or "eos" in stdout), stdout
