@@ -15,7 +15,19 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import PY, REPO, SAMPLING, TINY_LM, base_env, losses, read_metrics, run_cmd, samples, train_cli
+from helpers import (
+    PY,
+    REPO,
+    SAMPLING,
+    TINY_LM,
+    base_env,
+    fork_cli,
+    losses,
+    read_metrics,
+    run_cmd,
+    samples,
+    train_cli,
+)
 
 STEPS = 20
 CKPT = 10
@@ -140,7 +152,7 @@ def test_export_cli_consolidates_zero_checkpoint(runs: Runs, root: Path, stage: 
     run = root / f"export_zero{stage}"
     shutil.rmtree(run, ignore_errors=True)
     shutil.copytree(trained, run, ignore=shutil.ignore_patterns("final"))
-    res = run_cmd([PY, "-m", "llmtrain.export", str(run)], timeout=120, env=base_env())
+    res = fork_cli("llmtrain.export", [str(run)], timeout=120)
     assert res.returncode == 0, res.stderr[-3000:]
     exported = GPT2LMHeadModel.from_pretrained(str(run / "final")).state_dict()
     in_run = GPT2LMHeadModel.from_pretrained(str(trained / "final")).state_dict()

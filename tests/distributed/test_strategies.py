@@ -19,6 +19,7 @@ from helpers import (
     SAMPLING,
     TINY_LM,
     base_env,
+    fork_cli,
     free_port,
     losses,
     read_metrics,
@@ -148,7 +149,7 @@ def test_export_cli_matches_final(runs: Runs, name: str, tmp_path: Path) -> None
 
     full = runs(name)
     out, _ = _run_dir_at(full, STEPS, tmp_path / "exported")
-    res = run_cmd([PY, "-m", "llmtrain.export", str(out)], timeout=120, env=base_env())
+    res = fork_cli("llmtrain.export", [str(out)], timeout=120)
     assert res.returncode == 0, res.stderr[-3000:]
 
     trained = GPT2LMHeadModel.from_pretrained(full / "final").eval()

@@ -8,7 +8,19 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import PY, REPO, TINY_LM, base_env, compose, free_port, losses, read_metrics, run_cmd, train_cli
+from helpers import (
+    PY,
+    REPO,
+    TINY_LM,
+    base_env,
+    compose,
+    fork_cli,
+    free_port,
+    losses,
+    read_metrics,
+    run_cmd,
+    train_cli,
+)
 
 from llmtrain import checkpoint as ckpt
 from llmtrain.train import run
@@ -116,7 +128,7 @@ def test_hub_name_offline_fails_fast(tmp_path: Path) -> None:
 ])
 def test_hydra_errors_are_one_line(override: str, line: str, tmp_path: Path) -> None:
     """Hydra's own errors (typo, `+typo`, wrong type, unknown option): one line naming the key, exit 2."""
-    res = run_cmd([PY, "-m", "llmtrain.train", override, f"hydra.run.dir={tmp_path / 'r'}"], timeout=120)
+    res = fork_cli("llmtrain.train", [override, f"hydra.run.dir={tmp_path / 'r'}"], timeout=120)
     assert res.returncode == 2
     lines = res.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"llmtrain: error: {line}"), res.stderr
@@ -124,7 +136,7 @@ def test_hydra_errors_are_one_line(override: str, line: str, tmp_path: Path) -> 
 
 
 def test_help_lists_groups() -> None:
-    res = run_cmd([PY, "-m", "llmtrain.train", "--help"], timeout=120)
+    res = fork_cli("llmtrain.train", ["--help"], timeout=120)
     assert res.returncode == 0
     for group in ("model:", "data:", "optim:", "strategy:", "experiment:", "trainer: debug, default"):
         assert group in res.stdout

@@ -29,6 +29,7 @@ def model_dir(tmp_path_factory) -> Path:
 
 
 def _generate(args: list[str], stdin: str | None = None) -> subprocess.CompletedProcess:
+    """A real process: stdin and the stdout/stderr split are what is tested."""
     return subprocess.run([PY, "-m", "llmtrain.generate", *args], input=stdin, capture_output=True, text=True,
                           cwd=REPO, env=base_env(), timeout=120)
 

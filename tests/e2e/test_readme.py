@@ -7,7 +7,8 @@ working directory (so `runs/`, `corpus.txt` … land there, as on a fresh clone)
   paths in seconds. Keys a command sets itself keep the command's value;
 * `data.tokenizer=gpt2` (the Hub's GPT-2 BPE; there is no network here) becomes the local copy in
   ../shared/data, or the byte tokenizer when that is absent;
-* launchers start 2 CPU processes (NPROC_PER_NODE / NUM_GPUS), and `make` uses the test's own venv.
+* launchers run as pasted (one process per GPU: one here; test_launch_script_reproduces_ddp runs them on
+  two), `make` uses the test's own venv, and `llmtrain-*` lines run forked after the first of each kind.
 
 A command that cannot run here is listed in SKIP with the reason and the test that covers it instead.
 Each command must exit 0 without a traceback, without launcher chatter, and show what the README promises.
@@ -25,7 +26,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from helpers import REPO, SHARED_DATA, base_env, run_cmd
+from helpers import REPO, SHARED_DATA, base_env, fork_cli, run_cmd
 
 pytestmark = pytest.mark.e2e
 
@@ -45,6 +46,9 @@ PLAIN_EXPERIMENTS = ("linear_regression", "mlp_regression", "resnet_images", "cn
 TRAINS = ("make train", "llmtrain-train", "python -m llmtrain.train", "launch/", "torchrun", "deepspeed",
           "accelerate launch")
 PYTHON_BLOCK = "#python\n"  # marks a ```python block among the commands
+SCRIPTS = {"llmtrain-train": "llmtrain.train", "llmtrain-generate": "llmtrain.generate", "llmtrain-eval":
+           "llmtrain.generation.eval", "llmtrain-export": "llmtrain.export", "llmtrain-prepare": "llmtrain.prepare"}
+_SEEN: set[str] = set()
 NOISE = ("Traceback", "FutureWarning", "[INFO]", "Setting OMP_NUM_THREADS", "were not passed", "Retrying in")
 
 
@@ -108,7 +112,7 @@ def test_readme_commands_run_as_pasted(tmp_path: Path) -> None:
     env = base_env(tmp_path / "cache")
     for k in ("OMP_NUM_THREADS", "HYDRA_FULL_ERROR"):  # as on a user's shell: the launchers must cope
         env.pop(k, None)
-    env.update(PATH=f"{VENV_BIN}{os.pathsep}{env['PATH']}", PYTHONPATH=str(clone), NPROC_PER_NODE="2", NUM_GPUS="2")
+    env.update(PATH=f"{VENV_BIN}{os.pathsep}{env['PATH']}", PYTHONPATH=str(clone))
     ran = []
     for cmd in commands:
         if any(cmd.startswith(prefix) for prefix in SKIP):
@@ -120,7 +124,7 @@ def test_readme_commands_run_as_pasted(tmp_path: Path) -> None:
             line = adapt(cmd)
             if line.startswith("make "):  # the venv this test runs in, not a new one
                 line = f"make -o {VENV_BIN.parent}/.installed VENV={VENV_BIN.parent} {line[5:]}"
-            res = run_cmd(["bash", "-c", line], env=env, cwd=clone, timeout=240)
+            res = _run(line, env, clone)
         out = res.stdout + res.stderr
         assert res.returncode == 0, f"{cmd}\n→ {line}\nexit {res.returncode}\n{out[-5000:]}"
         for noise in NOISE:
@@ -128,6 +132,27 @@ def test_readme_commands_run_as_pasted(tmp_path: Path) -> None:
         check_promise(cmd, res.stdout, res.stderr, clone)
         ran.append(cmd)
     assert len(ran) >= 12, ran
+
+
+def _run(line: str, env: dict[str, str], clone: Path) -> subprocess.CompletedProcess:
+    """A shell line; an `llmtrain-*` command without pipes or redirections runs forked (fork_cli: the same
+    main() with the same argv, cwd and environment, without 6 s of imports), the first of each kind for
+    real through its console script."""
+    words = shlex.split(line)
+    if words and words[0] in SCRIPTS and not set("|<>;&") & set(line) and words[0] in _SEEN:
+        return fork_cli(SCRIPTS[words[0]], words[1:], env=env, cwd=clone, timeout=240)
+    _SEEN.add(words[0] if words else "")
+    return run_cmd(["bash", "-c", line], env=env, cwd=clone, timeout=240)
+
+
+def test_console_scripts_name_the_modules_the_tests_fork() -> None:
+    """pyproject's entry points are the modules `_run` forks into (so the forked commands are the scripts')."""
+    import tomllib
+
+    scripts = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]
+    for name, module in SCRIPTS.items():
+        assert scripts[name].split(":")[0] in (module, module.replace(".generate", ".generation.cli")), name
+        assert scripts[name].endswith(":main")
 
 
 def check_promise(cmd: str, stdout: str, stderr: str, clone: Path) -> None:
@@ -149,7 +174,9 @@ def check_promise(cmd: str, stdout: str, stderr: str, clone: Path) -> None:
         assert "name: gpt2_small" in stdout and not (clone / "runs" / "gpt2_small").exists()
     elif cmd.startswith("llmtrain-export"):
         assert (clone / "exported" / "gpt2_tiny" / "model.safetensors").is_file()
-    elif cmd.startswith(("launch/", "OMP_NUM_THREADS=1 torchrun")):
+    elif cmd.startswith("launch/"):
+        assert "× 1 on cpu" in stdout, stdout  # one process per GPU: none here
+    elif cmd.startswith("OMP_NUM_THREADS=1 torchrun --nproc_per_node=2"):
         assert "× 2 on cpu" in stdout, stdout
     elif cmd.startswith("llmtrain-generate") and "output=jsonl" in cmd:
         recs = [json.loads(ln) for ln in stdout.splitlines()]
