@@ -12,7 +12,7 @@ export OMP_NUM_THREADS ?= 2
 export TOKENIZERS_PARALLELISM ?= false
 export HF_HUB_DISABLE_TELEMETRY ?= 1
 
-.PHONY: train test lint format bench clean venv dev
+.PHONY: train test lint format bench dashboard clean venv dev
 
 venv: $(VENV)/.installed
 dev: $(VENV)/.installed-dev
@@ -33,18 +33,22 @@ train: venv
 
 ## Lint + the whole test suite (unit, 2-process distributed over gloo, CLI end-to-end).
 test: dev
-	$(VENV)/bin/ruff check llmtrain tests bench
+	$(VENV)/bin/ruff check llmtrain hydra_plugins tests bench
 	$(VENV)/bin/pytest -q $(ARGS)
 
 lint: dev
-	$(VENV)/bin/ruff check llmtrain tests bench
+	$(VENV)/bin/ruff check llmtrain hydra_plugins tests bench
 
 format: dev
-	$(VENV)/bin/ruff format llmtrain tests bench
+	$(VENV)/bin/ruff format llmtrain hydra_plugins tests bench
 
 bench: dev
 	$(PY) bench/prepare_throughput.py
 	$(PY) bench/loader_throughput.py
+
+## TensorBoard over every run under runs/ and multirun/ (prints the URL; Ctrl-C stops it).
+dashboard: venv
+	$(PY) -m llmtrain.tracking.dashboard $(ARGS)
 
 clean:
 	rm -rf runs outputs multirun .pytest_cache .ruff_cache build dist *.egg-info

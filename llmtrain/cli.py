@@ -41,6 +41,15 @@ def hydra_error(ex: BaseException) -> ConfigError | None:
     return None
 
 
+def hydra_quote(value: str) -> str:
+    """`value` as one Hydra string literal: parentheses, commas, quotes, `${` and all. In Hydra's quoted
+    strings a backslash is literal except before a quote (or the closing quote), where it is doubled."""
+    import re
+
+    body = re.sub(r"(\\+)(?='|$)", lambda m: m.group(1) * 2, value).replace("'", "\\'").replace("${", "\\${")
+    return f"'{body}'"
+
+
 def _first_line(text: str) -> str:
     return next((ln.strip() for ln in text.splitlines() if ln.strip()), text).rstrip(".")
 
@@ -54,7 +63,7 @@ def run_app(app: Callable[[], Any]) -> Any:
         print("llmtrain: interrupted", file=sys.stderr, flush=True)
         sys.exit(EXIT_INTERRUPTED)
     except Exception as ex:
-        err = hydra_error(ex)
+        err = ex if isinstance(ex, ConfigError) else hydra_error(ex)  # also from outside a run (a launcher)
         if err is None:
             raise
         print(f"llmtrain: error: {err}", file=sys.stderr, flush=True)

@@ -58,6 +58,18 @@ def register_configs() -> None:
     cs.store(name="base_config", node=Config)
     for name, node in SCHEMAS.items():
         cs.store(name=name, node=node)
+    from omegaconf import OmegaConf
+
+    from llmtrain.rundir import trial_name
+
+    OmegaConf.register_new_resolver("llmtrain_trial", trial_name, replace=True)  # hydra.sweep.subdir
+    # hydra/launcher=torchrun (its config and class): registered here, as Hydra's plugin scan does not see
+    # modules of an editable install
+    from hydra.core.plugins import Plugins
+
+    from hydra_plugins.llmtrain_launcher.torchrun_launcher import TorchrunLauncher
+
+    Plugins.instance().register(TorchrunLauncher)
 
 
 def conf_dir() -> Path:
@@ -121,7 +133,10 @@ def validate(cfg: Any) -> None:
     s = cfg.scheduler
     require(s.warmup_steps >= 0, "scheduler.warmup_steps", f"must be >= 0 (got {s.warmup_steps})")
     require(0 <= s.min_lr_ratio <= 1, "scheduler.min_lr_ratio", f"must be in [0, 1] (got {s.min_lr_ratio})")
-    require(cfg.logger.log_every > 0, "logger.log_every", f"must be > 0 (got {cfg.logger.log_every})")
+    lg = cfg.logger
+    require(lg.log_every > 0, "logger.log_every", f"must be > 0 (got {lg.log_every})")
+    require(lg.peak_tflops is None or lg.peak_tflops > 0, "logger.peak_tflops",
+            f"must be > 0 TFLOP/s, or null for the table (got {lg.peak_tflops})")
     st = cfg.strategy
     require(st.zero_stage in (0, 1, 2, 3), "strategy.zero_stage", f"must be 0, 1, 2 or 3 (got {st.zero_stage})")
     if st.deepspeed_config:

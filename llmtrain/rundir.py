@@ -16,6 +16,7 @@ from llmtrain.errors import ConfigError
 
 CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.jsonl"
+RECORD_FILE = "run.json"  # status (running | complete | stopped | failed), overrides, times
 # what must not change between a checkpoint and the run resuming it (max_steps, lr, cadences may)
 RESUME_KEYS = ("model", "data", "strategy.name", "trainer.micro_batch_size", "trainer.grad_accum_steps",
                "optim.name")
@@ -131,3 +132,62 @@ def write_config(run_dir: Path, cfg: Any) -> None:
 
 
 
+
+
+def read_run_record(run_dir: Path) -> dict[str, Any]:
+    try:
+        return json.loads((run_dir / RECORD_FILE).read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def write_run_record(run_dir: Path, **fields: Any) -> None:
+    """Update <run>/run.json with `fields` (rank 0; the sweep report reads it)."""
+    from llmtrain.checkpoint import atomic_write_text
+
+    rec = {**read_run_record(run_dir), **fields}
+    run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(run_dir / RECORD_FILE, json.dumps(rec, indent=1) + "\n")
+
+
+MAX_NAME = 120  # longer trial names end in a hash (file names stop at 255 bytes)
+
+
+def swept_keys(argv: list[str], sweeper_params: Any = None) -> set[str]:
+    """Keys a multirun varies: command-line overrides with sweep syntax (a,b / range / choice / interval),
+    and the keys of the sweeper's `params`."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    keys = {str(k) for k in (sweeper_params or {})}
+    parser = OverridesParser.create()
+    for arg in argv:
+        if arg.startswith("-") or "=" not in arg:
+            continue
+        try:
+            o = parser.parse_override(arg)
+        except Exception:  # not an override (a flag's value, …)
+            continue
+        if o.is_sweep_override() and not o.key_or_group.startswith("hydra"):
+            keys.add(o.key_or_group)
+    return keys
+
+
+def trial_name() -> str:
+    """A sweep trial's dir name: its values of the swept keys (`optim.lr=0.001,trainer.micro_batch_size=8`),
+    the same in every rerun of the sweep, so a rerun finds finished and interrupted trials again."""
+    import hashlib
+    import sys
+
+    from hydra.core.hydra_config import HydraConfig
+
+    hc = HydraConfig.get()
+    swept = swept_keys(sys.argv[1:], hc.sweeper.get("params"))
+    values = {}  # key → its value in this trial (the last override of a key wins, as in Hydra)
+    for o in hc.overrides.task:
+        key, _, value = o.lstrip("+~").partition("=")
+        if key in swept:
+            values[key] = value
+    name = ",".join(f"{k}={v}" for k, v in sorted(values.items())).replace("/", "_") or f"trial_{hc.job.num}"
+    if len(name) > MAX_NAME:
+        name = f"{name[:MAX_NAME - 9]}-{hashlib.sha1(name.encode()).hexdigest()[:8]}"
+    return name

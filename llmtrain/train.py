@@ -28,13 +28,15 @@ from llmtrain.distributed.env import (
     read_env,
     strip_local_rank_arg,
 )
-from llmtrain.errors import ConfigError, user_errors_exit
+from llmtrain.errors import ConfigError, Stopped, user_errors_exit
 from llmtrain.export import export_final, read_export_step
 from llmtrain.generation.training import TrainingSampler, truncate_samples
 from llmtrain.models.base import DataInfo, ModelSpec, format_count, get_model_spec
 from llmtrain.optim import Scheduler, build_optimizer
 from llmtrain.precision import Precision, check_supported, resolve, slow_precision_warning
 from llmtrain.tracking import MetricsLogger
+from llmtrain.tracking.flops import peak_flops
+from llmtrain.tracking.sinks import check_wandb
 from llmtrain.trainer import Trainer
 
 
@@ -45,12 +47,15 @@ def seed_everything(seed: int) -> None:
 
 
 @user_errors_exit
-def run(cfg: DictConfig, run_dir: Path, *, pick_dir: bool = False) -> dict[str, Any]:
+def run(cfg: DictConfig, run_dir: Path, *, pick_dir: bool = False, overrides: list[str] | None = None,
+        group: str | None = None) -> dict[str, Any]:
     """Train one run into run_dir; returns the last metrics (train and eval). Every rank calls this.
 
     pick_dir: run_dir is a default, not the user's choice; when it holds a run of another configuration
-    the run goes to a free sibling instead (rundir.pick)."""
+    the run goes to a free sibling instead (rundir.pick). overrides: the command line's, for run.json;
+    group: the sweep a trial belongs to (wandb's group)."""
     validate(cfg)
+    check_wandb(cfg.logger)
     env = read_env()
     device = pick_device(cfg.trainer.device, env)
     precision = resolve(cfg.trainer.precision, device)
@@ -62,7 +67,7 @@ def run(cfg: DictConfig, run_dir: Path, *, pick_dir: bool = False) -> dict[str, 
     strategy = None
     try:
         strategy = build_strategy(cfg.strategy, env, device)
-        return _fit(cfg, run_dir, strategy, device, precision, pick_dir)
+        return _fit(cfg, run_dir, strategy, device, precision, pick_dir, overrides or [], group)
     finally:
         if strategy is not None:
             strategy.close()
@@ -71,7 +76,7 @@ def run(cfg: DictConfig, run_dir: Path, *, pick_dir: bool = False) -> dict[str, 
 
 
 def _fit(cfg: DictConfig, run_dir: Path, strategy: Strategy, device: torch.device, precision: Precision,
-         pick_dir: bool) -> dict[str, Any]:
+         pick_dir: bool, overrides: list[str], group: str | None) -> dict[str, Any]:
     fingerprint = rundir.fingerprint(cfg)
     note = None
     if pick_dir and strategy.is_main:
@@ -101,23 +106,43 @@ def _fit(cfg: DictConfig, run_dir: Path, strategy: Strategy, device: torch.devic
                              block_classes=spec.block_classes(model), micro_batch_size=t.micro_batch_size,
                              grad_accum_steps=t.grad_accum_steps, grad_clip=t.grad_clip))
     scheduler = Scheduler(cfg.scheduler, strategy.optimizer, cfg.optim.lr, t.max_steps)
-    if strategy.is_main and resume_from is None:
-        rundir.write_config(run_dir, cfg)
+    started = time.time()
+    if strategy.is_main:
+        if resume_from is None:
+            rundir.write_config(run_dir, cfg)
+        rundir.write_run_record(run_dir, status="running", overrides=overrides, started=started)
     from omegaconf import OmegaConf
 
     logger = MetricsLogger(cfg.logger, run_dir, enabled=strategy.is_main, total_steps=t.max_steps,
-                           run_config=OmegaConf.to_container(cfg, resolve=True))
+                           run_config=OmegaConf.to_container(cfg, resolve=True), group=group)
     sampler = TrainingSampler(t, spec, cfg.model, data.info, strategy, run_dir, logger.write)
+    seq_len = getattr(cfg.data, "seq_len", None)
     trainer = Trainer(t, spec, strategy, data, scheduler, logger, run_dir, cfg.logger.log_every,
-                      fingerprint=fingerprint, sampler=sampler if sampler.enabled else None)
+                      fingerprint=fingerprint, sampler=sampler if sampler.enabled else None,
+                      flops_per_token=spec.flops_per_token(model, seq_len) if seq_len else None,
+                      peak_flops=peak_flops(device, precision.value, cfg.logger.peak_tflops))
     if resume_from is not None:
         trainer.resume(resume_from)
         if strategy.is_main:
             truncate_samples(run_dir, trainer.step)
     _announce(strategy, trainer, cfg, precision, resume_from)
-    last = trainer.fit()
-    _finish(spec, strategy, cfg, data.info, run_dir, trainer.step, sampler)
+    try:
+        last = trainer.fit()
+        _finish(spec, strategy, cfg, data.info, run_dir, trainer.step, sampler)
+    except BaseException as e:
+        if strategy.is_main:
+            status = "stopped" if isinstance(e, Stopped) else f"failed: {type(e).__name__}: {str(e)[:200]}"
+            _record_end(run_dir, started, status)
+        raise
+    if strategy.is_main:
+        _record_end(run_dir, started, "complete")
     return last or rundir.last_metrics(run_dir)
+
+
+def _record_end(run_dir: Path, started: float, status: str) -> None:
+    """run.json's status and wall time (added over every invocation of a resumed run)."""
+    wall = rundir.read_run_record(run_dir).get("wall_s", 0.0) + time.time() - started
+    rundir.write_run_record(run_dir, status=status, finished=time.time(), wall_s=round(wall, 2))
 
 
 def _is_complete(run_dir: Path, resume_from: Path, max_steps: int) -> bool:
@@ -145,6 +170,11 @@ def _finish(spec: ModelSpec, strategy: Strategy, cfg: DictConfig, info: DataInfo
     if main and final is not None:
         for line in spec.report(cfg.model, info, final):
             print(line, flush=True)
+    if main and cfg.logger.plots:
+        from llmtrain.tracking.plots import loss_plot
+
+        if (png := loss_plot(run_dir)) is not None:
+            print(f"llmtrain: plotted {png}", flush=True)
 
 
 def _announce(strategy: Strategy, trainer: Trainer, cfg: DictConfig, precision: Precision, resume_from: Any) -> None:
@@ -173,14 +203,26 @@ register_configs()
 
 
 @hydra.main(version_base=None, config_path=str(conf_dir()), config_name="config")
-def _hydra_main(cfg: DictConfig) -> Any:
+def _hydra_main(cfg: DictConfig) -> float | None:
+    """The task function; returns the objective a Hydra sweeper minimises: the final eval loss (else the
+    last train loss)."""
     from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
 
-    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    hc = HydraConfig.get()
+    run_dir = Path(hc.runtime.output_dir)
+    group = Path(hc.sweep.dir).name if hc.mode == RunMode.MULTIRUN else None
     try:
-        return run(cfg, run_dir, pick_dir=not _explicit_dir() and cfg.trainer.resume == "auto")
+        last = run(cfg, run_dir, pick_dir=not _explicit_dir() and cfg.trainer.resume == "auto",
+                   overrides=list(hc.overrides.task), group=group)
     finally:
         rundir.remove_if_empty(run_dir)  # Hydra creates it before a run can refuse its config
+    return objective(last)
+
+
+def objective(metrics: dict[str, Any]) -> float | None:
+    value = metrics.get("eval_loss", metrics.get("loss"))
+    return float(value) if value is not None else None
 
 
 def main() -> None:

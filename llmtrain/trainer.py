@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -19,6 +20,7 @@ from llmtrain.models.base import Batch, ModelSpec
 from llmtrain.optim import Scheduler
 from llmtrain.precision import Precision
 from llmtrain.tracking import MetricsLogger
+from llmtrain.tracking.flops import mfu
 
 EXIT_SIGINT = 130
 
@@ -55,9 +57,11 @@ class Trainer:
     def __init__(self, cfg: TrainerConfig, spec: ModelSpec, strategy: Strategy, data: DataModule,
                  scheduler: Scheduler, logger: MetricsLogger, run_dir: Path, log_every: int,
                  fingerprint: dict[str, Any] | None = None, stop: StopRequest | None = None,
-                 sampler: Callable[[int], Any] | None = None) -> None:
+                 sampler: Callable[[int], Any] | None = None, flops_per_token: float | None = None,
+                 peak_flops: float | None = None) -> None:
         self.cfg, self.spec, self.strategy, self.data = cfg, spec, strategy, data
         self.sampler = sampler  # samples from the current weights (a collective); see generation.training
+        self.flops_per_token, self.peak_flops = flops_per_token, peak_flops  # MFU when both are known
         self.scheduler, self.logger, self.run_dir, self.log_every = scheduler, logger, run_dir, log_every
         self.fingerprint = fingerprint  # config a checkpoint is valid for (stored in every checkpoint)
         self.stop = stop or StopRequest(announce=strategy.is_main)
@@ -128,7 +132,9 @@ class Trainer:
     def train_step(self) -> dict[str, Any]:
         """One optimizer step over grad_accum_steps micro-batches, normalised by the global count."""
         s, k = self.strategy, self.cfg.grad_accum_steps
+        t0 = time.perf_counter()
         batches = [next(self.train_loader) for _ in range(k)]
+        data_wait = time.perf_counter() - t0
         counts = torch.tensor([sum(self.spec.count(b) for b in batches), sum(_rows(b) for b in batches)],
                               dtype=torch.float64, device=s.device)
         s.all_reduce(counts)  # global targets, global samples
@@ -147,7 +153,7 @@ class Trainer:
         s.all_reduce(loss_sum)
         norm = float(grad_norm) if grad_norm is not None else s.last_grad_norm()
         out = {"step": self.step + 1, "loss": (loss_sum / counts[0]).item(), "lr": lr, "grad_norm": norm,
-               "targets": int(counts[0].item()), "samples": int(counts[1].item())}
+               "targets": int(counts[0].item()), "samples": int(counts[1].item()), "data_wait_s": data_wait}
         if s.loss_scale() is not None:
             out.update(loss_scale=s.loss_scale(), skipped=not stepped)
         return out
@@ -160,17 +166,25 @@ class Trainer:
         loader = self._loader("val", shuffle=False)
         n = max(1, min(self.cfg.eval_batches, loader.sampler.batches_per_epoch))
         self.logger.status(f"step {self.step}: evaluating ({n} batches per rank)")
-        tot = torch.zeros(2, dtype=torch.float64, device=s.device)
+        sums: dict[str, torch.Tensor] = {}
         for _ in range(n):
             batch = next(loader)
             with s.autocast():
-                part, cnt = self.spec.loss(s.model, batch)
-            tot += torch.stack([part.detach().double(), cnt.detach().double()])
+                part = self.spec.eval_batch(s.model, batch)  # {"loss": sum, "count": n, ...}
+            for key, v in part.items():
+                sums[key] = sums.get(key, 0) + v.detach().double()
         s.model.train()
-        s.all_reduce(tot)
-        rec = {"step": self.step, "eval_loss": (tot[0] / tot[1]).item()}
+        keys = sorted(sums)
+        tot = s.all_reduce(torch.stack([sums[key] for key in keys]))
+        sums = dict(zip(keys, tot.tolist(), strict=True))
+        rec: dict[str, Any] = {"step": self.step, "eval_loss": sums["loss"] / sums["count"]}
+        if self.lm:
+            rec["perplexity"] = math.exp(min(rec["eval_loss"], 700.0))
+        if "correct" in sums:
+            rec["accuracy"] = sums["correct"] / sums["count"]
         self.logger.log(rec)
-        self.logger.write(f"step {self.step}: eval_loss {rec['eval_loss']:.4f}")
+        extra = "".join(f", {k} {rec[k]:.4g}" for k in ("perplexity", "accuracy") if k in rec)
+        self.logger.write(f"step {self.step}: eval_loss {rec['eval_loss']:.4f}{extra}")
         return rec
 
     # checkpoints ---------------------------------------------------------------------------------------
@@ -194,9 +208,12 @@ class Trainer:
         return self.step == self.cfg.max_steps or (every > 0 and self.step % every == 0)
 
     def _throughput(self, m: dict[str, Any], dt: float) -> dict[str, float]:
+        """Rates of the optimizer step alone (evaluation and checkpoints excluded), over all ranks."""
         out = {"samples_per_s": m["samples"] / dt, "step_time_s": dt}
         if self.lm:
             out["tokens_per_s"] = m["targets"] / dt
+            if self.flops_per_token and self.peak_flops:
+                out["mfu"] = mfu(self.flops_per_token, out["tokens_per_s"], self.peak_flops, self.strategy.world_size)
         if self.strategy.device.type == "cuda":
             out["peak_mem_gib"] = torch.cuda.max_memory_allocated(self.strategy.device) / 2**30
         return out

@@ -504,8 +504,9 @@ def _publish(tmp: Path, out: Path, digest: str) -> None:
 def _progress(src: Source, quiet: bool) -> Any:
     from tqdm import tqdm
 
-    return tqdm(total=src.total_bytes, unit="char", unit_scale=True, desc="tokenize", disable=quiet,
-                mininterval=1.0, file=sys.stderr)
+    # on a terminal only: redirected, a bar is carriage-return updates in one line (the summary line stays)
+    return tqdm(total=src.total_bytes, unit="char", unit_scale=True, desc="tokenize",
+                disable=quiet or not sys.stderr.isatty(), mininterval=1.0, file=sys.stderr)
 
 
 # reading -----------------------------------------------------------------------------------------

@@ -54,13 +54,31 @@ def read_env() -> DistEnv:
     """Rank facts from torchrun / deepspeed / accelerate / SLURM variables (1 process if none)."""
     e = os.environ
     if "RANK" not in e and "SLURM_PROCID" in e and "WORLD_SIZE" not in e and "SLURM_NTASKS" in e:
-        # srun without torchrun: map SLURM's variables to torch's.
+        # One task per GPU started by SLURM itself (srun, submitit), no torchrun: map SLURM's variables to
+        # torch's, and rendezvous at the job's first node on a port derived from the job id.
         e["RANK"], e["WORLD_SIZE"] = e["SLURM_PROCID"], e["SLURM_NTASKS"]
         e.setdefault("LOCAL_RANK", e.get("SLURM_LOCALID", "0"))
+        if int(e["WORLD_SIZE"]) > 1:
+            e.setdefault("MASTER_ADDR", first_slurm_host(e.get("SLURM_JOB_NODELIST", "")))
+            e.setdefault("MASTER_PORT", str(20000 + int(e.get("SLURM_JOB_ID", "0")) % 20000))
     rank = int(e.get("RANK", "0"))
     world = int(e.get("WORLD_SIZE", "1"))
     local = int(e.get("LOCAL_RANK", "0"))
     return DistEnv(rank=rank, local_rank=local, world_size=world)
+
+
+def first_slurm_host(nodelist: str) -> str:
+    """The first host of a SLURM node list ("gpu[03-05],gpu07" → gpu03), by `scontrol` when present."""
+    import re
+    import shutil
+    import subprocess
+
+    if shutil.which("scontrol") and nodelist:
+        out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, timeout=30)
+        if out.returncode == 0 and out.stdout.split():
+            return out.stdout.split()[0]
+    m = re.match(r"([^,\[]+)(?:\[([^\],-]+))?", nodelist)
+    return (m.group(1) + (m.group(2) or "")) if m else "127.0.0.1"
 
 
 def pick_device(requested: str, env: DistEnv) -> torch.device:

@@ -20,6 +20,7 @@ import hydra
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig
 
+from llmtrain.cli import hydra_quote
 from llmtrain.config import conf_dir
 from llmtrain.errors import ConfigError, require, user_errors_exit
 from llmtrain.generation.engine import GenerationConfig, config_keys
@@ -134,15 +135,6 @@ def _hydra_main(cfg: DictConfig) -> None:
 
 
 TEXT_KEYS = ("prompt", "source", "prompts_file")  # free text: passed to Hydra quoted, as the user typed it
-
-
-def hydra_quote(value: str) -> str:
-    """`value` as one Hydra string literal: parentheses, commas, quotes, `${` and all. In Hydra's quoted
-    strings a backslash is literal except before a quote (or the closing quote), where it is doubled."""
-    import re
-
-    body = re.sub(r"(\\+)(?='|$)", lambda m: m.group(1) * 2, value).replace("'", "\\'").replace("${", "\\${")
-    return f"'{body}'"
 
 
 def quote_text_args(argv: list[str]) -> list[str]:

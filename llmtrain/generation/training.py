@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from llmtrain.generation.engine import Completion, GenerationConfig
+from llmtrain.tracking.logger import truncate_after
 
 SAMPLES_FILE = "samples.jsonl"
 
@@ -53,7 +54,4 @@ class TrainingSampler:
 
 def truncate_samples(run_dir: Path, step: int) -> None:
     """Drop samples of steps after `step` (from a run that died after its last checkpoint)."""
-    path = run_dir / SAMPLES_FILE
-    if path.is_file():
-        keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= step]
-        path.write_text("".join(ln + "\n" for ln in keep))
+    truncate_after(run_dir / SAMPLES_FILE, step)

@@ -54,6 +54,12 @@ class ModelSpec(ABC):
         accumulation and data parallelism give the same update as one large batch.
         """
 
+    def eval_batch(self, model: nn.Module, batch: Batch) -> dict[str, torch.Tensor]:
+        """Sums for evaluation, added over batches and ranks: "loss" and "count" (eval_loss = loss/count),
+        plus e.g. "correct" (accuracy = correct/count)."""
+        loss_sum, count = self.loss(model, batch)
+        return {"loss": loss_sum, "count": count}
+
     @abstractmethod
     def count(self, batch: Batch) -> int:
         """Number of targets in a batch (known before the forward pass)."""
@@ -70,8 +76,8 @@ class ModelSpec(ABC):
     def load(self, cfg: Any, info: DataInfo, path: Path) -> nn.Module:
         """Inverse of export."""
 
-    def flops_per_token(self, cfg: Any, info: DataInfo, seq_len: int) -> float | None:
-        """Training FLOPs (forward + backward) per target, for MFU; None when unknown."""
+    def flops_per_token(self, model: nn.Module, seq_len: int) -> float | None:
+        """Training FLOPs (forward + backward) per token of a `seq_len` block, for MFU; None when unknown."""
         return None
 
     def generator(self, model: nn.Module, info: DataInfo, device: torch.device) -> Any:

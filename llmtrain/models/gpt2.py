@@ -128,8 +128,13 @@ class GPT2Spec(ModelSpec):
     def count(self, batch: Batch) -> int:
         return int((batch["labels"] != IGNORE_INDEX).sum())
 
-    def flops_per_token(self, cfg: GPT2ModelConfig, info: DataInfo, seq_len: int) -> float | None:
-        return dims(cfg, info).flops_per_token(seq_len) if not cfg.pretrained else None
+    def flops_per_token(self, model: nn.Module, seq_len: int) -> float | None:
+        m = core(model)
+        if isinstance(m, GPT2):
+            return m.dims.flops_per_token(seq_len)
+        from llmtrain.models.gpt2_native import dims_from_hf_config
+
+        return dims_from_hf_config(m.config.to_dict()).flops_per_token(seq_len)
 
     def generator(self, model: nn.Module, info: DataInfo, device: torch.device) -> Any:
         """Generation over the model itself when it is native (its current weights, no copy), else over a

@@ -124,5 +124,11 @@ class VisionSpec(PlainModuleSpec):
         y = batch["y"]  # [B]
         return F.cross_entropy(logits.float(), y, reduction="sum"), torch.tensor(y.shape[0], device=y.device)
 
+    def eval_batch(self, model: nn.Module, batch: Batch) -> dict[str, torch.Tensor]:
+        logits = model(batch["x"]).float()  # [B, num_classes]
+        y = batch["y"]
+        return {"loss": F.cross_entropy(logits, y, reduction="sum"), "count": torch.tensor(y.shape[0], device=y.device),
+                "correct": (logits.argmax(dim=1) == y).sum()}
+
 
 register_model(VisionSpec())

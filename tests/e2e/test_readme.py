@@ -36,6 +36,9 @@ SKIP = {  # command prefix -> why it does not run here (and what covers it)
     "make test": "this is the test suite",
     "pip install": "installing: make does it for every test run; test_installed_package_runs_outside_the_repo",
     "sbatch": "no SLURM here; test_launch_script_reproduces_ddp[slurm.sbatch] runs the template under stand-ins",
+    "make dashboard": "a server that runs until Ctrl-C; test_dashboard_serves_the_runs starts it and asks its API",
+    "llmtrain-train -m hydra/launcher=torchrun": "two torchrun jobs; test_distributed_trials_through_the_torchrun_"
+                                                "launcher runs this command (shrunk) and checks both trials",
 }
 GPT_SHRINK = ["model.n_layer=1", "model.n_head=2", "model.n_embd=32", "model.n_positions=256", "data.seq_len=32",
               "data.embedded_max_bytes=100000", "trainer.micro_batch_size=2", "trainer.grad_accum_steps=1",
@@ -184,6 +187,15 @@ def check_promise(cmd: str, stdout: str, stderr: str, clone: Path) -> None:
     elif cmd.startswith("llmtrain-generate"):
         prompt = "def main(" if "def main(" in cmd else "class Tree:"
         assert stdout.startswith(prompt) and stdout.endswith("\n") and "llmtrain: loaded" in stderr
+    elif cmd.startswith("llmtrain-train -m optim.lr="):
+        assert len([d for d in (clone / "multirun" / "gpt2_tiny").iterdir() if (d / "run.json").is_file()]) == 4
+    elif cmd.startswith("llmtrain-report"):
+        assert len([ln for ln in stdout.splitlines() if ln.startswith("| optim.lr=")]) == 4
+        assert (clone / "multirun" / "gpt2_tiny" / "sweep.png").is_file()
+    elif cmd.startswith("llmtrain-train -m hydra/sweeper=lr_search"):
+        assert (clone / "multirun" / "gpt2_tiny" / "optimization_results.yaml").is_file()
+    elif "logger.wandb_mode=offline" in cmd:
+        assert list((clone / "runs").glob("*/wandb/offline-run-*/run-*.wandb")), stdout
     elif cmd.startswith("llmtrain-eval"):
         assert re.fullmatch(r"eval_loss=\S+ perplexity=\S+ tokens=\d+ blocks=\d+\n", stdout), stdout
     elif cmd.startswith(PYTHON_BLOCK):

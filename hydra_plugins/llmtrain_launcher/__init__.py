@@ -1,0 +1,1 @@
+"""Hydra launcher plugins shipped with llmtrain (`hydra/launcher=torchrun`)."""
