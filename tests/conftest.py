@@ -31,3 +31,21 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+_RENDEZVOUS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
+@pytest.fixture(autouse=True)
+def _no_leaked_rendezvous():
+    """A test that leaves RANK/WORLD_SIZE/MASTER_* behind would make every later in-process run wait for
+    peers that never come; fail that test instead."""
+    before = {k: os.environ.get(k) for k in _RENDEZVOUS}
+    yield
+    leaked = {k: os.environ.get(k) for k in _RENDEZVOUS if os.environ.get(k) != before[k]}
+    for k, v in before.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+    assert not leaked, f"the test left rendezvous variables in os.environ: {leaked}"

@@ -141,7 +141,8 @@ def test_ranks_from_slurm_without_torchrun(tmp_path: Path, monkeypatch: pytest.M
     from llmtrain.distributed.env import read_env
 
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        monkeypatch.delenv(k, raising=False)
+        monkeypatch.setenv(k, "")  # recorded, so the values read_env writes are undone after the test
+        monkeypatch.delenv(k)
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     (bin_dir / "scontrol").write_text("#!/usr/bin/env bash\necho gpu03; echo gpu04\n")
