@@ -141,7 +141,9 @@ def save_checkpoint(run_dir: Path, step: int, strategy: Any, trainer_state: dict
     strategy.barrier()
     if strategy.is_main:
         manifest = {"step": step, "world_size": strategy.world_size, "strategy": type(strategy).__name__,
-                    "config": trainer_state.get("config"), "files": sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file())}
+                    "config": trainer_state.get("config"),
+                    "early_stopped": bool(trainer_state.get("early_stopped", False)),
+                    "files": sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file())}
         atomic_write_text(tmp / MANIFEST, json.dumps(manifest, indent=1))
         if final.exists():  # re-saving a step: keep the old one until the new one is in place
             old = final.with_name(f".old-{final.name}")

@@ -143,6 +143,14 @@ def validate(cfg: Any) -> None:
         require(Path(st.deepspeed_config).is_file(), "strategy.deepspeed_config",
                 f"file not found: {st.deepspeed_config}")
     _check_model_data(cfg)
+    from llmtrain.models import adapters
+
+    adapters.check(cfg.model, st.name.value)
+    require(t.early_stop_patience >= 0, "trainer.early_stop_patience",
+            f"must be >= 0, 0 disables early stopping (got {t.early_stop_patience})")
+    if (t.keep_best or t.early_stop_patience) and t.eval_every == 0:
+        key = "trainer.keep_best" if t.keep_best else "trainer.early_stop_patience"
+        raise ConfigError(key, "needs evaluations during the run; set trainer.eval_every > 0")
 
 
 def _check_model_data(cfg: Any) -> None:
@@ -150,9 +158,10 @@ def _check_model_data(cfg: Any) -> None:
     from llmtrain.models.base import get_model_spec
 
     spec = get_model_spec(cfg.model.family)
-    task = {"text": "lm", "regression": "regression", "images": "classification"}.get(cfg.data.kind)
+    task = {"text": "lm", "instruct": "lm", "regression": "regression", "images": "classification"}.get(cfg.data.kind)
     if task is None:
-        raise ConfigError("data.kind", f"unknown data kind {cfg.data.kind!r}; choose text, regression or images")
+        raise ConfigError("data.kind", f"unknown data kind {cfg.data.kind!r}; choose text, instruct, regression or "
+                                       "images")
     require(spec.task == task, "model", f"model family {spec.name!r} trains on {spec.task} data, but data.kind is "
                                         f"{cfg.data.kind!r}; pick a matching model= and data= pair or an experiment=")
     ctx = spec.context_length(cfg.model)

@@ -37,16 +37,25 @@ def read_export_step(out: Path) -> int | None:
 
 
 def write_final(spec: ModelSpec, model_cfg: Any, info: DataInfo, state: dict[str, torch.Tensor],
-                run_dir: Path, step: int, out: Path | None = None) -> Path:
-    """Load `state` into a fresh plain model and export it atomically to `out` (default run_dir/final)."""
+                run_dir: Path, step: int, out: Path | None = None, record: dict[str, Any] | None = None) -> Path:
+    """Load `state` into a fresh plain model and export it atomically to `out` (default run_dir/final).
+
+    A LoRA model's state is merged into the plain model's weights, and its adapter also goes to adapter/."""
+    from llmtrain.models import adapters
+
     quiet_transformers()
-    model = spec.build(model_cfg, info)
-    model.load_state_dict(state)
     final = out or run_dir / "final"
     tmp = final.with_name(f".{final.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
+    lora = adapters.lora_settings(model_cfg)
+    if lora is not None:
+        adapters.save_adapter(state, lora, tmp / "adapter", getattr(model_cfg, "pretrained", None))
+        state = adapters.merged_state(state, lora, fan_in_fan_out=getattr(model_cfg, "impl", "native") == "hf")
+    model = spec.build(model_cfg, info)
+    model.load_state_dict(state)
     spec.export(model, model_cfg, info, tmp)
-    (tmp / EXPORT_RECORD).write_text(json.dumps({"step": step, "run_dir": str(run_dir.resolve())}) + "\n")
+    rec = {"step": step, "run_dir": str(run_dir.resolve()), **(record or {})}
+    (tmp / EXPORT_RECORD).write_text(json.dumps(rec) + "\n")
     old = final.with_name(f".{final.name}.old")
     if final.exists():
         shutil.rmtree(old, ignore_errors=True)
@@ -57,12 +66,26 @@ def write_final(spec: ModelSpec, model_cfg: Any, info: DataInfo, state: dict[str
 
 
 def export_final(spec: ModelSpec, strategy: Any, model_cfg: Any, info: DataInfo, run_dir: Path,
-                 step: int) -> Path | None:
-    """Gather the trained weights (rank 0) and write final/; every rank calls this."""
+                 step: int, out: Path | None = None, record: dict[str, Any] | None = None) -> Path | None:
+    """Gather the trained weights (rank 0) and write final/ (or `out`); every rank calls this."""
     state = strategy.full_state_dict()
-    final = write_final(spec, model_cfg, info, state, run_dir, step) if strategy.is_main else None
+    final = write_final(spec, model_cfg, info, state, run_dir, step, out, record) if strategy.is_main else None
     strategy.barrier()
     return final
+
+
+def complete_state(spec: ModelSpec, cfg: Any, info: DataInfo, state: dict[str, torch.Tensor]
+                   ) -> dict[str, torch.Tensor]:
+    """A checkpoint of a partly frozen model holds its trainable parameters only: add the frozen ones, rebuilt
+    as the run built them (pretrained dir or seeded init, then the adapters)."""
+    from llmtrain.models import adapters
+
+    if adapters.lora_settings(cfg.model) is None and not list(getattr(cfg.model, "freeze", None) or []):
+        return state
+    torch.manual_seed(cfg.trainer.seed)
+    model = adapters.apply(spec.build(cfg.model, info), cfg.model)
+    adapters.load_trainable_state(model, state)
+    return model.state_dict()
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -102,7 +125,7 @@ def main(argv: list[str] | None = None) -> None:
                                            f"write step {step} elsewhere")
         spec = get_model_spec(cfg.model.family)
         data = build_data(cfg.data, model_cfg=cfg.model)
-        state = consolidate(ck, cfg.strategy.name)
+        state = complete_state(spec, cfg, data.info, consolidate(ck, cfg.strategy.name))
         final = write_final(spec, cfg.model, data.info, state, args.run_dir, step, out=out)
     except ConfigError as err:
         report_and_exit(err)

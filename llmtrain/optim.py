@@ -16,6 +16,7 @@ class OptimName(str, Enum):
     rmsprop = "rmsprop"
     adam = "adam"
     adamw = "adamw"
+    adamw8bit = "adamw8bit"  # bitsandbytes' AdamW with 8-bit state (CUDA only): 2 bytes per parameter, not 8
 
 
 @dataclass
@@ -73,7 +74,23 @@ def build_optimizer(cfg: OptimConfig, model: nn.Module) -> torch.optim.Optimizer
     if name == OptimName.adam:
         # Classic Adam: L2 penalty added to the gradient (AdamW decouples it).
         return torch.optim.Adam(groups, lr=cfg.lr, betas=betas, eps=cfg.eps)
+    if name == OptimName.adamw8bit:
+        return _adamw8bit(groups, cfg, betas)
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=betas, eps=cfg.eps)
+
+
+def _adamw8bit(groups: list[dict], cfg: OptimConfig, betas: tuple[float, float]) -> torch.optim.Optimizer:
+    from llmtrain.errors import ConfigError
+
+    device = groups[0]["params"][0].device
+    if device.type != "cuda":
+        raise ConfigError("optim.name", f"adamw8bit keeps its 8-bit state in GPU kernels (bitsandbytes); this run "
+                                        f"is on {device.type}: use optim=adamw")
+    try:
+        import bitsandbytes as bnb
+    except ImportError:
+        raise ConfigError("optim.name", "adamw8bit needs bitsandbytes: pip install bitsandbytes") from None
+    return bnb.optim.AdamW8bit(groups, lr=cfg.lr, betas=betas, eps=cfg.eps)
 
 
 def lr_factor(cfg: SchedulerConfig, step: int, max_steps: int) -> float:

@@ -31,6 +31,7 @@ from llmtrain.distributed.env import (
 from llmtrain.errors import ConfigError, Stopped, user_errors_exit
 from llmtrain.export import export_final, read_export_step
 from llmtrain.generation.training import TrainingSampler, truncate_samples
+from llmtrain.models import adapters
 from llmtrain.models.base import DataInfo, ModelSpec, format_count, get_model_spec
 from llmtrain.optim import Scheduler, build_optimizer
 from llmtrain.precision import Precision, check_supported, resolve, slow_precision_warning
@@ -93,18 +94,22 @@ def _fit(cfg: DictConfig, run_dir: Path, strategy: Strategy, device: torch.devic
         rundir.check_resumable(resume_from, ckpt.saved_fingerprint(resume_from), fingerprint)
         if _is_complete(run_dir, resume_from, t.max_steps):
             if strategy.is_main:
-                print(f"llmtrain: {run_dir} is complete (step {t.max_steps} of {t.max_steps}, final model in "
+                done = int(ckpt.read_manifest(resume_from)["step"])
+                how = " (stopped early)" if done < t.max_steps else ""
+                print(f"llmtrain: {run_dir} is complete (step {done} of {t.max_steps}{how}, final model in "
                       f"{run_dir / 'final'}); nothing to do. Raise trainer.max_steps to train on, or give a new "
                       "name=... (or hydra.run.dir=...) for a new run", flush=True)
             return rundir.last_metrics(run_dir)
     spec = get_model_spec(cfg.model.family)
     data = build_data(cfg.data, model_cfg=cfg.model, is_main=strategy.is_main, barrier=strategy.barrier)
     seed_everything(t.seed)
-    model = spec.build(cfg.model, data.info)
+    model = adapters.apply(spec.build(cfg.model, data.info), cfg.model)  # freezing, LoRA
+    partly_frozen = any(not p.requires_grad for p in model.parameters())
     strategy.setup(model, lambda m: build_optimizer(cfg.optim, m),
                    SetupArgs(precision=precision, gradient_checkpointing=t.gradient_checkpointing, compile=t.compile,
                              block_classes=spec.block_classes(model), micro_batch_size=t.micro_batch_size,
-                             grad_accum_steps=t.grad_accum_steps, grad_clip=t.grad_clip))
+                             grad_accum_steps=t.grad_accum_steps, grad_clip=t.grad_clip,
+                             trainable_only=partly_frozen))
     scheduler = Scheduler(cfg.scheduler, strategy.optimizer, cfg.optim.lr, t.max_steps)
     started = time.time()
     if strategy.is_main:
@@ -120,7 +125,8 @@ def _fit(cfg: DictConfig, run_dir: Path, strategy: Strategy, device: torch.devic
     trainer = Trainer(t, spec, strategy, data, scheduler, logger, run_dir, cfg.logger.log_every,
                       fingerprint=fingerprint, sampler=sampler if sampler.enabled else None,
                       flops_per_token=spec.flops_per_token(model, seq_len) if seq_len else None,
-                      peak_flops=peak_flops(device, precision.value, cfg.logger.peak_tflops))
+                      peak_flops=peak_flops(device, precision.value, cfg.logger.peak_tflops),
+                      on_best=lambda step, loss: _export_best(spec, strategy, cfg, data.info, run_dir, step, loss))
     if resume_from is not None:
         trainer.resume(resume_from)
         if strategy.is_main:
@@ -139,6 +145,15 @@ def _fit(cfg: DictConfig, run_dir: Path, strategy: Strategy, device: torch.devic
     return last or rundir.last_metrics(run_dir)
 
 
+def _export_best(spec: ModelSpec, strategy: Strategy, cfg: DictConfig, info: DataInfo, run_dir: Path, step: int,
+                 loss: float) -> None:
+    """keep_best: the weights of a new lowest eval loss go to best/ (every rank calls this)."""
+    best = export_final(spec, strategy, cfg.model, info, run_dir, step, out=run_dir / "best",
+                        record={"eval_loss": loss})
+    if best is not None:
+        print(f"llmtrain: step {step}: new best eval_loss {loss:.4f}, exported to {best}", flush=True)
+
+
 def _record_end(run_dir: Path, started: float, status: str) -> None:
     """run.json's status and wall time (added over every invocation of a resumed run)."""
     wall = rundir.read_run_record(run_dir).get("wall_s", 0.0) + time.time() - started
@@ -147,8 +162,10 @@ def _record_end(run_dir: Path, started: float, status: str) -> None:
 
 def _is_complete(run_dir: Path, resume_from: Path, max_steps: int) -> bool:
     """The run trained to max_steps and exported that step: a rerun has nothing to do."""
-    step = int(ckpt.read_manifest(resume_from)["step"])
-    return step >= max_steps and read_export_step(run_dir / "final") == step
+    manifest = ckpt.read_manifest(resume_from)
+    step = int(manifest["step"])
+    done = step >= max_steps or bool(manifest.get("early_stopped"))
+    return done and read_export_step(run_dir / "final") == step
 
 
 def _finish(spec: ModelSpec, strategy: Strategy, cfg: DictConfig, info: DataInfo, run_dir: Path, step: int,

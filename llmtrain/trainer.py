@@ -49,6 +49,8 @@ class TrainerConfig:
     sample_prompts: list[str] = field(default_factory=list)  # several prompts (wins over sample_prompt)
     sample_temperature: float = 0.8  # 0: greedy
     sample_top_k: int = 50
+    keep_best: bool = False  # export the weights of the lowest eval loss to best/ whenever it improves
+    early_stop_patience: int = 0  # stop after this many evaluations without a lower eval loss; 0: never
 
 
 class Trainer:
@@ -58,13 +60,16 @@ class Trainer:
                  scheduler: Scheduler, logger: MetricsLogger, run_dir: Path, log_every: int,
                  fingerprint: dict[str, Any] | None = None, stop: StopRequest | None = None,
                  sampler: Callable[[int], Any] | None = None, flops_per_token: float | None = None,
-                 peak_flops: float | None = None) -> None:
+                 peak_flops: float | None = None, on_best: Callable[[int, float], Any] | None = None) -> None:
         self.cfg, self.spec, self.strategy, self.data = cfg, spec, strategy, data
         self.sampler = sampler  # samples from the current weights (a collective); see generation.training
         self.flops_per_token, self.peak_flops = flops_per_token, peak_flops  # MFU when both are known
         self.scheduler, self.logger, self.run_dir, self.log_every = scheduler, logger, run_dir, log_every
         self.fingerprint = fingerprint  # config a checkpoint is valid for (stored in every checkpoint)
         self.stop = stop or StopRequest(announce=strategy.is_main)
+        self.on_best = on_best  # keep_best: called (every rank) with (step, eval_loss) when eval loss improves
+        self.best: dict[str, Any] = {"loss": math.inf, "step": None, "since": 0}  # since: evals without a new best
+        self.early_stopped = False
         self.step = 0
         self.saved_step = -1  # step of the newest checkpoint this process wrote or resumed from
         self.train_loader = self._loader("train", shuffle=True)
@@ -86,10 +91,12 @@ class Trainer:
         self.logger.open(self.step)
         try:
             with self.stop.installed():
-                while self.step < self.cfg.max_steps:
+                while self.step < self.cfg.max_steps and not self.early_stopped:
                     last = self._one_step()
                     if self.strategy.any_rank(self.stop.requested):  # every rank stops after the same step
                         self._stop_here()
+                if self.early_stopped and self.saved_step != self.step:
+                    self.save()  # the rerun finds the run complete
         except KeyboardInterrupt:  # a second Ctrl-C: the step in flight is abandoned
             hold_signals(self.stop.signals)
             raise Stopped(f"aborted during step {self.step + 1}; {self._resume_hint()}", EXIT_SIGINT) from None
@@ -121,7 +128,9 @@ class Trainer:
         if self.step % self.log_every == 0 or self.step == self.cfg.max_steps:
             self.logger.log(last)
         if self._due(self.cfg.eval_every):
-            last.update(self.evaluate())
+            rec = self.evaluate()
+            last.update(rec)
+            self._track_best(rec["eval_loss"])
         if self._due(self.cfg.ckpt_every):
             self.save()
         every = self.cfg.sample_every
@@ -187,11 +196,28 @@ class Trainer:
         self.logger.write(f"step {self.step}: eval_loss {rec['eval_loss']:.4f}{extra}")
         return rec
 
+    def _track_best(self, loss: float) -> None:
+        """keep_best and early stopping: every rank sees the same (all-reduced) eval loss."""
+        c, b = self.cfg, self.best
+        if not (c.keep_best or c.early_stop_patience):
+            return
+        if loss < b["loss"]:
+            b.update(loss=loss, step=self.step, since=0)
+            if c.keep_best and self.on_best is not None:
+                self.on_best(self.step, loss)
+            return
+        b["since"] += 1
+        if c.early_stop_patience and b["since"] >= c.early_stop_patience and self.step < c.max_steps:
+            self.early_stopped = True
+            self.logger.write(f"step {self.step}: early stop: eval_loss has not improved on {b['loss']:.4f} "
+                              f"(step {b['step']}) for {b['since']} evaluations")
+
     # checkpoints ---------------------------------------------------------------------------------------
     def save(self) -> Path:
         self.logger.status(f"step {self.step}: saving checkpoint")
         state = {"step": self.step, "loader": self.train_loader.state_dict(), "config": self.fingerprint,
-                 "scheduler": self.scheduler.state_dict()}
+                 "scheduler": self.scheduler.state_dict(), "best": dict(self.best),
+                 "early_stopped": self.early_stopped}
         path = ckpt.save_checkpoint(self.run_dir, self.step, self.strategy, state, self.cfg.keep_checkpoints)
         self.saved_step = self.step
         return path
@@ -202,6 +228,8 @@ class Trainer:
         self.step = self.saved_step = int(state["step"])
         self.train_loader.load_state_dict(state["loader"])
         self.scheduler.load_state_dict(state["scheduler"])
+        self.best = dict(state.get("best", self.best))
+        self.early_stopped = bool(state.get("early_stopped", False))
 
     # helpers ---------------------------------------------------------------------------------------------
     def _due(self, every: int) -> bool:

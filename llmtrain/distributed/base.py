@@ -60,6 +60,7 @@ class SetupArgs:
     micro_batch_size: int
     grad_accum_steps: int
     grad_clip: float
+    trainable_only: bool = False  # checkpoints hold the trainable parameters only (the rest is frozen)
 
 
 class Strategy(ABC):

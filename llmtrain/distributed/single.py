@@ -16,6 +16,7 @@ from llmtrain.distributed.base import (
     TorchOptimizerStrategy,
     apply_activation_checkpointing,
 )
+from llmtrain.models.adapters import load_trainable_state, trainable_state
 from llmtrain.precision import autocast, make_grad_scaler
 
 
@@ -43,14 +44,18 @@ class SingleStrategy(TorchOptimizerStrategy):
     # checkpoints: rank 0 writes the full state (DDP replicas are identical) ------------------------
     def save(self, ckpt_dir: Path) -> None:
         if self.is_main:
-            state = {"model": self._plain.state_dict(), "optimizer": self.optimizer.state_dict()}
+            model = trainable_state(self._plain) if self.args.trainable_only else self._plain.state_dict()
+            state = {"model": model, "optimizer": self.optimizer.state_dict()}
             if self.scaler is not None:
                 state["scaler"] = self.scaler.state_dict()
             save_torch(state, ckpt_dir / "model_optim.pt")
 
     def load(self, ckpt_dir: Path) -> None:
         state = load_torch(ckpt_dir / "model_optim.pt", map_location=self.device)
-        self._plain.load_state_dict(state["model"])
+        if self.args.trainable_only:
+            load_trainable_state(self._plain, state["model"])
+        else:
+            self._plain.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         if self.scaler is not None and "scaler" in state:
             self.scaler.load_state_dict(state["scaler"])

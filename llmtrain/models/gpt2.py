@@ -7,7 +7,7 @@ never holds the full fp32 logits), loading and exporting HF GPT-2 dirs. `model.i
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from llmtrain.errors import ConfigError
+from llmtrain.models.adapters import LoraConfig
 from llmtrain.models.base import Batch, DataInfo, ModelSpec, register_model
 from llmtrain.models.gpt2_native import GPT2, IGNORE_INDEX, Block, GPT2Dims, load_hf, save_hf
 
@@ -35,6 +36,8 @@ class GPT2ModelConfig:
     vocab_size: int | None = None  # None: the tokenizer's size
     dropout: float = 0.0
     pretrained: str | None = None  # local dir or hub name to start from (its sizes win)
+    lora: LoraConfig = field(default_factory=LoraConfig)  # low-rank adapters (fine-tuning); see models/adapters.py
+    freeze: list[str] = field(default_factory=list)  # parameter-name globs to freeze, e.g. ["transformer.wte.*"]
 
 
 def dims(cfg: GPT2ModelConfig, info: DataInfo) -> GPT2Dims:

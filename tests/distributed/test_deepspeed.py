@@ -294,6 +294,7 @@ def test_deep_merge_and_generated_config() -> None:
 def test_local_rank_flag_is_stripped(monkeypatch: pytest.MonkeyPatch) -> None:
     from llmtrain.distributed.env import strip_local_rank_arg
 
-    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    monkeypatch.setenv("LOCAL_RANK", "")  # recorded, so the value the call writes is undone after the test
+    monkeypatch.delenv("LOCAL_RANK")
     assert strip_local_rank_arg(["train", "--local_rank=1", "strategy=deepspeed"]) == ["train", "strategy=deepspeed"]
     assert os.environ["LOCAL_RANK"] == "1"
