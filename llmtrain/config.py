@@ -15,6 +15,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
 from llmtrain.data.images import ImageDataConfig
+from llmtrain.data.instruct import InstructDataConfig
 from llmtrain.data.synthetic import RegressionDataConfig
 from llmtrain.data.text import TextDataConfig
 from llmtrain.distributed.base import StrategyConfig
@@ -50,6 +51,7 @@ SCHEMAS: dict[str, type] = {
     "schema_data_text": TextDataConfig,
     "schema_data_regression": RegressionDataConfig,
     "schema_data_images": ImageDataConfig,
+    "schema_data_instruct": InstructDataConfig,
 }
 
 

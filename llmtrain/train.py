@@ -200,7 +200,9 @@ def _announce(strategy: Strategy, trainer: Trainer, cfg: DictConfig, precision: 
     t = cfg.trainer
     gb = t.micro_batch_size * t.grad_accum_steps * strategy.world_size
     where = f"resuming from {resume_from} at step {trainer.step}" if resume_from else "starting fresh"
-    print(f"llmtrain: {cfg.model.family} ({format_count(strategy.num_parameters())} params) · strategy "
+    n, trainable = strategy.num_parameters(), sum(p.numel() for p in strategy.unwrap().parameters() if p.requires_grad)
+    params = f"{format_count(n)} params" + (f", {format_count(trainable)} trainable" if trainable < n else "")
+    print(f"llmtrain: {cfg.model.family} ({params}) · strategy "
           f"{cfg.strategy.name.value} × {strategy.world_size} on {strategy.device} · {precision.value} · global batch "
           f"{gb} ({t.micro_batch_size}×{t.grad_accum_steps}×{strategy.world_size}) · {where} · run dir "
           f"{trainer.run_dir}", flush=True)

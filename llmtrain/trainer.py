@@ -78,7 +78,10 @@ class Trainer:
 
     def _loader(self, split: str, shuffle: bool) -> Loader:
         s = self.strategy
-        return self.data.loader(split, self.cfg.micro_batch_size, seed=self.cfg.seed, shuffle=shuffle,
+        batch = self.cfg.micro_batch_size
+        if split == "val":  # a small eval set (a few fine-tuning examples) is evaluated in smaller batches
+            batch = max(1, min(batch, len(self.data.split("val")) // s.world_size))
+        return self.data.loader(split, batch, seed=self.cfg.seed, shuffle=shuffle,
                                 rank=s.rank, world_size=s.world_size, device=s.device)
 
     # public ----------------------------------------------------------------------------------------

@@ -205,7 +205,7 @@ def register_data(name: str):
 
 def build_data(cfg: Any, *, model_cfg: Any = None, is_main: bool = True, barrier=None) -> DataModule:
     """Build the DataModule named by cfg.kind. `barrier` lets rank 0 prepare files first."""
-    from llmtrain.data import images, synthetic, text  # noqa: F401  (registration)
+    from llmtrain.data import images, instruct, synthetic, text  # noqa: F401  (registration)
     from llmtrain.errors import ConfigError
 
     if cfg.kind not in _REGISTRY:

@@ -79,6 +79,9 @@ class GPT2Spec(ModelSpec):
     def build(self, cfg: GPT2ModelConfig, info: DataInfo) -> nn.Module:
         if cfg.impl not in IMPLS:
             raise ConfigError("model.impl", f"unknown GPT-2 implementation {cfg.impl!r}; choose one of {list(IMPLS)}")
+        if info.extra.get("packed") and cfg.impl == "hf":
+            raise ConfigError("data.packing", "packed examples need model.impl=native to keep attention within each "
+                                              "example; use data.packing=false with model.impl=hf")
         if cfg.pretrained:
             model = self._pretrained(cfg)
             needed = info.extra.get("needed_vocab", info.vocab_size)
@@ -122,6 +125,9 @@ class GPT2Spec(ModelSpec):
     def loss(self, model: nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         labels = batch["labels"]  # [B, T], IGNORE_INDEX where there is no target
         if isinstance(core(model), GPT2):  # the loss runs inside the model's forward (every wrapper's hooks)
+            if "doc_ids" in batch:  # packed examples: positions restart, attention stays within each example
+                return model(input_ids=batch["input_ids"], labels=labels, position_ids=batch["position_ids"],
+                             attn_mask=document_mask(batch["doc_ids"]))
             return model(input_ids=batch["input_ids"], labels=labels)
         logits = model(input_ids=batch["input_ids"], use_cache=False).logits  # [B, T, V]
         loss_sum = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX,
@@ -169,6 +175,13 @@ class GPT2Spec(ModelSpec):
 
             return GPT2LMHeadModel.from_pretrained(str(path))
         return load_hf(Path(path))
+
+
+def document_mask(doc_ids: torch.Tensor) -> torch.Tensor:
+    """[B, 1, T, T] bool, True where query i may attend key j: j <= i within the same example (doc_ids [B, T])."""
+    T = doc_ids.shape[1]
+    causal = torch.ones(T, T, dtype=torch.bool, device=doc_ids.device).tril()
+    return (doc_ids[:, None, :, None] == doc_ids[:, None, None, :]) & causal
 
 
 def model_dims(model: nn.Module) -> GPT2Dims | None:

@@ -86,6 +86,8 @@ def adapt(cmd: str) -> str:
     overrides = shlex.split(args.group(1)) if args else words
     plain = any(f"experiment={e}" in overrides for e in PLAIN_EXPERIMENTS)
     extra = [o for o in (PLAIN_SHRINK if plain else GPT_SHRINK) if o.split("=", 1)[0] not in _keys(overrides)]
+    if "experiment=gpt2_finetune" in overrides:  # prompt/completion data: no embedded corpus
+        extra = [o for o in extra if not o.startswith("data.embedded_max_bytes")]
     if not plain and "data.tokenizer" not in _keys(overrides) and any(
             f"experiment=gpt2_{s}" in overrides for s in ("small", "medium", "large", "xl")):
         extra.append(f"data.tokenizer={tok}")  # those presets use the Hub's GPT-2 BPE
@@ -184,8 +186,13 @@ def check_promise(cmd: str, stdout: str, stderr: str, clone: Path) -> None:
     elif cmd.startswith("llmtrain-generate") and "output=jsonl" in cmd:
         recs = [json.loads(ln) for ln in stdout.splitlines()]
         assert len(recs) == 3 and all(r["prompt"] == "import " for r in recs), stdout
+    elif "experiment=gpt2_finetune" in cmd:
+        run = clone / "runs" / re.search(r"name=(\S+)", cmd).group(1)
+        assert "instruct data: " in stdout and (run / "best" / "config.json").is_file(), stdout
+        if "model.lora.enabled=true" in cmd:
+            assert (run / "final" / "adapter" / "adapter_model.safetensors").is_file()
     elif cmd.startswith("llmtrain-generate"):
-        prompt = "def main(" if "def main(" in cmd else "class Tree:"
+        prompt = next(p for p in ("def main(", "class Tree:", "the standard library module") if p in cmd)
         assert stdout.startswith(prompt) and stdout.endswith("\n") and "llmtrain: loaded" in stderr
     elif cmd.startswith("llmtrain-train -m optim.lr="):
         assert len([d for d in (clone / "multirun" / "gpt2_tiny").iterdir() if (d / "run.json").is_file()]) == 4

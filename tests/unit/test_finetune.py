@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from helpers import TINY_LM, compose, losses
@@ -190,3 +191,35 @@ def test_lora_under_ddp_matches_one_process(pretrained: Path, tmp_path: Path) ->
     assert max(abs(got[s] - ref[s]) / abs(ref[s]) for s in ref) < 1e-5, (got, ref)
     saved = ckpt.load_torch(ckpt.step_dir(tmp_path / "ddp", 5) / "model_optim.pt")
     assert all(".lora_" in k for k in saved["model"])
+
+
+def _val_loss(model: torch.nn.Module, data) -> float:
+    from llmtrain.models.gpt2 import GPT2Spec
+
+    ds = data.split("val")
+    with torch.no_grad():
+        s, n = GPT2Spec().loss(model.eval(), ds.get(np.arange(len(ds))))
+    return float(s) / float(n)
+
+
+@pytest.mark.parametrize("mode", ["padded", "packed"])
+def test_finetuning_learns_a_mapping_the_base_cannot_know(pretrained: Path, tmp_path: Path, mode: str) -> None:
+    """Random 3-letter codes for 12 names (evaluated on the same pairs): the fine-tuned model's eval loss on the
+    completions falls far below the pretrained model's."""
+    from llmtrain.data.base import build_data
+    from llmtrain.models.gpt2_native import load_hf
+
+    rng = np.random.default_rng(0)
+    names = ["alpha", "bravo", "charlie", "delta", "echo", "foxtrot", "golf", "hotel", "india", "juliet", "kilo", "lima"]
+    data = tmp_path / "codes.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"code of {n}: ", "completion": "".join(rng.choice(list("xyzqv"), 3))})
+                            + "\n" for n in names))
+    extra = ["data.packing=true", "data.seq_len=48", "trainer.micro_batch_size=2"] if mode == "packed" else []
+    args = [*[o for o in TINY_LM if not o.startswith("data.")], "data=instruct", f"data.source={data}",
+            f"data.val_source={data}", f"model.pretrained={pretrained}", "trainer.max_steps=60", "trainer.eval_every=0",
+            "scheduler.warmup_steps=0", "optim.lr=1e-2", *extra]
+    cfg = compose(args)
+    run(cfg, tmp_path / "run")
+    dm = build_data(cfg.data, model_cfg=cfg.model)
+    base, tuned = _val_loss(load_hf(pretrained), dm), _val_loss(load_hf(tmp_path / "run" / "final"), dm)
+    assert base > 4.0 and tuned < 0.5 * base, (base, tuned)

@@ -222,12 +222,20 @@ def test_compile_matches_eager(tmp_path: Path) -> None:
     assert keys == set(load_file(eager / "final" / "model.safetensors")) and not any("_orig_mod" in k for k in keys)
 
 
-def test_val_split_smaller_than_a_batch_fails_at_start(tmp_path: Path) -> None:
+def test_val_split_smaller_than_a_batch_is_evaluated_in_smaller_batches(tmp_path: Path) -> None:
+    """A val split of fewer blocks than a micro-batch (a few fine-tuning examples) is evaluated whole, in one
+    smaller batch; the train split must still hold a global micro-batch."""
     run_dir = tmp_path / "run"
+    cfg = _tiny(run_dir, "trainer.micro_batch_size=64", "data.val_fraction=0.01", "trainer.max_steps=2")
+    last = run(cfg, run_dir)
+    from llmtrain.data.base import build_data
+
+    n_val = len(build_data(cfg.data, model_cfg=cfg.model).split("val"))
+    assert 0 < n_val < 64 and "eval_loss" in last, (n_val, last)
     with pytest.raises(SystemExit) as ei:
-        run(_tiny(run_dir, "trainer.micro_batch_size=512", "data.val_fraction=0.01"), run_dir)
+        run(_tiny(tmp_path / "big", "trainer.micro_batch_size=100000"), tmp_path / "big")
     assert ei.value.code == 2
-    assert not (run_dir / "metrics.jsonl").exists()
+    assert not (tmp_path / "big" / "metrics.jsonl").exists()
 
 
 @pytest.mark.skipif(not (SHARED_DATA / "gpt2-tokenizer").is_dir(), reason="needs ../shared/data/gpt2-tokenizer")

@@ -1,0 +1,344 @@
+"""Prompt/completion data for fine-tuning (`data=instruct`): the loss counts completion tokens only.
+
+Each JSONL line is `{"prompt": ..., "completion": ...}` (field names configurable; the texts are joined as
+they are) or `{"messages": [{"role": ..., "content": ...}, ...]}` whose last message is the assistant's answer
+(the completion); the messages before it are the prompt, rendered with the tokenizer's chat template when it
+has one (`template=auto`), else with the plain template:
+
+    ### System:\\n{content}\\n\\n### User:\\n{content}\\n\\n### Assistant:\\n{completion}<eos>
+
+An example's tokens are prompt + completion + EOS; its training row is inputs tokens[:-1] and targets
+tokens[1:], with the ignore label wherever the target is a prompt token. Rows are padded per batch
+(`packing=false`) or packed into rows of `seq_len` (`packing=true`) with position ids restarting per example and
+`doc_ids` that the model turns into an attention mask keeping each example to itself.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from llmtrain.data.base import DataModule, Loader, register_data
+from llmtrain.data.text import check_vocab
+from llmtrain.errors import ConfigError
+from llmtrain.models.base import Batch, DataInfo
+from llmtrain.models.gpt2_native import IGNORE_INDEX
+
+FORMAT_VERSION = 1
+TEMPLATES = ("auto", "plain")
+TOO_LONG = ("truncate", "skip")
+
+
+@dataclass
+class InstructDataConfig:
+    """`data.*` for kind instruct."""
+
+    kind: str = "instruct"
+    source: str = ""  # a .jsonl file of prompt/completion (or messages) records
+    val_source: str | None = None  # a .jsonl for evaluation; None: hold out val_fraction of source
+    val_fraction: float = 0.1
+    tokenizer: str | None = None  # None: model.pretrained's tokenizer; byte | <local dir> | <hub name>
+    prompt_field: str = "prompt"
+    completion_field: str = "completion"
+    messages_field: str = "messages"
+    template: str = "auto"  # auto (the tokenizer's chat template, else plain) | plain
+    seq_len: int = 512  # longest row: an example's tokens minus one
+    packing: bool = False  # pack examples into rows of seq_len (attention kept within each example)
+    too_long: str = "truncate"  # truncate (the prompt, from the left) | skip
+    prefetch: int | None = None  # batches read ahead on a thread; None: 2 on CUDA, 0 on CPU
+
+
+# records → text ----------------------------------------------------------------------------------------
+def plain_template(messages: list[dict[str, str]]) -> str:
+    """The prompt of a chat: every message, then the assistant header."""
+    return "".join(f"### {str(m['role']).capitalize()}:\n{m['content']}\n\n" for m in messages) + "### Assistant:\n"
+
+
+def _special(tok: Any, name: str) -> str:
+    """A special token's text: a transformers tokenizer's attribute, or llmtrain's Tokenizer config."""
+    value = getattr(tok, name, None) or getattr(tok, "config", {}).get(name)
+    return str(value) if value else ""
+
+
+def chat_prompt(tok: Any, messages: list[dict[str, str]], template: str) -> str:
+    """The prompt of a chat: the tokenizer's chat template (rendered as transformers does: `messages`,
+    `add_generation_prompt=True`, `bos_token`, `eos_token`) when `template=auto` and it has one, else plain."""
+    chat = getattr(tok, "chat_template", None)
+    if template == "auto" and isinstance(chat, str) and chat:
+        return _jinja(chat).render(messages=messages, add_generation_prompt=True,
+                                   bos_token=_special(tok, "bos_token"), eos_token=_special(tok, "eos_token"))
+    return plain_template(messages)
+
+
+@functools.lru_cache(maxsize=4)
+def _jinja(source: str) -> Any:
+    from jinja2.exceptions import TemplateError
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def raise_exception(message: str) -> None:
+        raise TemplateError(message)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    env.globals["raise_exception"] = raise_exception
+    return env.from_string(source)
+
+
+def read_records(path: Path, cfg: InstructDataConfig, tok: Any, key: str) -> list[tuple[str, str]]:
+    """(prompt text, completion text) per line; one-line errors naming the file and line."""
+    if not path.is_file():
+        raise ConfigError(key, f"file not found: {path}")
+    out = []
+    with path.open(encoding="utf-8", errors="replace") as f:
+        for no, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            where = f"{path.name}:{no}"
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                raise ConfigError(key, f"{where}: not JSON") from None
+            if not isinstance(rec, dict):
+                raise ConfigError(key, f"{where}: not a JSON object")
+            if cfg.messages_field in rec:
+                msgs = rec[cfg.messages_field]
+                ok = isinstance(msgs, list) and msgs and all(isinstance(m, dict) and "role" in m and "content" in m
+                                                             for m in msgs)
+                if not ok:
+                    raise ConfigError(key, f"{where}: '{cfg.messages_field}' must be a list of {{role, content}}")
+                if msgs[-1]["role"] != "assistant":
+                    raise ConfigError(key, f"{where}: the last message must be the assistant's (the completion)")
+                try:
+                    prompt = chat_prompt(tok, msgs[:-1], cfg.template)
+                except Exception as e:  # the template's own checks (raise_exception) or a broken template
+                    raise ConfigError("data.template", f"{where}: the chat template fails: {e}") from None
+                completion = str(msgs[-1]["content"])
+            else:
+                for field in (cfg.prompt_field, cfg.completion_field):
+                    if field not in rec:
+                        which = "prompt" if field == cfg.prompt_field else "completion"
+                        raise ConfigError(key, f"{where}: no {field!r} field (it has: {', '.join(rec)}); "
+                                               f"set data.{which}_field")
+                prompt, completion = str(rec[cfg.prompt_field]), str(rec[cfg.completion_field])
+            if not completion.strip():
+                raise ConfigError(key, f"{where}: empty completion")
+            out.append((prompt, completion))
+    if not out:
+        raise ConfigError(key, f"{path} holds no examples")
+    return out
+
+
+# tokens, cached ----------------------------------------------------------------------------------------
+def _digest(path: Path, cfg: InstructDataConfig, tok: Any) -> str:
+    from llmtrain.data.tokenizers import tokenizer_hash
+
+    h = hashlib.sha256()
+    h.update(hashlib.sha256(path.read_bytes()).digest())
+    meta = [FORMAT_VERSION, tokenizer_hash(tok), cfg.prompt_field, cfg.completion_field, cfg.messages_field,
+            cfg.template, getattr(tok, "chat_template", None)]
+    h.update(json.dumps(meta).encode())
+    return h.hexdigest()[:20]
+
+
+def encode_file(path: Path, cfg: InstructDataConfig, tok: Any, key: str) -> dict[str, np.ndarray]:
+    """{"tokens": int32 [N], "offsets": [n+1], "prompt_lens": [n]} per example (EOS included), cached."""
+    from llmtrain.data.prepare import cache_root
+
+    if not path.is_file():
+        raise ConfigError(key, f"file not found: {path}")
+    cache = cache_root() / "instruct" / f"{_digest(path, cfg, tok)}.npz"
+    if cache.is_file():
+        with np.load(cache) as z:
+            return {k: z[k] for k in z.files}
+    recs = read_records(path, cfg, tok, key)
+    from llmtrain.data.tokenizers import encode_batch
+
+    prompts = encode_batch(tok, [p for p, _ in recs])
+    completions = encode_batch(tok, [c for _, c in recs])
+    ids = [p + c + [tok.eos_token_id] for p, c in zip(prompts, completions, strict=True)]
+    out = {"tokens": np.concatenate([np.asarray(x, dtype=np.int32) for x in ids]),
+           "offsets": np.cumsum([0] + [len(x) for x in ids]).astype(np.int64),
+           "prompt_lens": np.asarray([len(p) for p in prompts], dtype=np.int64)}
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    tmp = cache.with_name(f".{cache.name}.{os.getpid()}.tmp.npz")
+    np.savez(tmp, **out)
+    os.replace(tmp, cache)
+    return out
+
+
+def rows(enc: dict[str, np.ndarray], idx: np.ndarray, seq_len: int, too_long: str
+         ) -> tuple[list[tuple[np.ndarray, np.ndarray]], int, int]:
+    """(input ids, labels) of the examples at `idx`, fitted to seq_len; and the truncated, skipped counts."""
+    out, truncated, skipped = [], 0, 0
+    for i in idx:
+        a, b = int(enc["offsets"][i]), int(enc["offsets"][i + 1])
+        toks, p = enc["tokens"][a:b].astype(np.int64), int(enc["prompt_lens"][i])
+        if len(toks) - 1 > seq_len:
+            if too_long == "skip":
+                skipped += 1
+                continue
+            truncated += 1
+            cut = len(toks) - 1 - seq_len  # prompt tokens dropped from the left; then the completion's end
+            drop = min(cut, p)
+            toks, p = toks[drop:], p - drop
+            toks = toks[: seq_len + 1]
+        labels = toks[1:].copy()
+        labels[: max(0, p - 1)] = IGNORE_INDEX  # target j is token j+1: a prompt token when j+1 < p
+        out.append((toks[:-1], labels))
+    return out, truncated, skipped
+
+
+class PaddedExamples:
+    """One example per row; a batch is right-padded to its longest row (EOS inputs, ignored labels)."""
+
+    def __init__(self, examples: list[tuple[np.ndarray, np.ndarray]], pad_id: int) -> None:
+        self.examples, self.pad_id = examples, pad_id
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def get(self, indices: np.ndarray) -> Batch:
+        picked = [self.examples[int(i)] for i in indices]
+        T = max(len(x) for x, _ in picked)
+        ids = np.full((len(picked), T), self.pad_id, dtype=np.int64)  # [B, T]
+        labels = np.full((len(picked), T), IGNORE_INDEX, dtype=np.int64)
+        for r, (x, y) in enumerate(picked):
+            ids[r, : len(x)], labels[r, : len(y)] = x, y
+        return {"input_ids": torch.from_numpy(ids), "labels": torch.from_numpy(labels)}
+
+
+class PackedExamples:
+    """Examples packed in order into rows of seq_len; position ids restart and doc_ids number each example."""
+
+    def __init__(self, examples: list[tuple[np.ndarray, np.ndarray]], seq_len: int, pad_id: int) -> None:
+        bins: list[list[int]] = [[]]
+        used = 0
+        for i, (x, _) in enumerate(examples):
+            if used + len(x) > seq_len:
+                bins.append([])
+                used = 0
+            bins[-1].append(i)
+            used += len(x)
+        self.arrays = {k: np.zeros((len(bins), seq_len), dtype=np.int64) for k in ("position_ids", "doc_ids")}
+        self.arrays["input_ids"] = np.full((len(bins), seq_len), pad_id, dtype=np.int64)
+        self.arrays["labels"] = np.full((len(bins), seq_len), IGNORE_INDEX, dtype=np.int64)
+        for r, members in enumerate(bins):
+            at = 0
+            for d, i in enumerate(members, 1):
+                x, y = examples[i]
+                n = len(x)
+                self.arrays["input_ids"][r, at : at + n] = x
+                self.arrays["labels"][r, at : at + n] = y
+                self.arrays["position_ids"][r, at : at + n] = np.arange(n)
+                self.arrays["doc_ids"][r, at : at + n] = d
+                at += n
+
+    def __len__(self) -> int:
+        return len(self.arrays["input_ids"])
+
+    def get(self, indices: np.ndarray) -> Batch:
+        idx = np.asarray(indices, dtype=np.int64)
+        return {k: torch.from_numpy(v[idx]) for k, v in self.arrays.items()}  # each [B, seq_len]
+
+
+@register_data("instruct")
+class InstructDataModule(DataModule):
+    """Tokenises (once, cached; rank 0 first) and serves prompt/completion examples."""
+
+    def __init__(self, cfg: InstructDataConfig, *, model_cfg: Any = None, is_main: bool = True, barrier=None) -> None:
+        self.cfg = cfg
+        check_config(cfg)
+        tok = _tokenizer(cfg, model_cfg)
+        src = Path(cfg.source).expanduser()
+        val_src = Path(cfg.val_source).expanduser() if cfg.val_source else None
+        encoded: dict[str, dict[str, np.ndarray]] = {}
+        if is_main:  # rank 0 writes the caches, the others read them
+            encoded["train"] = encode_file(src, cfg, tok, "data.source")
+            if val_src is not None:
+                encoded["val"] = encode_file(val_src, cfg, tok, "data.val_source")
+        if barrier is not None:
+            barrier()
+        enc = encoded.get("train") or encode_file(src, cfg, tok, "data.source")
+        n = len(enc["prompt_lens"])
+        if val_src is not None:
+            val_enc = encoded.get("val") or encode_file(val_src, cfg, tok, "data.val_source")
+            train_idx, val_idx = np.arange(n), None
+        else:
+            n_val = max(1, int(round(n * cfg.val_fraction)))
+            if n_val >= n:
+                raise ConfigError("data.val_fraction", f"holds out {n_val} of {n} examples, leaving none to train "
+                                                       "on; lower it or give data.val_source")
+            order = np.random.default_rng(0).permutation(n)
+            val_enc, train_idx, val_idx = enc, np.sort(order[n_val:]), np.sort(order[:n_val])
+        if val_idx is None:
+            val_idx = np.arange(len(val_enc["prompt_lens"]))
+        splits, counts = {}, {}
+        for split, e, idx in (("train", enc, train_idx), ("val", val_enc, val_idx)):
+            ex, trunc, skip = rows(e, idx, cfg.seq_len, cfg.too_long)
+            if not ex:
+                raise ConfigError("data.seq_len", f"every {split} example is longer than {cfg.seq_len} tokens and "
+                                                  "data.too_long=skip; raise data.seq_len or use truncate")
+            splits[split] = PackedExamples(ex, cfg.seq_len, tok.eos_token_id) if cfg.packing \
+                else PaddedExamples(ex, tok.eos_token_id)
+            counts[split] = (len(ex), trunc, skip, sum(int((y != IGNORE_INDEX).sum()) for _, y in ex))
+        self._splits = splits
+        top = int(max(enc["tokens"].max(), val_enc["tokens"].max(), tok.eos_token_id))
+        self.info = DataInfo(task="lm", vocab_size=len(tok), eos_token_id=tok.eos_token_id, tokenizer=tok,
+                             extra={"packed": cfg.packing, "needed_vocab": top + 1})
+        check_vocab(top + 1, model_cfg)
+        if is_main:
+            print(self.describe(counts), flush=True)
+
+    def describe(self, counts: dict[str, tuple[int, int, int, int]]) -> str:
+        (n, tr, sk, targets), (nv, trv, skv, _) = counts["train"], counts["val"]
+        notes = [f"{a} {what}" for a, what in ((tr + trv, "truncated"), (sk + skv, "skipped")) if a]
+        layout = f"packed into {len(self._splits['train'])} rows of {self.cfg.seq_len}" if self.cfg.packing \
+            else "padded per batch"
+        return (f"llmtrain: instruct data: {n:,} train / {nv:,} val examples"
+                + (f" ({', '.join(notes)})" if notes else "") + f", {targets:,} completion tokens, {layout}")
+
+    def split(self, name: str) -> PaddedExamples | PackedExamples:
+        return self._splits[name]
+
+    def loader(self, split: str, batch_size: int, *, seed: int, shuffle: bool, rank: int, world_size: int,
+               device: torch.device, prefetch: int | None = None) -> Loader:
+        prefetch = self.cfg.prefetch if prefetch is None else prefetch
+        return super().loader(split, batch_size, seed=seed, shuffle=shuffle, rank=rank, world_size=world_size,
+                              device=device, prefetch=prefetch)
+
+
+def check_config(cfg: InstructDataConfig) -> None:
+    if not cfg.source:
+        raise ConfigError("data.source", "set it to a .jsonl of prompt/completion (or messages) records")
+    if cfg.seq_len <= 0:
+        raise ConfigError("data.seq_len", f"must be > 0 (got {cfg.seq_len})")
+    if cfg.template not in TEMPLATES:
+        raise ConfigError("data.template", f"must be one of {', '.join(TEMPLATES)} (got {cfg.template!r})")
+    if cfg.too_long not in TOO_LONG:
+        raise ConfigError("data.too_long", f"must be one of {', '.join(TOO_LONG)} (got {cfg.too_long!r})")
+    if cfg.val_source is None and not 0 < cfg.val_fraction < 1:
+        raise ConfigError("data.val_fraction", f"must be in (0, 1) (got {cfg.val_fraction})")
+
+
+def _tokenizer(cfg: InstructDataConfig, model_cfg: Any) -> Any:
+    from llmtrain.data.tokenizers import build_tokenizer, load_pretrained_tokenizer
+
+    spec = cfg.tokenizer
+    if spec is None:
+        pretrained = getattr(model_cfg, "pretrained", None)
+        if not pretrained:
+            raise ConfigError("data.tokenizer", "set data.tokenizer, or model.pretrained (its tokenizer is used)")
+        from llmtrain.hub import hf_model_dir
+
+        return load_pretrained_tokenizer(str(hf_model_dir(pretrained, "model.pretrained")))
+    if spec == "bpe":
+        raise ConfigError("data.tokenizer", "bpe trains a new vocabulary; fine-tuning needs the model's own "
+                                            "tokenizer (leave data.tokenizer unset to use model.pretrained's)")
+    return build_tokenizer(spec, 0)
