@@ -17,7 +17,12 @@ def hydra_error(ex: BaseException) -> ConfigError | None:
 
     None when `ex` is not one (a bug keeps its traceback)."""
     from hydra.errors import HydraException, MissingConfigException, OverrideParseException
-    from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
+    from omegaconf.errors import (
+        ConfigAttributeError,
+        ConfigKeyError,
+        MissingMandatoryValue,
+        OmegaConfBaseException,
+    )
 
     cause = ex.__cause__ if isinstance(ex.__cause__, OmegaConfBaseException) else ex
     if isinstance(cause, OmegaConfBaseException) and getattr(cause, "full_key", None):
@@ -26,6 +31,8 @@ def hydra_error(ex: BaseException) -> ConfigError | None:
             typ = getattr(cause, "object_type", None)
             fields = getattr(typ, "__dataclass_fields__", None)
             return unknown_key(key, sorted(fields) if fields else [])
+        if isinstance(cause, MissingMandatoryValue):
+            return ConfigError(key, f"is required; give {key}=... (--help lists the config)")
         return ConfigError(key, _first_line(getattr(cause, "msg", None) or str(cause)))
     if isinstance(ex, MissingConfigException):
         missing = (ex.missing_cfg_file or "").strip("/")

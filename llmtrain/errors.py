@@ -52,7 +52,11 @@ def report_and_exit(err: ConfigError) -> None:
 
 
 def user_errors_exit(fn: F) -> F:
-    """Decorator: a ConfigError raised by fn becomes one stderr line and exit 2; Stopped its own line and code."""
+    """Decorator: a ConfigError raised by fn becomes one stderr line and exit 2; Stopped its own line and code.
+
+    So does a Hydra / OmegaConf error met while fn reads its config (a `???` left unset, a bad interpolation):
+    reported here, inside Hydra's job, it never reaches Hydra's job runner, which would first print
+    `Error executing job with overrides: [...]` on a line of its own."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -66,5 +70,12 @@ def user_errors_exit(fn: F) -> F:
             print(f"llmtrain: {stop}", file=sys.stderr, flush=True)
             release_signals()
             sys.exit(stop.code)
+        except Exception as ex:
+            from llmtrain.cli import hydra_error
+
+            config_err = hydra_error(ex)
+            if config_err is None:
+                raise
+            report_and_exit(config_err)
 
     return wrapper  # type: ignore[return-value]

@@ -14,7 +14,7 @@ import hydra
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig
 
-from llmtrain.config import conf_dir, register_configs
+from llmtrain.config import check_known_keys, conf_dir, register_configs
 from llmtrain.errors import ConfigError, user_errors_exit
 
 
@@ -31,6 +31,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     """Prepare cfg.data; returns its meta.json."""
     from llmtrain.data.prepare import prepare, read_meta
 
+    check_known_keys(cfg)  # a misspelt `+key=value`
     if cfg.data.kind != "text":
         raise ConfigError("data", f"only text data is prepared (got data.kind={cfg.data.kind!r}); use data=text")
     out = prepare(cfg.data, force=cfg.force)

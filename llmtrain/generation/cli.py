@@ -21,7 +21,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig
 
 from llmtrain.cli import hydra_quote
-from llmtrain.config import conf_dir
+from llmtrain.config import check_known_keys, conf_dir
 from llmtrain.errors import ConfigError, require, user_errors_exit
 from llmtrain.generation.engine import GenerationConfig, config_keys
 from llmtrain.generation.sampling import check_device
@@ -82,6 +82,7 @@ def log(msg: str) -> None:
 
 @user_errors_exit
 def run(cfg: DictConfig) -> list[Any]:
+    check_known_keys(cfg)  # a misspelt `+key=value`
     gen_cfg = check(cfg)
     prompts = read_prompts(cfg)
     from llmtrain.generation.engine import Generator

@@ -21,7 +21,7 @@ import hydra
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig
 
-from llmtrain.config import conf_dir, register_configs
+from llmtrain.config import check_known_keys, conf_dir, register_configs
 from llmtrain.errors import ConfigError, require, user_errors_exit
 from llmtrain.generation.sampling import check_device
 
@@ -66,6 +66,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     from llmtrain.generation.sources import load_source
     from llmtrain.precision import autocast
 
+    check_known_keys(cfg)  # a misspelt `+key=value`
     require(cfg.data.kind == "text", "data", f"evaluates text data (got data.kind={cfg.data.kind!r})")
     require(cfg.split in ("val", "train"), "split", f"must be val or train (got {cfg.split!r})")
     require(cfg.batch_size > 0, "batch_size", f"must be > 0 (got {cfg.batch_size})")
