@@ -61,9 +61,26 @@ def _first_line(text: str) -> str:
     return next((ln.strip() for ln in text.splitlines() if ln.strip()), text).rstrip(".")
 
 
+# Libraries that log each HTTP request (or retry) at INFO: under the root logger's INFO level of Hydra's
+# job_logging they would print `HTTP Request: GET https://huggingface.co/...` lines between ours.
+CHATTY_LOGGERS = ("httpx", "httpcore", "huggingface_hub", "urllib3")
+
+
+def quiet_chatty_loggers() -> None:
+    """Those libraries log at WARNING and above only. Set on their own loggers, before Hydra configures
+    logging: its job_logging sets the root's level and leaves the levels of loggers it does not name."""
+    import logging
+
+    for name in CHATTY_LOGGERS:
+        logger = logging.getLogger(name)
+        if logger.level < logging.WARNING:  # NOTSET (0) included: it would follow the root's INFO
+            logger.setLevel(logging.WARNING)
+
+
 def run_app(app: Callable[[], Any]) -> Any:
     """Run a `@hydra.main` app: its composition errors and Ctrl-C end in one line, not a traceback."""
     os.environ.setdefault("HYDRA_FULL_ERROR", "1")  # exceptions reach us instead of Hydra's multi-line report
+    quiet_chatty_loggers()
     try:
         return app()
     except KeyboardInterrupt:
