@@ -50,9 +50,7 @@ def write_final(spec: ModelSpec, model_cfg: Any, info: DataInfo, state: dict[str
     lora = adapters.lora_settings(model_cfg)
     if lora is not None:
         adapters.save_adapter(state, lora, tmp / "adapter", getattr(model_cfg, "pretrained", None))
-        state = adapters.merged_state(state, lora, fan_in_fan_out=getattr(model_cfg, "impl", "native") == "hf")
-    model = spec.build(model_cfg, info)
-    model.load_state_dict(state)
+    model = plain_model(spec, model_cfg, info, state)
     spec.export(model, model_cfg, info, tmp)
     rec = {"step": step, "run_dir": str(run_dir.resolve()), **(record or {})}
     (tmp / EXPORT_RECORD).write_text(json.dumps(rec) + "\n")
@@ -63,6 +61,30 @@ def write_final(spec: ModelSpec, model_cfg: Any, info: DataInfo, state: dict[str
     os.replace(tmp, final)
     shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def plain_model(spec: ModelSpec, model_cfg: Any, info: DataInfo, state: dict[str, torch.Tensor]) -> torch.nn.Module:
+    """A fresh plain model (no adapters) holding the whole `state`: a LoRA model's is merged into the weights."""
+    from llmtrain.models import adapters
+
+    lora = adapters.lora_settings(model_cfg)
+    if lora is not None:
+        state = adapters.merged_state(state, lora, fan_in_fan_out=getattr(model_cfg, "impl", "native") == "hf")
+    model = spec.build(model_cfg, info)
+    model.load_state_dict(state)
+    return model
+
+
+def checkpoint_state(cfg: Any, ck: Path) -> tuple[ModelSpec, Any, dict[str, torch.Tensor]]:
+    """(model spec, data module, whole model state) of a run from its checkpoint `ck` of any strategy,
+    consolidated in memory; the weights a partly frozen or LoRA run leaves out of its checkpoints rebuilt."""
+    from llmtrain.data.base import build_data
+    from llmtrain.distributed.consolidate import consolidate
+    from llmtrain.models.base import get_model_spec
+
+    spec = get_model_spec(cfg.model.family)
+    data = build_data(cfg.data, model_cfg=cfg.model)
+    return spec, data, complete_state(spec, cfg, data.info, consolidate(ck, cfg.strategy.name))
 
 
 def export_final(spec: ModelSpec, strategy: Any, model_cfg: Any, info: DataInfo, run_dir: Path,
@@ -94,9 +116,7 @@ def main(argv: list[str] | None = None) -> None:
 
     from omegaconf import OmegaConf
 
-    from llmtrain.data.base import build_data
     from llmtrain.errors import ConfigError, report_and_exit
-    from llmtrain.models.base import get_model_spec
 
     ap = argparse.ArgumentParser(prog="llmtrain-export", description=main.__doc__)
     ap.add_argument("run_dir", type=Path)
@@ -106,7 +126,6 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     try:
         from llmtrain import checkpoint as ckpt
-        from llmtrain.distributed.consolidate import consolidate
 
         cfg_path = args.run_dir / "config.yaml"
         if not cfg_path.is_file():
@@ -123,9 +142,7 @@ def main(argv: list[str] | None = None) -> None:
                 what = f"the export of step {held}" if held is not None else "files that are not this export"
                 raise ConfigError("--out", f"{out} holds {what}; pass --force to replace it, or --out <dir> to "
                                            f"write step {step} elsewhere")
-        spec = get_model_spec(cfg.model.family)
-        data = build_data(cfg.data, model_cfg=cfg.model)
-        state = complete_state(spec, cfg, data.info, consolidate(ck, cfg.strategy.name))
+        spec, data, state = checkpoint_state(cfg, ck)
         final = write_final(spec, cfg.model, data.info, state, args.run_dir, step, out=out)
     except ConfigError as err:
         report_and_exit(err)

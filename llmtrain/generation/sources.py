@@ -35,9 +35,7 @@ def _from_run(run_dir: Path) -> tuple[GPT2, Any]:
     from omegaconf import OmegaConf
 
     from llmtrain import checkpoint as ckpt
-    from llmtrain.data.base import build_data
-    from llmtrain.distributed.consolidate import consolidate
-    from llmtrain.models.base import get_model_spec
+    from llmtrain.export import checkpoint_state, plain_model
 
     cfg = OmegaConf.load(run_dir / "config.yaml")
     if cfg.model.family != "gpt2":
@@ -45,15 +43,13 @@ def _from_run(run_dir: Path) -> tuple[GPT2, Any]:
     ck = ckpt.resolve_resume("auto", run_dir)
     if ck is None:
         raise ConfigError("source", f"{run_dir} has neither final/ nor a complete checkpoint yet")
-    data = build_data(cfg.data, model_cfg=cfg.model)
-    model = get_model_spec("gpt2").build(cfg.model, data.info)
-    state = consolidate(ck, cfg.strategy.name)
-    if isinstance(model, GPT2):
-        model.load_state_dict(state)
-    else:  # model.impl=hf: transformers' layout, converted
+    spec, data, state = checkpoint_state(cfg, ck)  # a frozen or LoRA run's checkpoint made whole
+    model = plain_model(spec, cfg.model, data.info, state)  # LoRA merged, as in final/
+    if not isinstance(model, GPT2):  # model.impl=hf: transformers' layout, converted
         from llmtrain.models.gpt2_native import dims_from_hf_config
 
         d = dims_from_hf_config(model.config.to_dict())
+        state = model.state_dict()
         model = GPT2(d)
         model.load_state_dict(from_hf_state(state, d))
     return model.eval(), data.info.tokenizer

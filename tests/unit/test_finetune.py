@@ -223,3 +223,38 @@ def test_finetuning_learns_a_mapping_the_base_cannot_know(pretrained: Path, tmp_
     dm = build_data(cfg.data, model_cfg=cfg.model)
     base, tuned = _val_loss(load_hf(pretrained), dm), _val_loss(load_hf(tmp_path / "run" / "final"), dm)
     assert base > 4.0 and tuned < 0.5 * base, (base, tuned)
+
+
+@pytest.mark.parametrize("extra", [["model.freeze=[transformer.wte.*,transformer.h.0.*]"], LORA],
+                         ids=["frozen", "lora"])
+def test_generate_and_eval_from_a_run_without_final(pretrained: Path, tmp_path: Path, extra: list[str],
+                                                    capsys: pytest.CaptureFixture) -> None:
+    """A run dir with checkpoints but no final/ yet: its checkpoint holds the trainable weights only; the
+    model generated from and evaluated is the one final/ holds (frozen weights rebuilt, LoRA merged)."""
+    from omegaconf import OmegaConf
+
+    from llmtrain.generation import Generator
+    from llmtrain.generation.eval import EvalConfig
+    from llmtrain.generation.eval import run as eval_run
+
+    run_dir = tmp_path / "run"
+    cfg = compose(ft(pretrained, *extra, "trainer.max_steps=3"))
+    run(cfg, run_dir)
+    final = tmp_path / "final"
+    (run_dir / "final").rename(final)
+    want, got = Generator.from_pretrained(final, device="cpu"), Generator.from_pretrained(run_dir, device="cpu")
+    ref = want.model.state_dict()
+    assert sorted(got.model.state_dict()) == sorted(ref)
+    for k, v in got.model.state_dict().items():
+        torch.testing.assert_close(v, ref[k], rtol=0, atol=0, msg=k)
+    prompts = ["def ", "x = "]
+    assert [c.text for c in got(prompts, max_new_tokens=12, do_sample=False)] == \
+           [c.text for c in want(prompts, max_new_tokens=12, do_sample=False)]
+
+    def evaluate(source: Path) -> dict:
+        ecfg = OmegaConf.structured(EvalConfig)
+        ecfg.source, ecfg.batch_size, ecfg.batches, ecfg.data = str(source), 4, 2, cfg.data
+        return eval_run(ecfg)
+
+    assert evaluate(run_dir) == evaluate(final)
+    assert capsys.readouterr().out.count("eval_loss=") == 2
