@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import hydra
+import numpy as np
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig
 
@@ -87,20 +88,23 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     require(data_cfg.seq_len <= model.dims.n_positions, "data.seq_len",
             f"{data_cfg.seq_len} exceeds the model's context of {model.dims.n_positions}")
     model = model.to(device).eval()
-    loader = data.loader(cfg.split, cfg.batch_size, seed=0, shuffle=False, rank=0, world_size=1, device=device)
-    n = loader.sampler.batches_per_epoch if cfg.batches == 0 else min(cfg.batches, loader.sampler.batches_per_epoch)
+    ds = data.split(cfg.split)  # every block in order, the last batch as full as the split allows
+    blocks = len(ds) if cfg.batches == 0 else min(cfg.batches * cfg.batch_size, len(ds))
     t0 = time.perf_counter()
     total = torch.zeros(2, dtype=torch.float64, device=device)
     with torch.no_grad():
-        for _ in range(n):
-            batch = next(loader)
+        for start in range(0, blocks, cfg.batch_size):
+            batch = ds.get(np.arange(start, min(start + cfg.batch_size, blocks)))
+            batch = {k: v.to(device) for k, v in batch.items()}
             with autocast(_precision(dtype), device):
                 loss_sum, count = model(batch["input_ids"], labels=batch["labels"])
             total += torch.stack([loss_sum.double(), count.double()])
     mean, tokens = (total[0] / total[1]).item(), int(total[1].item())
-    out = {"eval_loss": mean, "perplexity": math.exp(mean), "tokens": tokens, "blocks": n * cfg.batch_size}
-    print(f"llmtrain: {cfg.split} split of {data.dir}: {n} batches of {cfg.batch_size}×{data_cfg.seq_len} tokens "
-          f"in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
+    out = {"eval_loss": mean, "perplexity": math.exp(mean), "tokens": tokens, "blocks": blocks}
+    n = -(-blocks // cfg.batch_size)
+    print(f"llmtrain: {cfg.split} split of {data.dir}: {blocks} blocks of {data_cfg.seq_len} tokens in {n} "
+          f"batch{'es' if n != 1 else ''} of up to {cfg.batch_size} in {time.perf_counter() - t0:.1f}s",
+          file=sys.stderr)
     print(" ".join(f"{k}={v:.6g}" if isinstance(v, float) else f"{k}={v}" for k, v in out.items()), flush=True)
     return out
 

@@ -8,6 +8,7 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from helpers import TINY_LM, compose, read_metrics
@@ -245,3 +246,65 @@ def test_samples_during_training(trained: Path) -> None:
     final = Generator.from_pretrained(trained / "final", device="cpu")
     assert [c.text for c in final(["def ", "x = "], max_new_tokens=16, do_sample=False, stop_at_eos=True)] == \
            [recs[2]["text"], recs[3]["text"]]
+
+
+@pytest.fixture(scope="module")
+def random_model(tmp_path_factory) -> Path:
+    """A tiny random GPT-2 export on the byte vocabulary (loss bookkeeping needs no trained model)."""
+    from llmtrain.data.tokenizers import byte_tokenizer
+    from llmtrain.models.gpt2_native import GPT2, GPT2Dims, save_hf
+
+    out = tmp_path_factory.mktemp("random") / "model"
+    tok = byte_tokenizer()
+    torch.manual_seed(0)
+    save_hf(GPT2(GPT2Dims(vocab_size=len(tok), n_positions=64, n_embd=32, n_layer=2, n_head=2,
+                          eos_token_id=tok.eos_token_id)), out)
+    tok.save_pretrained(out)
+    return out
+
+
+def _eval_app(overrides: list[str]) -> dict:
+    """llmtrain-eval's run on the config its command line composes."""
+    from hydra import compose as hcompose
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from llmtrain.config import conf_dir
+    from llmtrain.generation.eval import run as eval_run
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(conf_dir()), version_base=None):
+        cfg = hcompose(config_name="eval", overrides=overrides)
+    return eval_run(cfg)
+
+
+def test_eval_scores_every_block_in_any_batch_size(random_model: Path, tmp_path: Path,
+                                                   capsys: pytest.CaptureFixture) -> None:
+    """93 val blocks in batches of 8 (the last one of 5) all count; a batch larger than the split is one
+    batch; the mean equals the loss of all blocks at once; a prepared dir gives what its raw text gives."""
+    from llmtrain.data.prepare import prepare, read_meta
+    from llmtrain.data.text import TextDataConfig, TokenBlocks
+    from llmtrain.models.gpt2_native import load_hf
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("".join(f"line {i}: the quick brown fox\n" for i in range(52)))  # 1498 bytes + EOS
+    data = [f"data.source={corpus}", "data.seq_len=8", "data.val_fraction=0.5"]
+    out = _eval_app([f"source={random_model}", *data, "batch_size=8", "batches=0"])
+    prepared = prepare(TextDataConfig(source=str(corpus), tokenizer=str(random_model), seq_len=8, val_fraction=0.5,
+                                      out_dir=str(tmp_path / "prepared")), quiet=True)
+    meta = read_meta(prepared)
+    blocks = TokenBlocks([prepared / s["file"] for s in meta["shards"]["val"]], meta["dtype"], 8)
+    assert len(blocks) == 93 and out["blocks"] == 93 and out["tokens"] == 93 * 8
+    model = load_hf(random_model).eval()
+    with torch.no_grad():
+        batch = blocks.get(np.arange(93))
+        loss_sum, count = model(batch["input_ids"], labels=batch["labels"])
+    assert out["eval_loss"] == pytest.approx(float(loss_sum) / float(count), rel=1e-6)
+    assert "93 blocks of 8 tokens in 12 batches of up to 8" in capsys.readouterr().err
+    whole = _eval_app([f"source={random_model}", *data, "batch_size=1000"])  # beyond the split's 93 blocks
+    assert whole["blocks"] == 93 and whole["eval_loss"] == pytest.approx(out["eval_loss"], rel=1e-6)
+    part = _eval_app([f"source={random_model}", *data, "batch_size=8", "batches=3"])
+    assert part["blocks"] == 24 and part["tokens"] == 24 * 8
+    from_prepared = _eval_app([f"source={random_model}", f"data.source={prepared}", "data.seq_len=8",
+                               "batch_size=8"])
+    assert from_prepared == out
