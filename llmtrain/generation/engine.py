@@ -257,6 +257,10 @@ class Generator:
         ids = ids or [self.eos]  # an empty prompt starts from end-of-text, as a document would
         ctx = self.dims.n_positions
         if len(ids) + cfg.max_new_tokens > ctx:
+            if cfg.overflow == "error" and len(ids) >= ctx:  # no room for one new token: the prompt's fault
+                raise ConfigError("prompt", f"the prompt ({len(ids)} tokens) leaves no room in the model's context "
+                                            f"of {ctx} tokens; shorten it to fewer than {ctx} tokens, or set "
+                                            "overflow=slide")
             if cfg.overflow == "error":
                 raise ConfigError("max_new_tokens", f"the prompt ({len(ids)} tokens) + max_new_tokens="
                                                     f"{cfg.max_new_tokens} exceed the model's context of {ctx} "
