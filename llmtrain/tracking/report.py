@@ -21,8 +21,18 @@ CSV_COLUMNS = (*COLUMNS, "overrides")
 
 
 def trial_dirs(sweep_dir: Path) -> list[Path]:
-    """Run dirs under the sweep dir (any depth): those holding a config.yaml."""
-    return sorted(p.parent for p in sweep_dir.rglob("config.yaml") if p.parent != sweep_dir)
+    """Run dirs under the sweep dir (any depth): a config.yaml beside run.json or metrics.jsonl, and not inside
+    a wandb/ dir (wandb keeps a config.yaml of its own in <run>/wandb/run-*/files/)."""
+    from llmtrain.rundir import RECORD_FILE
+
+    dirs = []
+    for p in sweep_dir.rglob("config.yaml"):
+        d = p.parent
+        if d == sweep_dir or "wandb" in d.relative_to(sweep_dir).parts:
+            continue
+        if (d / RECORD_FILE).is_file() or (d / "metrics.jsonl").is_file():
+            dirs.append(d)
+    return sorted(dirs)
 
 
 def trial_row(sweep_dir: Path, run_dir: Path) -> dict[str, Any]:
@@ -67,7 +77,8 @@ def report(sweep_dir: Path) -> list[dict[str, Any]]:
         raise ConfigError("sweep_dir", f"{sweep_dir} does not exist")
     dirs = trial_dirs(sweep_dir)
     if not dirs:
-        raise ConfigError("sweep_dir", f"{sweep_dir} holds no llmtrain run (no config.yaml below it)")
+        raise ConfigError("sweep_dir", f"{sweep_dir} holds no llmtrain run (no dir below it with a config.yaml "
+                                          "and a run.json or metrics.jsonl)")
     rows = sorted((trial_row(sweep_dir, d) for d in dirs), key=_key)
     print("| " + " | ".join(COLUMNS) + " |")
     print("|" + "---|" * len(COLUMNS))

@@ -175,3 +175,30 @@ def test_progress_without_a_terminal_is_plain_lines(capsys: pytest.CaptureFixtur
     err = capsys.readouterr().err
     assert "\r" not in err
     assert err.splitlines()[0].startswith("step 1/10 · loss 2.0000 · lr 1.00e-03 · 12.3k tok/s · eta ")
+
+
+def test_report_counts_run_dirs_only(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """wandb's <run>/wandb/run-*/files/config.yaml and a stray config.yaml are not trials; run dirs with
+    metrics.jsonl or run.json are, at any depth."""
+    from llmtrain.tracking.report import report, trial_dirs
+
+    sweep = tmp_path / "sweep"
+    for i, name in enumerate(["optim.lr=0.1", "optim.lr=0.01", "nested/optim.lr=0.001"]):
+        d = sweep / name
+        d.mkdir(parents=True)
+        (d / "config.yaml").write_text("name: x\n")
+        if i == 1:  # refused or stopped before its first step: a run record, no metrics
+            (d / "run.json").write_text(json.dumps({"status": "failed", "overrides": [name]}) + "\n")
+        else:
+            (d / "metrics.jsonl").write_text(json.dumps({"step": 1, "loss": 2.0 - i}) + "\n")
+        files = d / "wandb" / "run-20250101_000000-abcd1234" / "files"
+        files.mkdir(parents=True)
+        (files / "config.yaml").write_text("wandb_version: 1\n")
+        (files / "metrics.jsonl").write_text("")  # not a run even beside what a run dir holds
+    (sweep / "notes").mkdir()
+    (sweep / "notes" / "config.yaml").write_text("a: 1\n")  # not a run
+    want = [sweep / "nested" / "optim.lr=0.001", sweep / "optim.lr=0.01", sweep / "optim.lr=0.1"]
+    assert trial_dirs(sweep) == want
+    rows = report(sweep)
+    assert sorted(r["trial"] for r in rows) == sorted(str(d.relative_to(sweep)) for d in want)
+    assert "3 trials" in capsys.readouterr().err
