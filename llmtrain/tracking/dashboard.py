@@ -38,7 +38,14 @@ def main(argv: list[str] | None = None) -> None:
     tb = program.TensorBoard()
     tb.configure(argv=[None, "--logdir_spec", logdir_spec(dirs), "--host", args.host, "--port", str(args.port),
                        "--reload_interval", "5"])
-    url = tb.launch()
+    try:
+        url = tb.launch()
+    except program.TensorBoardServerException as e:  # the port taken, or an address this host lacks
+        if isinstance(e, program.TensorBoardPortInUseError):
+            report_and_exit(ConfigError("--port", f"port {args.port} on {args.host} is in use (another dashboard?); "
+                                                  "choose another with --port N, or --port 0 for a free one"))
+        key = "--port" if "superuser" in e.msg else "--host"
+        report_and_exit(ConfigError(key, e.msg.removeprefix("TensorBoard ")))
     print(f"llmtrain: dashboard of {', '.join(map(str, dirs))} at {url} (Ctrl-C stops it)", flush=True)
     try:
         while True:

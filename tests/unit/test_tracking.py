@@ -202,3 +202,21 @@ def test_report_counts_run_dirs_only(tmp_path: Path, capsys: pytest.CaptureFixtu
     rows = report(sweep)
     assert sorted(r["trial"] for r in rows) == sorted(str(d.relative_to(sweep)) for d in want)
     assert "3 trials" in capsys.readouterr().err
+
+
+def test_dashboard_on_a_port_in_use_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    import socket
+
+    from llmtrain.tracking.dashboard import main as dashboard_main
+
+    (tmp_path / "runs").mkdir()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as ei:
+            dashboard_main([str(tmp_path / "runs"), "--port", str(port)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert ei.value.code == 2 and len(err) == 1, err
+    assert err[0].startswith(f"llmtrain: error: --port: port {port} on 127.0.0.1 is in use"), err
