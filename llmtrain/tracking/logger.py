@@ -23,7 +23,9 @@ class LoggerConfig:
     progress: bool = True  # a bar on a terminal, else one plain line per log step (stderr)
     tensorboard: bool = True  # <run>/tensorboard (llmtrain-dashboard serves every run's)
     wandb: bool = False
-    wandb_mode: str = "online"  # online | offline (sync later with `wandb sync <run>/wandb/offline-run-*`) | disabled
+    # online | offline (sync later with `wandb sync <run>/wandb/offline-run-*`) | disabled; a WANDB_MODE
+    # environment variable, when set, wins over it (for the login check and the wandb run alike)
+    wandb_mode: str = "online"
     wandb_project: str = "llmtrain"
     wandb_entity: str | None = None
     wandb_group: str | None = None  # None: the sweep's name in a multirun
@@ -55,14 +57,14 @@ class MetricsLogger:
         """Start (or continue after `start_step`) the metrics file, the progress display and the sinks."""
         if not self.enabled:
             return
-        from llmtrain.tracking.sinks import TensorBoardSink, WandbSink
+        from llmtrain.tracking.sinks import TensorBoardSink, WandbSink, wandb_mode
 
         truncate_after(self.path, start_step)
         self._file = open(self.path, "a", buffering=1)  # noqa: SIM115  (closed in close())
         self.progress = Progress(self.total_steps, start_step, enabled=self.cfg.progress)
         if self.cfg.tensorboard:
             self._sinks.append(TensorBoardSink(self.run_dir, start_step))
-        if self.cfg.wandb and self.cfg.wandb_mode != "disabled":
+        if self.cfg.wandb and wandb_mode(self.cfg) != "disabled":
             self._sinks.append(WandbSink(self.cfg, self.run_dir, self.run_config, self.group))
 
     def log(self, record: dict[str, Any]) -> None:

@@ -50,7 +50,7 @@ class WandbSink:
         self.run = wandb.init(project=cfg.wandb_project, entity=cfg.wandb_entity, group=cfg.wandb_group or group,
                               tags=list(cfg.wandb_tags) or None, name=cfg.wandb_name or run_dir.name,
                               notes=cfg.wandb_notes, config=run_config, dir=str(run_dir), id=run_id, resume="allow",
-                              mode=cfg.wandb_mode, settings=wandb.Settings(silent=True, console="off"))
+                              mode=wandb_mode(cfg), settings=wandb.Settings(silent=True, console="off"))
         self.run.define_metric("step")
         self.run.define_metric("*", step_metric="step")
         id_file.write_text(run_id + "\n")
@@ -62,12 +62,25 @@ class WandbSink:
         self.run.finish()
 
 
+def wandb_mode(cfg: Any) -> str:
+    """The mode a run's wandb uses: the WANDB_MODE environment variable when it is set (wandb's own setting,
+    which wins over logger.wandb_mode; 'dryrun' means offline, 'run' online), else logger.wandb_mode. The
+    login check and the wandb run both follow it."""
+    env = os.environ.get("WANDB_MODE", "").strip().lower()
+    if not env:
+        return str(cfg.wandb_mode)
+    mode = {"dryrun": "offline", "run": "online"}.get(env, env)
+    if mode not in WANDB_MODES:
+        raise ConfigError("WANDB_MODE", f"the environment variable must be one of {list(WANDB_MODES)} (got "
+                                        f"{os.environ['WANDB_MODE']!r}); unset it to use logger.wandb_mode")
+    return mode
+
+
 def check_wandb(cfg: Any) -> None:
     """Before training: a wandb mode that can work here, or one line saying why not (never a hang)."""
     if cfg.wandb_mode not in WANDB_MODES:
         raise ConfigError("logger.wandb_mode", f"must be one of {list(WANDB_MODES)} (got {cfg.wandb_mode!r})")
-    if not cfg.wandb or cfg.wandb_mode != "online" or os.environ.get("WANDB_MODE") in ("offline", "disabled",
-                                                                                      "dryrun"):
+    if not cfg.wandb or wandb_mode(cfg) != "online":
         return
     url = urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai"))
     if not _wandb_credentials(url.hostname or ""):

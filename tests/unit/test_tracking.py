@@ -220,3 +220,28 @@ def test_dashboard_on_a_port_in_use_is_one_line(tmp_path: Path, capsys: pytest.C
     err = capsys.readouterr().err.strip().splitlines()
     assert ei.value.code == 2 and len(err) == 1, err
     assert err[0].startswith(f"llmtrain: error: --port: port {port} on 127.0.0.1 is in use"), err
+
+
+def test_wandb_mode_from_the_environment_wins(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                              capsys: pytest.CaptureFixture) -> None:
+    """WANDB_MODE=offline without a login and logger.wandb_mode left at online: the login check and the
+    wandb run both go offline, and the run trains; an unknown WANDB_MODE is one line before training."""
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc
+    monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path / "wandb-config"))
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    run_dir = tmp_path / "run"
+    args = [*SHORT, "logger.wandb=true", "logger.tensorboard=false", "trainer.max_steps=2"]
+    assert compose(args).logger.wandb_mode == "online"
+    run(compose(args), run_dir)
+    files = sorted((run_dir / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert len(files) == 1
+    history = _wandb_run(files[0])[2]
+    assert sorted(h["step"] for h in history if "loss" in h) == [1, 2]
+    monkeypatch.setenv("WANDB_MODE", "cloud")
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as ei:
+        run(compose(args), tmp_path / "other")
+    err = capsys.readouterr().err.strip().splitlines()
+    assert ei.value.code == 2 and len(err) == 1 and err[0].startswith("llmtrain: error: WANDB_MODE: "), err
