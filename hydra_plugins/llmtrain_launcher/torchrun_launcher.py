@@ -4,8 +4,10 @@
 
 Each trial's run dir is the one Hydra gives it (`hydra.sweep.dir`/`hydra.sweep.subdir`); the trial runs
 `python -m torch.distributed.run --standalone --nproc_per_node=N -m llmtrain.train <its overrides>
-hydra.run.dir=<that dir>` and its result (the final eval loss, for a sweeper to minimise) is read back from
-the run dir. Trials run one after another; a trial refused for a bad value (exit 2) ends the sweep.
+hydra.run.dir=<that dir>` with the sweep's name in LLMTRAIN_SWEEP (the trial's wandb group: it runs in
+Hydra's RUN mode, which knows no sweep), and its result (the final eval loss, for a sweeper to minimise) is
+read back from the run dir. Trials run one after another; a trial refused for a bad value (exit 2) ends the
+sweep.
 """
 
 # No `from __future__ import annotations`: Hydra's plugin scan executes this module before it is in
@@ -53,6 +55,7 @@ class TorchrunLauncher(Launcher):
         from llmtrain.cli import hydra_quote
         from llmtrain.config import validate
         from llmtrain.rundir import last_metrics
+        from llmtrain.tracking.sinks import SWEEP_ENV
 
         setup_globals()
         assert self.config is not None and self.hydra_context is not None
@@ -75,7 +78,8 @@ class TorchrunLauncher(Launcher):
                    *overrides, f"hydra.run.dir={hydra_quote(str(run_dir))}"]
             print(f"llmtrain: trial #{idx} on {self.nproc_per_node} processes: {' '.join(overrides)}", file=sys.stderr,
                   flush=True)
-            env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+            env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
+                   SWEEP_ENV: Path(str(cfg.hydra.sweep.dir)).name}  # the trial's wandb group (a RUN of its own)
             code = subprocess.run(cmd, env=env, timeout=self.timeout_s).returncode
             if code == 2:  # the trial's own one-line error said why
                 sys.exit(2)

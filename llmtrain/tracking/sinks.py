@@ -17,6 +17,7 @@ from llmtrain.errors import ConfigError
 
 WANDB_MODES = ("online", "offline", "disabled")
 WANDB_ID_FILE = "wandb_id"
+SWEEP_ENV = "LLMTRAIN_SWEEP"  # the sweep's name, set by hydra/launcher=torchrun for the trials it starts
 
 
 class TensorBoardSink:
@@ -74,6 +75,17 @@ def wandb_mode(cfg: Any) -> str:
         raise ConfigError("WANDB_MODE", f"the environment variable must be one of {list(WANDB_MODES)} (got "
                                         f"{os.environ['WANDB_MODE']!r}); unset it to use logger.wandb_mode")
     return mode
+
+
+def sweep_group(hydra_cfg: Any) -> str | None:
+    """The sweep a run is a trial of (wandb's default group), from the run's Hydra config: the sweep dir's
+    name in a multirun; in a trial the torchrun launcher started (a run of its own, in Hydra's RUN mode) the
+    name the launcher passed in LLMTRAIN_SWEEP; None for a run outside a sweep."""
+    from hydra.types import RunMode
+
+    if hydra_cfg.mode == RunMode.MULTIRUN:
+        return Path(str(hydra_cfg.sweep.dir)).name
+    return os.environ.get(SWEEP_ENV) or None
 
 
 def check_wandb(cfg: Any) -> None:

@@ -245,3 +245,57 @@ def test_wandb_mode_from_the_environment_wins(tmp_path: Path, monkeypatch: pytes
         run(compose(args), tmp_path / "other")
     err = capsys.readouterr().err.strip().splitlines()
     assert ei.value.code == 2 and len(err) == 1 and err[0].startswith("llmtrain: error: WANDB_MODE: "), err
+
+
+def test_torchrun_trials_learn_their_sweep(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """hydra/launcher=torchrun runs each trial in Hydra's RUN mode, which knows no sweep: the launcher passes
+    the sweep's name in LLMTRAIN_SWEEP to every trial (torchrun stubbed here), and sweep_group (wandb's
+    group) reads it there, or the sweep dir's name in a multirun."""
+    import subprocess
+    from types import SimpleNamespace
+
+    from hydra import compose as hcompose
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.types import RunMode
+    from omegaconf import OmegaConf
+
+    from hydra_plugins.llmtrain_launcher import torchrun_launcher
+    from llmtrain.config import conf_dir, register_configs
+    from llmtrain.tracking.sinks import SWEEP_ENV, sweep_group
+
+    sweep_dir = tmp_path / "multirun" / "lr_sweep"
+
+    def load_sweep_config(_config, overrides: list[str]):
+        with initialize_config_dir(config_dir=str(conf_dir()), version_base=None):
+            return hcompose(config_name="config", return_hydra_config=True,
+                            overrides=[*TINY_LM, *overrides, f"hydra.sweep.dir={sweep_dir}",
+                                       f"hydra.sweep.subdir=lr_{overrides[0].split('=')[1]}"])
+
+    calls: list[tuple[list[str], dict]] = []
+
+    def fake_run(cmd: list[str], env: dict, timeout=None) -> subprocess.CompletedProcess:
+        calls.append((cmd, env))
+        return subprocess.CompletedProcess(cmd, 0)
+
+    register_configs()
+    GlobalHydra.instance().clear()
+    config = load_sweep_config(None, ["optim.lr=0.1"])
+    GlobalHydra.instance().clear()
+    monkeypatch.setattr(torchrun_launcher.subprocess, "run", fake_run)
+    monkeypatch.delenv(SWEEP_ENV, raising=False)
+    launcher = torchrun_launcher.TorchrunLauncher(nproc_per_node=2)
+    launcher.setup(hydra_context=SimpleNamespace(config_loader=SimpleNamespace(load_sweep_config=load_sweep_config)),
+                   task_function=lambda cfg: None, config=config)
+    try:
+        rets = launcher.launch([["optim.lr=0.1"], ["optim.lr=0.01"]], initial_job_idx=0)
+    finally:
+        GlobalHydra.instance().clear()
+    assert len(rets) == 2 and [env[SWEEP_ENV] for _, env in calls] == ["lr_sweep", "lr_sweep"]
+    assert [cmd[-1] for cmd, _ in calls] == [f"hydra.run.dir='{sweep_dir / d}'" for d in ("lr_0.1", "lr_0.01")]
+    assert SWEEP_ENV not in __import__("os").environ  # only the trials' environment has it
+    hc = OmegaConf.create({"mode": RunMode.RUN, "sweep": {"dir": "multirun/x"}})
+    assert sweep_group(hc) is None  # a run outside a sweep
+    monkeypatch.setenv(SWEEP_ENV, calls[0][1][SWEEP_ENV])
+    assert sweep_group(hc) == "lr_sweep"  # a trial torchrun started
+    assert sweep_group(OmegaConf.create({"mode": RunMode.MULTIRUN, "sweep": {"dir": "multirun/other"}})) == "other"
