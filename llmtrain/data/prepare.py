@@ -428,10 +428,37 @@ def prepare(cfg: Any, *, quiet: bool = False, only_locate: bool = False, force: 
     return _build(cfg, src, digest, out, quiet)
 
 
+def _plan(cfg: Any, src: Source) -> str:
+    """What preparing `src` is about to do, for the line printed before it starts (BPE training and
+    tokenising a large corpus take a while)."""
+    what = "the embedded corpus" if cfg.source == "embedded" else str(cfg.source)
+    if src.kind == "files":
+        n, size = len(src.files), _size(src.total_bytes or 0)
+        what += f" ({size})" if n == 1 and cfg.source != "embedded" else f" ({n:,} file{'s' if n != 1 else ''}, {size})"
+    if cfg.tokenizer == "bpe":
+        steps = f"training a {cfg.vocab_size}-token BPE, tokenising"
+    elif cfg.tokenizer == "byte":
+        steps = "tokenising into bytes"
+    else:
+        steps = f"tokenising with {cfg.tokenizer}"
+    return f"preparing {what}: {steps} ..."
+
+
+def _size(n: int) -> str:
+    return f"{n / 1e9:.2f} GB" if n >= 1e9 else f"{n / 1e6:.1f} MB" if n >= 1e6 else f"{n / 1e3:.1f} kB"
+
+
 def _build(cfg: Any, src: Source, digest: str, out: Path, quiet: bool) -> Path:
     t0 = time.perf_counter()
-    tok = toks.build_tokenizer(cfg.tokenizer, cfg.vocab_size,
-                               (p for p, _ in iter_pieces(src, cfg.text_field, cfg.hf_split)))
+    # a named tokenizer loads (or fails, with its one line) before the start line; a BPE trains after it
+    tok = None if cfg.tokenizer == "bpe" else toks.build_tokenizer(cfg.tokenizer, cfg.vocab_size)
+    if tok is None:
+        toks.check_bpe_size(cfg.vocab_size)
+    if not quiet:
+        print(f"llmtrain: {_plan(cfg, src)}", file=sys.stderr, flush=True)
+    if tok is None:
+        tok = toks.build_tokenizer(cfg.tokenizer, cfg.vocab_size,
+                                   (p for p, _ in iter_pieces(src, cfg.text_field, cfg.hf_split)))
     eos, vocab = int(tok.eos_token_id), toks.vocab_len(tok)
     dtype = np.dtype(np.uint16 if vocab <= 65536 else np.uint32)
     _REPLACED[0] = 0  # count once, during tokenisation

@@ -160,15 +160,20 @@ def load_pretrained_tokenizer(name_or_dir: str) -> Tokenizer:
                                             "bpe or byte work offline") from None
 
 
+def check_bpe_size(vocab_size: int) -> None:
+    """The vocabulary size a BPE can be trained to."""
+    if vocab_size < 257:
+        raise ConfigError("data.vocab_size", f"a bpe vocabulary needs > 256 tokens (got {vocab_size})")
+    if vocab_size > (1 << 31) - 1:
+        raise ConfigError("data.vocab_size", f"{vocab_size} is too large")
+
+
 def build_tokenizer(spec: str, vocab_size: int, texts: Iterable[str] | None = None) -> Tokenizer:
     """`byte` | `bpe` (trained on `texts`) | local dir | hub name."""
     if spec == "byte":
         return byte_tokenizer()
     if spec == "bpe":
-        if vocab_size < 257:
-            raise ConfigError("data.vocab_size", f"a bpe vocabulary needs > 256 tokens (got {vocab_size})")
-        if vocab_size > (1 << 31) - 1:
-            raise ConfigError("data.vocab_size", f"{vocab_size} is too large")
+        check_bpe_size(vocab_size)
         assert texts is not None, "bpe needs the corpus to train on"
         return train_bpe(texts, vocab_size)
     return load_pretrained_tokenizer(spec)

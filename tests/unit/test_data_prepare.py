@@ -213,3 +213,26 @@ def test_data_module_uses_prepared_dir_and_checks_seq_len_and_vocab(tmp_path):
     (tmp_path / "pre" / "config.json").write_text(json.dumps({"vocab_size": 200}))
     with pytest.raises(ConfigError, match="data.tokenizer"):
         TextDataModule(cfg_for(out), model_cfg=SimpleNamespace(vocab_size=None, pretrained=str(tmp_path / "pre")))
+
+
+def test_preparation_says_what_it_starts_before_it_ends(tmp_path, capsys):
+    """BPE training and tokenising take a while: a line says what is coming before the summary line; a
+    single file is '1 document'; a reused dir and a tokenizer that cannot load print no start line."""
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("to be or not to be, that is the question\n" * 100)
+    capsys.readouterr()
+    out = prepare(cfg_for(corpus, tmp_path / "out", tokenizer="bpe", vocab_size=300))
+    err = capsys.readouterr().err.splitlines()
+    assert err[0] == f"llmtrain: preparing {corpus} (4.1 kB): training a 300-token BPE, tokenising ..."
+    assert len(err) == 2 and err[1].startswith(f"llmtrain: prepared {out}: ") and " from 1 document, " in err[1]
+    prepare(cfg_for(corpus, tmp_path / "out", tokenizer="bpe", vocab_size=300))
+    assert capsys.readouterr().err.startswith(f"llmtrain: using prepared {out}")
+    write_corpus(tmp_path / "docs")
+    prepare(cfg_for(tmp_path / "docs", tmp_path / "out2"))
+    err = capsys.readouterr().err.splitlines()
+    assert err[0].startswith(f"llmtrain: preparing {tmp_path / 'docs'} (3 files, ") and \
+        err[0].endswith("kB): tokenising into bytes ...")
+    assert " from 4 documents, " in err[1]
+    with pytest.raises(ConfigError):
+        prepare(cfg_for(corpus, tmp_path / "out3", tokenizer=str(tmp_path / "no_such_tokenizer")))
+    assert "preparing" not in capsys.readouterr().err
