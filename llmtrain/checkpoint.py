@@ -1,163 +1,226 @@
-"""Atomic checkpoints: a step directory appears complete or not at all.
+"""Verified, atomic checkpoints: a step directory appears complete or not at all, and is checked before use.
 
 Layout: <run>/checkpoints/step_00000100/{manifest.json, trainer.pt, rng_rank<r>.pt, <strategy files>}.
-Every rank writes into a hidden temp dir; rank 0 writes the manifest last, then renames the dir.
-A crash mid-save leaves only a temp dir, which discovery ignores and the next save replaces.
+Every rank writes into a hidden temp dir; the ranks hash the files between them, rank 0 writes the
+manifest (every file's size and sha256) last, then renames the dir. A crash mid-save leaves only a temp
+dir, which discovery ignores and the next save replaces. Discovery checks that every listed file is there
+with its size; resume also checks the checksums, and falls back to the newest checkpoint that passes,
+with one warning line for each one it skips. Nothing is unpickled but through `safeio.load_torch`.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import random
 import shutil
+import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from llmtrain import faults
+from llmtrain.errors import ConfigError, RunFailed
+from llmtrain.safeio import (
+    UnsafeFile,
+    atomic_write_text,
+    describe_files,
+    fsync_dir,
+    load_torch,
+    replace_dir,
+    save_torch,
+    verify_files,
+)
+
 CKPT_SUBDIR = "checkpoints"
 MANIFEST = "manifest.json"
+TRAINER_FILE = "trainer.pt"
+FORMAT = 2  # manifest "files": {name: {size, sha256}} (format 1: a list of names)
 
 
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode())
-
-
-def save_torch(obj: Any, path: Path) -> None:
-    """torch.save through a temp file and rename."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def load_torch(path: Path, map_location: Any = "cpu") -> Any:
-    return torch.load(path, map_location=map_location, weights_only=False)
-
-
-# RNG ----------------------------------------------------------------------------------------------
+# RNG --------------------------------------------------------------------------------------------------
 def rng_state() -> dict[str, Any]:
-    state = {
-        "python": random.getstate(),
-        "numpy": np.random.get_state(),
-        "torch": torch.get_rng_state(),
-    }
+    """Every RNG a step draws from, as tensors and plain numbers (loadable with weights_only)."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = {"python": random.getstate(), "torch": torch.get_rng_state(),
+             "numpy": {"kind": str(kind), "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)), "pos": int(pos),
+                       "has_gauss": int(has_gauss), "gauss": float(gauss)}}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    random.setstate(_tuples(state["python"]))
+    n = state["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-# discovery ------------------------------------------------------------------------------------------
+def _tuples(x: Any) -> Any:
+    """random.setstate wants tuples where a round trip may give lists."""
+    return tuple(_tuples(v) for v in x) if isinstance(x, (list, tuple)) else x
+
+
+# discovery ---------------------------------------------------------------------------------------------
 def step_dir(run_dir: Path, step: int) -> Path:
     return run_dir / CKPT_SUBDIR / f"step_{step:08d}"
-
-
-def is_complete(ckpt: Path) -> bool:
-    return (ckpt / MANIFEST).is_file()
-
-
-def list_checkpoints(run_dir: Path) -> list[Path]:
-    """Complete checkpoints of a run, oldest first."""
-    root = run_dir / CKPT_SUBDIR
-    if not root.is_dir():
-        return []
-    found = [p for p in root.glob("step_*") if p.is_dir() and is_complete(p)]
-    return sorted(found, key=lambda p: int(p.name.split("_")[1]))
 
 
 def read_manifest(ckpt: Path) -> dict[str, Any]:
     return json.loads((ckpt / MANIFEST).read_text())
 
 
-def resolve_resume(resume: str, run_dir: Path) -> Path | None:
-    """Checkpoint to resume from: 'auto' → newest in run_dir, 'never' → None, else a path.
+def problem(ckpt: Path, checksums: bool = False) -> str | None:
+    """What makes `ckpt` unusable (in a few words), or None: its manifest must parse and list every file
+    with its size (and, with `checksums`, its sha256)."""
+    try:
+        manifest = read_manifest(ckpt)
+    except FileNotFoundError:
+        return f"it has no {MANIFEST} (an unfinished save)"
+    except (OSError, ValueError) as e:
+        return f"its {MANIFEST} is unreadable ({type(e).__name__})"
+    files = manifest.get("files")
+    if isinstance(files, list):  # format 1: names only
+        missing = [n for n in files if not (ckpt / n).is_file()]
+        return f"{missing[0]} is missing" if missing else None
+    if not isinstance(files, dict) or TRAINER_FILE not in files:
+        return f"its {MANIFEST} lists no files"
+    return verify_files(ckpt, files, checksums=checksums)
 
-    A path may name a checkpoint dir or a run dir (its newest checkpoint is taken).
-    """
-    from llmtrain.errors import ConfigError
 
+def is_complete(ckpt: Path) -> bool:
+    return ckpt.is_dir() and problem(ckpt) is None
+
+
+def _step_dirs(run_dir: Path) -> list[Path]:
+    root = run_dir / CKPT_SUBDIR
+    found = [p for p in root.glob("step_*") if p.is_dir() and p.name[5:].isdigit()] if root.is_dir() else []
+    return sorted(found, key=lambda p: int(p.name[5:]))
+
+
+def list_checkpoints(run_dir: Path) -> list[Path]:
+    """Complete checkpoints of a run (manifest + every file at its size), oldest first."""
+    return [p for p in _step_dirs(run_dir) if problem(p) is None]
+
+
+def warn(msg: str) -> None:
+    print(f"llmtrain: warning: {msg}", file=sys.stderr, flush=True)
+
+
+def newest_valid(candidates: list[Path], say: Callable[[str], None] = warn) -> Path | None:
+    """The newest of `candidates` (oldest first) that passes the full check; one line for each skipped."""
+    for ckpt in reversed(candidates):
+        why = problem(ckpt, checksums=True)
+        if why is None:
+            return ckpt
+        older = [c for c in candidates if c != ckpt and int(c.name[5:]) < int(ckpt.name[5:])]
+        nxt = f"trying {older[-1].name}" if older else "no older checkpoint is left: starting from step 0"
+        say(f"checkpoint {ckpt} is not usable: {why}; it is not loaded, {nxt}")
+    return None
+
+
+def resolve_resume(resume: str, run_dir: Path, say: Callable[[str], None] = warn) -> Path | None:
+    """Checkpoint to resume from: 'auto' → the newest valid one in run_dir, 'never' → None, else a path
+    (a checkpoint dir, or a run dir whose newest valid checkpoint is taken)."""
     if resume == "never":
         return None
     if resume == "auto":
-        ckpts = list_checkpoints(run_dir)
-        return ckpts[-1] if ckpts else None
+        return newest_valid(_step_dirs(run_dir), say)
     path = Path(resume).expanduser()
-    if is_complete(path):
+    if (path / MANIFEST).is_file():
+        why = problem(path, checksums=True)
+        if why is not None:
+            raise ConfigError("trainer.resume", f"checkpoint {path} is not usable: {why}")
         return path
-    ckpts = list_checkpoints(path)
-    if ckpts:
-        return ckpts[-1]
-    raise ConfigError("trainer.resume", f"no complete checkpoint at {path}; give a checkpoint dir, a run dir, "
-                                        "'auto' or 'never'")
+    found = newest_valid(_step_dirs(path), say)
+    if found is None:
+        raise ConfigError("trainer.resume", f"no complete checkpoint at {path}; give a checkpoint dir, a run dir, "
+                                            "'auto' or 'never'")
+    return found
 
 
 # save / load ------------------------------------------------------------------------------------------
 def save_checkpoint(run_dir: Path, step: int, strategy: Any, trainer_state: dict[str, Any],
                     keep_last: int) -> Path:
-    """Write checkpoint `step` atomically; every rank calls this."""
+    """Write checkpoint `step` atomically and with checksums; every rank calls this.
+
+    A write error on any rank (a full disk, say) stops every rank with one line; the temp dir is removed and
+    the previous checkpoints stay as they were."""
     final = step_dir(run_dir, step)
     tmp = final.with_name(f".tmp-{final.name}")
-    if strategy.is_main:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
+    err: BaseException | None = None
+    try:
+        if strategy.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        strategy.barrier()
+        strategy.save(tmp)
+        faults.point("save")
+        save_torch(rng_state(), tmp / f"rng_rank{strategy.rank}.pt")
+        if strategy.is_main:
+            save_torch(trainer_state, tmp / TRAINER_FILE)
+    except Exception as e:  # every rank must learn of it, or the others wait for this one forever
+        err = e
+    if strategy.any_rank(err is not None):
+        if strategy.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        io = _io_error(err)
+        said = strategy.gather_object(None if err is None else str(io or f"{type(err).__name__}: {err}"))
+        if err is not None and io is None:
+            raise err  # not a write error: a bug, with its traceback
+        what = next((w for w in said or [] if w), "")
+        prev = list_checkpoints(run_dir)
+        keep = f"the newest good checkpoint stays {prev[-1]}" if prev else "no earlier checkpoint exists"
+        raise RunFailed(f"checkpoint: cannot write step {step} to {final.parent} ({what}); {keep}",
+                        quiet=not strategy.is_main) from None
     strategy.barrier()
-    strategy.save(tmp)
-    save_torch(rng_state(), tmp / f"rng_rank{strategy.rank}.pt")
+    names = strategy.broadcast_object(sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file())
+                                      if strategy.is_main else None)
+    mine = describe_files(tmp, names[strategy.rank::strategy.world_size])  # the ranks share the hashing
+    parts = strategy.gather_object(mine)
     if strategy.is_main:
-        save_torch(trainer_state, tmp / "trainer.pt")
-    strategy.barrier()
-    if strategy.is_main:
-        manifest = {"step": step, "world_size": strategy.world_size, "strategy": type(strategy).__name__,
-                    "config": trainer_state.get("config"),
-                    "early_stopped": bool(trainer_state.get("early_stopped", False)),
-                    "files": sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file())}
+        files = {k: v for part in parts for k, v in part.items()}
+        manifest = {"format": FORMAT, "step": step, "world_size": strategy.world_size,
+                    "strategy": type(strategy).__name__, "config": trainer_state.get("config"),
+                    "early_stopped": bool(trainer_state.get("early_stopped", False)), "files": files}
         atomic_write_text(tmp / MANIFEST, json.dumps(manifest, indent=1))
-        if final.exists():  # re-saving a step: keep the old one until the new one is in place
-            old = final.with_name(f".old-{final.name}")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
-        _fsync_dir(final.parent)
-        for stale in list_checkpoints(run_dir)[:-keep_last] if keep_last > 0 else []:
-            shutil.rmtree(stale, ignore_errors=True)
+        replace_dir(tmp, final)
+        fsync_dir(final.parent)
+        prune(run_dir, keep_last, newest=final)
     strategy.barrier()
     return final
+
+
+def _io_error(err: BaseException | None) -> OSError | None:
+    """The OSError behind a failed save: itself, its cause, or one rank's failure inside DCP's wrapper."""
+    seen = 0
+    while err is not None and seen < 8:
+        if isinstance(err, OSError):
+            return err
+        failures = getattr(err, "failures", None)  # torch.distributed.checkpoint's CheckpointException
+        if isinstance(failures, dict):
+            values = [v[0] if isinstance(v, tuple) else v for v in failures.values()]  # (exception, traceback)
+            found = next((e for e in map(_io_error, values) if isinstance(e, OSError)), None)
+            if found is not None:
+                return found
+        err, seen = getattr(err, "__cause__", None) or getattr(err, "__context__", None), seen + 1
+    return None
+
+
+def prune(run_dir: Path, keep_last: int, newest: Path) -> None:
+    """Keep the `keep_last` newest complete checkpoints; never the one just written, nor the last valid."""
+    if keep_last <= 0:
+        return
+    complete = list_checkpoints(run_dir)
+    if newest not in complete:  # the new one did not verify: keep everything older
+        return
+    for stale in complete[:-keep_last]:
+        shutil.rmtree(stale, ignore_errors=True)
 
 
 def saved_fingerprint(ckpt: Path) -> dict[str, Any] | None:
@@ -165,19 +228,35 @@ def saved_fingerprint(ckpt: Path) -> dict[str, Any] | None:
     manifest = read_manifest(ckpt)
     if "config" in manifest:
         return manifest["config"]
-    return load_torch(ckpt / "trainer.pt").get("config")
+    return _load(ckpt / TRAINER_FILE).get("config")
+
+
+def _load(path: Path, map_location: Any = "cpu") -> Any:
+    try:
+        return load_torch(path, map_location=map_location)
+    except UnsafeFile as e:
+        raise ConfigError("trainer.resume", str(e)) from None
+
+
+def check_world_size(ckpt: Path, strategy: Any) -> None:
+    """One line when the checkpoint's world size differs and the strategy cannot reshard it."""
+    saved = int(read_manifest(ckpt)["world_size"])
+    if saved != strategy.world_size and (why := strategy.reshard_refusal(saved, ckpt)) is not None:
+        raise ConfigError("trainer.resume", why)
 
 
 def load_checkpoint(ckpt: Path, strategy: Any) -> dict[str, Any]:
-    """Restore model/optimizer through the strategy, this rank's RNG, and return the trainer state."""
-    from llmtrain.errors import ConfigError
+    """Restore model/optimizer through the strategy, this rank's RNG, and return the trainer state.
 
-    manifest = read_manifest(ckpt)
-    if manifest["world_size"] != strategy.world_size:
-        raise ConfigError("trainer.resume", f"checkpoint {ckpt} was written by {manifest['world_size']} "
-                                            f"processes, this run has {strategy.world_size}; resume on the same "
-                                            "world size or export it with llmtrain-export")
-    strategy.load(ckpt)
-    trainer_state = load_torch(ckpt / "trainer.pt")
-    set_rng_state(load_torch(ckpt / f"rng_rank{strategy.rank}.pt"))
+    A checkpoint of another world size loads where the strategy can reshard it (`strategy.reshards`);
+    RNG streams then start from the seed (rank r takes rank r's saved stream when there is one)."""
+    check_world_size(ckpt, strategy)
+    try:
+        strategy.load(ckpt)
+    except UnsafeFile as e:
+        raise ConfigError("trainer.resume", str(e)) from None
+    trainer_state = _load(ckpt / TRAINER_FILE)
+    rng = ckpt / f"rng_rank{strategy.rank}.pt"
+    if rng.is_file():
+        set_rng_state(_load(rng))
     return trainer_state

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import sys
 from pathlib import Path
@@ -11,7 +10,9 @@ from typing import Any
 
 import torch
 
+from llmtrain import faults
 from llmtrain.models.base import DataInfo, ModelSpec
+from llmtrain.safeio import replace_dir
 
 EXPORT_RECORD = "llmtrain_export.json"  # which checkpoint step an export holds
 
@@ -54,12 +55,8 @@ def write_final(spec: ModelSpec, model_cfg: Any, info: DataInfo, state: dict[str
     spec.export(model, model_cfg, info, tmp)
     rec = {"step": step, "run_dir": str(run_dir.resolve()), **(record or {})}
     (tmp / EXPORT_RECORD).write_text(json.dumps(rec) + "\n")
-    old = final.with_name(f".{final.name}.old")
-    if final.exists():
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(final, old)
-    os.replace(tmp, final)
-    shutil.rmtree(old, ignore_errors=True)
+    faults.point("export")
+    replace_dir(tmp, final)
     return final
 
 

@@ -18,8 +18,10 @@ CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.jsonl"
 RECORD_FILE = "run.json"  # status (running | complete | stopped | failed), overrides, times
 # what must not change between a checkpoint and the run resuming it (max_steps, lr, cadences may)
-RESUME_KEYS = ("model", "data", "strategy.name", "trainer.micro_batch_size", "trainer.grad_accum_steps",
-               "optim.name")
+RESUME_KEYS = ("model", "data", "strategy.name", "optim.name")
+# what a resume may change, with a note (the global batch: e.g. accumulation doubled on half the processes)
+BATCH_KEYS = ("trainer.micro_batch_size", "trainer.grad_accum_steps")
+FINGERPRINT_KEYS = RESUME_KEYS + BATCH_KEYS  # a default run dir holds runs of one fingerprint
 NOT_FINGERPRINTED = ("num_proc", "out_dir", "prefetch")  # how data is read or prepared, not what it is
 
 
@@ -28,7 +30,7 @@ def fingerprint(cfg: Any) -> dict[str, Any]:
     from omegaconf import OmegaConf
 
     out = {}
-    for key in RESUME_KEYS:
+    for key in FINGERPRINT_KEYS:
         node = OmegaConf.select(cfg, key)
         out[key] = OmegaConf.to_container(node, resolve=True, enum_to_str=True) if OmegaConf.is_config(node) \
             else getattr(node, "value", node)
@@ -37,9 +39,10 @@ def fingerprint(cfg: Any) -> dict[str, Any]:
     return out
 
 
-def first_difference(saved: dict[str, Any], current: dict[str, Any]) -> tuple[str, Any, Any] | None:
-    """(key, saved value, current value) of the first fingerprint key that differs; None when equal."""
-    for key in RESUME_KEYS:
+def first_difference(saved: dict[str, Any], current: dict[str, Any],
+                     keys: tuple[str, ...] = FINGERPRINT_KEYS) -> tuple[str, Any, Any] | None:
+    """(key, saved value, current value) of the first of `keys` that differs; None when equal."""
+    for key in keys:
         a, b = saved.get(key), current.get(key)
         if isinstance(a, dict) and isinstance(b, dict):  # name the first differing sub-key
             diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
@@ -51,13 +54,27 @@ def first_difference(saved: dict[str, Any], current: dict[str, Any]) -> tuple[st
     return None
 
 
-def check_resumable(ckpt: Path, saved: dict[str, Any] | None, current: dict[str, Any]) -> None:
-    """One-line error when the checkpoint was written by an incompatible config."""
-    diff = first_difference(saved, current) if saved is not None else None
+CHECKPOINT_FORMATS = {"single": "full state", "ddp": "full state"}  # strategies that read each other's checkpoints
+
+
+def _by_format(fp: dict[str, Any]) -> dict[str, Any]:
+    """A fingerprint whose strategy is named by its checkpoint format (single and ddp resume each other)."""
+    name = fp.get("strategy.name")
+    return {**fp, "strategy.name": CHECKPOINT_FORMATS.get(name, name)}
+
+
+def check_resumable(ckpt: Path, saved: dict[str, Any] | None, current: dict[str, Any]) -> str | None:
+    """One-line error when the checkpoint was written by an incompatible config; a note when the batch
+    shape changed (allowed: the data position carries over, the global batch is the new one)."""
+    if saved is None:
+        return None
+    diff = first_difference(_by_format(saved), _by_format(current), RESUME_KEYS)
     if diff is not None:
         key, a, b = diff
         raise ConfigError(key, f"is {b!r} but checkpoint {ckpt} was trained with {a!r}; use a new "
                                "hydra.run.dir (or name=...) for a new run")
+    changed = [f"{k} {saved[k]} → {current[k]}" for k in BATCH_KEYS if k in saved and saved[k] != current.get(k)]
+    return f"llmtrain: resuming with {', '.join(changed)}" if changed else None
 
 
 def dir_fingerprint(run_dir: Path) -> dict[str, Any] | None:
@@ -125,7 +142,7 @@ def write_config(run_dir: Path, cfg: Any) -> None:
     """The resolved config of the run, written once when a run starts."""
     from omegaconf import OmegaConf
 
-    from llmtrain.checkpoint import atomic_write_text
+    from llmtrain.safeio import atomic_write_text
 
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(run_dir / CONFIG_FILE, OmegaConf.to_yaml(cfg, resolve=True))
@@ -143,7 +160,7 @@ def read_run_record(run_dir: Path) -> dict[str, Any]:
 
 def write_run_record(run_dir: Path, **fields: Any) -> None:
     """Update <run>/run.json with `fields` (rank 0; the sweep report reads it)."""
-    from llmtrain.checkpoint import atomic_write_text
+    from llmtrain.safeio import atomic_write_text
 
     rec = {**read_run_record(run_dir), **fields}
     run_dir.mkdir(parents=True, exist_ok=True)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from llmtrain.checkpoint import load_torch
+from llmtrain.safeio import load_torch
 
 
 def consolidate(ckpt_dir: Path, strategy_name: str) -> dict[str, torch.Tensor]:

@@ -17,6 +17,8 @@ from typing import Any
 import torch
 import torch.distributed.checkpoint as dcp
 from torch import nn
+from torch.distributed.checkpoint import FileSystemReader
+from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -25,7 +27,6 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
-from llmtrain.checkpoint import load_torch, save_torch
 from llmtrain.distributed.base import (
     OptimizerFactory,
     SetupArgs,
@@ -34,6 +35,7 @@ from llmtrain.distributed.base import (
 )
 from llmtrain.distributed.env import init_single_process_group
 from llmtrain.precision import Precision, make_grad_scaler
+from llmtrain.safeio import load_torch, safe_pickle_load, save_torch
 
 DCP_SUBDIR = "dcp"  # <ckpt>/dcp/{.metadata, __<rank>_0.distcp}
 SCALER_FILE = "scaler.pt"
@@ -88,9 +90,10 @@ class FSDPStrategy(TorchOptimizerStrategy):
             save_torch(self.scaler.state_dict(), ckpt_dir / SCALER_FILE)
 
     def load(self, ckpt_dir: Path) -> None:
+        """DCP reshards: a checkpoint of any world size loads onto this one."""
         model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
         state = {"model": model_sd, "optim": optim_sd}
-        dcp.load(state, checkpoint_id=str(ckpt_dir / DCP_SUBDIR))
+        dcp.load(state, storage_reader=SafeReader(str(ckpt_dir / DCP_SUBDIR)), planner=SafePlanner())
         set_state_dict(self.model, self.optimizer, model_state_dict=state["model"],
                        optim_state_dict=state["optim"])
         if self.scaler is not None and (ckpt_dir / SCALER_FILE).is_file():
@@ -101,6 +104,44 @@ class FSDPStrategy(TorchOptimizerStrategy):
         opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
         state = get_model_state_dict(self.model, options=opts)
         return state if self.is_main else None
+
+
+# safe DCP loading: DCP unpickles its metadata and non-tensor values in full; these load only known types --------
+_DCP_META = "torch.distributed.checkpoint.metadata."
+DCP_METADATA_GLOBALS = {
+    *(_DCP_META + n for n in ("Metadata", "TensorStorageMetadata", "BytesStorageMetadata", "ChunkStorageMetadata",
+                             "TensorProperties", "MetadataIndex", "StorageMeta", "_MEM_FORMAT_ENCODING")),
+    "torch.distributed.checkpoint.filesystem._StorageInfo", "torch.Size", "torch.serialization._get_layout",
+    "pathlib.PosixPath", "pathlib.WindowsPath", "pathlib.PurePosixPath", "collections.OrderedDict",
+    *(f"torch.{d}" for d in ("float32", "float64", "float16", "bfloat16", "int64", "int32", "int16", "int8", "uint8",
+                             "bool", "complex64", "float8_e4m3fn", "float8_e5m2")),
+}
+
+
+class SafeReader(FileSystemReader):
+    """FileSystemReader whose metadata is unpickled with an allow-list (safeio.SafeUnpickler)."""
+
+    def read_metadata(self, *args: Any, **kwargs: Any) -> Any:
+        from torch.distributed.checkpoint.metadata import StorageMeta
+
+        metadata = safe_pickle_load(Path(self._get_metadata_path(kwargs.get("rank"))), DCP_METADATA_GLOBALS)
+        if getattr(metadata, "storage_meta", None) is None:
+            metadata.storage_meta = StorageMeta()
+        metadata.storage_meta.load_id = self.load_id
+        return metadata
+
+
+class SafePlanner(DefaultLoadPlanner):
+    """DefaultLoadPlanner that loads non-tensor values with weights_only=True."""
+
+    def load_bytes(self, read_item: Any, value: Any) -> None:
+        obj = torch.load(value, weights_only=True)
+        if getattr(self, "flatten_state_dict", False) and hasattr(self, "mappings"):
+            from torch.distributed.checkpoint._traverse import set_element
+
+            set_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn], obj)
+        else:
+            self.state_dict[read_item.dest_index.fqn] = obj
 
 
 def _outermost(model: nn.Module, classes: tuple[type[nn.Module], ...]) -> list[nn.Module]:
@@ -128,12 +169,14 @@ def _outermost(model: nn.Module, classes: tuple[type[nn.Module], ...]) -> list[n
 
 def consolidate_fsdp(ckpt_dir: Path) -> dict[str, torch.Tensor]:
     """The plain model state dict from an FSDP (DCP) checkpoint, in one process without a process group."""
-    from torch.distributed.checkpoint import FileSystemReader
     from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
     from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
 
+    class Planner(_EmptyStateDictLoadPlanner):
+        load_bytes = SafePlanner.load_bytes
+
     state: dict[str, Any] = {}
     # What format_utils.dcp_to_torch_save does, minus the optimizer state and the temporary file.
-    _load_state_dict(state, storage_reader=FileSystemReader(str(Path(ckpt_dir) / DCP_SUBDIR)),
-                     planner=_EmptyStateDictLoadPlanner(keys={"model"}), no_dist=True)
+    _load_state_dict(state, storage_reader=SafeReader(str(Path(ckpt_dir) / DCP_SUBDIR)),
+                     planner=Planner(keys={"model"}), no_dist=True)
     return {k: v.detach().cpu() if isinstance(v, torch.Tensor) else v for k, v in state["model"].items()}

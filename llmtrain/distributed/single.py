@@ -9,7 +9,6 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from llmtrain.checkpoint import load_torch, save_torch
 from llmtrain.distributed.base import (
     OptimizerFactory,
     SetupArgs,
@@ -18,6 +17,7 @@ from llmtrain.distributed.base import (
 )
 from llmtrain.models.adapters import load_trainable_state, trainable_state
 from llmtrain.precision import autocast, make_grad_scaler
+from llmtrain.safeio import load_torch, save_torch
 
 
 class SingleStrategy(TorchOptimizerStrategy):
