@@ -13,20 +13,30 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 
 class ConfigError(Exception):
-    """A problem with what the user asked for; `key` names the config key at fault."""
+    """A problem with what the user asked for; `key` names the config key at fault. `quiet`: another rank
+    reports the same error (one line per job, not one per process)."""
 
-    def __init__(self, key: str, message: str) -> None:
+    def __init__(self, key: str, message: str, quiet: bool = False) -> None:
         super().__init__(f"{key}: {message}")
         self.key = key
         self.message = message
+        self.quiet = quiet
+
+
+class RunFailed(Exception):
+    """The run cannot go on (a full disk, a diverged loss): one line, exit `code`, the last good checkpoint kept."""
+
+    def __init__(self, message: str, code: int = 1, quiet: bool = False) -> None:
+        super().__init__(message)
+        self.code, self.quiet = code, quiet  # quiet: rank 0 reports it for the whole job
 
 
 class Stopped(Exception):
     """The run stopped before its end on request (a signal); `code` is the process exit code."""
 
-    def __init__(self, message: str, code: int) -> None:
+    def __init__(self, message: str, code: int, status: str = "stopped", quiet: bool = False) -> None:
         super().__init__(message)
-        self.code = code
+        self.code, self.status, self.quiet = code, status, quiet  # status: run.json's (stopped | preempted)
 
 
 def require(condition: bool, key: str, message: str) -> None:
@@ -47,7 +57,8 @@ def unknown_key(path: str, siblings: list[str]) -> ConfigError:
 
 
 def report_and_exit(err: ConfigError) -> None:
-    print(f"llmtrain: error: {err}", file=sys.stderr, flush=True)
+    if not getattr(err, "quiet", False):
+        print(f"llmtrain: error: {err}", file=sys.stderr, flush=True)
     sys.exit(EXIT_USAGE)
 
 
@@ -64,10 +75,15 @@ def user_errors_exit(fn: F) -> F:
             return fn(*args, **kwargs)
         except ConfigError as err:
             report_and_exit(err)
+        except RunFailed as err:
+            if not err.quiet:
+                print(f"llmtrain: error: {err}", file=sys.stderr, flush=True)
+            sys.exit(err.code)
         except Stopped as stop:
             from llmtrain.interrupt import release_signals
 
-            print(f"llmtrain: {stop}", file=sys.stderr, flush=True)
+            if not stop.quiet:
+                print(f"llmtrain: {stop}", file=sys.stderr, flush=True)
             release_signals()
             sys.exit(stop.code)
         except Exception as ex:

@@ -31,6 +31,8 @@ class OptimConfig:
     momentum: float = 0.9  # momentum (SGD with momentum) and rmsprop
     nesterov: bool = False
     alpha: float = 0.99  # rmsprop smoothing
+    fused: bool | None = None  # Adam/AdamW in one fused kernel per step; None: on CUDA (also skips non-finite
+    # steps on the device, without a host sync)
 
 
 class SchedulerName(str, Enum):
@@ -71,12 +73,13 @@ def build_optimizer(cfg: OptimConfig, model: nn.Module) -> torch.optim.Optimizer
     if name == OptimName.rmsprop:
         return torch.optim.RMSprop(groups, lr=cfg.lr, alpha=cfg.alpha, eps=cfg.eps, momentum=0.0)
     betas = (float(cfg.betas[0]), float(cfg.betas[1]))
-    if name == OptimName.adam:
-        # Classic Adam: L2 penalty added to the gradient (AdamW decouples it).
-        return torch.optim.Adam(groups, lr=cfg.lr, betas=betas, eps=cfg.eps)
     if name == OptimName.adamw8bit:
         return _adamw8bit(groups, cfg, betas)
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=betas, eps=cfg.eps)
+    fused = cfg.fused if cfg.fused is not None else groups[0]["params"][0].device.type == "cuda"
+    if name == OptimName.adam:
+        # Classic Adam: L2 penalty added to the gradient (AdamW decouples it).
+        return torch.optim.Adam(groups, lr=cfg.lr, betas=betas, eps=cfg.eps, fused=fused or None)
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=betas, eps=cfg.eps, fused=fused or None)
 
 
 def _adamw8bit(groups: list[dict], cfg: OptimConfig, betas: tuple[float, float]) -> torch.optim.Optimizer:

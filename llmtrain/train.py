@@ -16,7 +16,7 @@ import torch
 from omegaconf import DictConfig
 
 from llmtrain import checkpoint as ckpt
-from llmtrain import rundir
+from llmtrain import faults, rundir
 from llmtrain.cli import run_app
 from llmtrain.config import conf_dir, register_configs, validate
 from llmtrain.data.base import build_data
@@ -27,6 +27,7 @@ from llmtrain.distributed.env import (
     pick_device,
     read_env,
     strip_local_rank_arg,
+    watch_launcher,
 )
 from llmtrain.errors import ConfigError, Stopped, user_errors_exit
 from llmtrain.export import export_final, read_export_step
@@ -35,9 +36,10 @@ from llmtrain.models import adapters
 from llmtrain.models.base import DataInfo, ModelSpec, format_count, get_model_spec
 from llmtrain.optim import Scheduler, build_optimizer
 from llmtrain.precision import Precision, check_supported, resolve, slow_precision_warning
+from llmtrain.runlock import RunLock
 from llmtrain.tracking import MetricsLogger
 from llmtrain.tracking.flops import peak_flops
-from llmtrain.tracking.sinks import check_wandb
+from llmtrain.tracking.sinks import check_wandb, sweep_group
 from llmtrain.trainer import Trainer
 
 
@@ -55,6 +57,7 @@ def run(cfg: DictConfig, run_dir: Path, *, pick_dir: bool = False, overrides: li
     pick_dir: run_dir is a default, not the user's choice; when it holds a run of another configuration
     the run goes to a free sibling instead (rundir.pick). overrides: the command line's, for run.json;
     group: the sweep a trial belongs to (wandb's group)."""
+    faults.reset()  # LLMTRAIN_FAULT is read afresh by every run (tests run several in one process)
     validate(cfg)
     check_wandb(cfg.logger)
     env = read_env()
@@ -78,20 +81,44 @@ def run(cfg: DictConfig, run_dir: Path, *, pick_dir: bool = False, overrides: li
 
 def _fit(cfg: DictConfig, run_dir: Path, strategy: Strategy, device: torch.device, precision: Precision,
          pick_dir: bool, overrides: list[str], group: str | None) -> dict[str, Any]:
+    """Pick and lock the run dir (rank 0), find the checkpoint to resume, then train."""
     fingerprint = rundir.fingerprint(cfg)
-    note = None
-    if pick_dir and strategy.is_main:
-        run_dir, note = rundir.pick(run_dir, fingerprint)
-    run_dir = Path(strategy.broadcast_object(str(run_dir)))  # rank 0's run dir for all ranks
-    if note:
-        print(note, file=sys.stderr, flush=True)
-    resume_from = ckpt.resolve_resume(cfg.trainer.resume, run_dir)
-    if cfg.trainer.resume == "never" and ckpt.list_checkpoints(run_dir):
-        raise ConfigError("trainer.resume", f"never, but {run_dir} already holds checkpoints; use "
-                                            "trainer.resume=auto to continue it or hydra.run.dir=<new dir>")
+    lock = RunLock(run_dir)
+
+    def claim() -> tuple[str, Path | None]:  # rank 0: the run dir, locked, and the checkpoint to resume
+        nonlocal lock
+        where, note = rundir.pick(run_dir, fingerprint) if pick_dir else (run_dir, None)
+        if note:
+            print(note, file=sys.stderr, flush=True)
+        lock = RunLock(where)
+        if (took := lock.acquire()) is not None:
+            print(took, file=sys.stderr, flush=True)
+        try:
+            if cfg.trainer.resume == "never" and ckpt.list_checkpoints(where):
+                raise ConfigError("trainer.resume", f"never, but {where} already holds checkpoints; use "
+                                                    "trainer.resume=auto to continue it or hydra.run.dir=<new dir>")
+            found = ckpt.resolve_resume(cfg.trainer.resume, where)
+            if found is not None:
+                ckpt.check_world_size(found, strategy)
+                if batch := rundir.check_resumable(found, ckpt.saved_fingerprint(found), fingerprint):
+                    print(batch, file=sys.stderr, flush=True)
+        except BaseException:
+            lock.release()
+            raise
+        return str(where), found
+
+    where, resume_from = strategy.on_main(claim)  # the ranks follow rank 0's dir and checkpoint
+    try:
+        return _fit_locked(cfg, Path(where), resume_from, strategy, device, precision, fingerprint, overrides, group)
+    finally:
+        lock.release()
+
+
+def _fit_locked(cfg: DictConfig, run_dir: Path, resume_from: Path | None, strategy: Strategy, device: torch.device,
+                precision: Precision, fingerprint: dict[str, Any], overrides: list[str],
+                group: str | None) -> dict[str, Any]:
     t = cfg.trainer
     if resume_from is not None:
-        rundir.check_resumable(resume_from, ckpt.saved_fingerprint(resume_from), fingerprint)
         if _is_complete(run_dir, resume_from, t.max_steps):
             if strategy.is_main:
                 done = int(ckpt.read_manifest(resume_from)["step"])
@@ -111,11 +138,6 @@ def _fit(cfg: DictConfig, run_dir: Path, strategy: Strategy, device: torch.devic
                              grad_accum_steps=t.grad_accum_steps, grad_clip=t.grad_clip,
                              trainable_only=partly_frozen))
     scheduler = Scheduler(cfg.scheduler, strategy.optimizer, cfg.optim.lr, t.max_steps)
-    started = time.time()
-    if strategy.is_main:
-        if resume_from is None:
-            rundir.write_config(run_dir, cfg)
-        rundir.write_run_record(run_dir, status="running", overrides=overrides, started=started)
     from omegaconf import OmegaConf
 
     logger = MetricsLogger(cfg.logger, run_dir, enabled=strategy.is_main, total_steps=t.max_steps,
@@ -128,16 +150,21 @@ def _fit(cfg: DictConfig, run_dir: Path, strategy: Strategy, device: torch.devic
                       peak_flops=peak_flops(device, precision.value, cfg.logger.peak_tflops),
                       on_best=lambda step, loss: _export_best(spec, strategy, cfg, data.info, run_dir, step, loss))
     if resume_from is not None:
-        trainer.resume(resume_from)
+        trainer.resume(resume_from)  # before anything is written: a refused checkpoint leaves the run as it was
         if strategy.is_main:
             truncate_samples(run_dir, trainer.step)
+    started = time.time()
+    if strategy.is_main:
+        if resume_from is None:
+            rundir.write_config(run_dir, cfg)
+        rundir.write_run_record(run_dir, status="running", overrides=overrides, started=started)
     _announce(strategy, trainer, cfg, precision, resume_from)
     try:
         last = trainer.fit()
         _finish(spec, strategy, cfg, data.info, run_dir, trainer.step, sampler)
     except BaseException as e:
         if strategy.is_main:
-            status = "stopped" if isinstance(e, Stopped) else f"failed: {type(e).__name__}: {str(e)[:200]}"
+            status = e.status if isinstance(e, Stopped) else f"failed: {type(e).__name__}: {str(e)[:200]}"
             _record_end(run_dir, started, status)
         raise
     if strategy.is_main:
@@ -222,15 +249,15 @@ register_configs()
 
 
 @hydra.main(version_base=None, config_path=str(conf_dir()), config_name="config")
+@user_errors_exit
 def _hydra_main(cfg: DictConfig) -> float | None:
     """The task function; returns the objective a Hydra sweeper minimises: the final eval loss (else the
     last train loss)."""
     from hydra.core.hydra_config import HydraConfig
-    from hydra.types import RunMode
 
     hc = HydraConfig.get()
     run_dir = Path(hc.runtime.output_dir)
-    group = Path(hc.sweep.dir).name if hc.mode == RunMode.MULTIRUN else None
+    group = sweep_group(hc)
     try:
         last = run(cfg, run_dir, pick_dir=not _explicit_dir() and cfg.trainer.resume == "auto",
                    overrides=list(hc.overrides.task), group=group)
@@ -246,6 +273,7 @@ def objective(metrics: dict[str, Any]) -> float | None:
 
 def main() -> None:
     sys.argv = strip_local_rank_arg(sys.argv)
+    watch_launcher()  # a worker whose launcher died exits instead of training on, orphaned
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # DeepSpeed (also imported by transformers) on CPU
     run_app(_hydra_main)

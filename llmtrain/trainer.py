@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -12,10 +13,11 @@ from typing import Any
 import torch
 
 from llmtrain import checkpoint as ckpt
+from llmtrain import faults
 from llmtrain.data.base import DataModule, Loader
 from llmtrain.distributed.base import Strategy
-from llmtrain.errors import Stopped
-from llmtrain.interrupt import StopRequest, hold_signals
+from llmtrain.errors import RunFailed, Stopped
+from llmtrain.interrupt import PREEMPT_SIGNALS, StopRequest, hold_signals
 from llmtrain.models.base import Batch, ModelSpec
 from llmtrain.optim import Scheduler
 from llmtrain.precision import Precision
@@ -51,6 +53,8 @@ class TrainerConfig:
     sample_top_k: int = 50
     keep_best: bool = False  # export the weights of the lowest eval loss to best/ whenever it improves
     early_stop_patience: int = 0  # stop after this many evaluations without a lower eval loss; 0: never
+    max_bad_steps: int = 5  # a non-finite loss or grad norm skips the update; this many in a row stop the run
+    preempt_grace_s: float = 120.0  # SIGTERM/SIGUSR1: finish the step and checkpoint within this, else exit 143
 
 
 class Trainer:
@@ -66,12 +70,21 @@ class Trainer:
         self.flops_per_token, self.peak_flops = flops_per_token, peak_flops  # MFU when both are known
         self.scheduler, self.logger, self.run_dir, self.log_every = scheduler, logger, run_dir, log_every
         self.fingerprint = fingerprint  # config a checkpoint is valid for (stored in every checkpoint)
-        self.stop = stop or StopRequest(announce=strategy.is_main)
+        self.stop = stop or StopRequest(announce=strategy.is_main, grace_s=cfg.preempt_grace_s)
         self.on_best = on_best  # keep_best: called (every rank) with (step, eval_loss) when eval loss improves
         self.best: dict[str, Any] = {"loss": math.inf, "step": None, "since": 0}  # since: evals without a new best
         self.early_stopped = False
         self.step = 0
         self.saved_step = -1  # step of the newest checkpoint this process wrote or resumed from
+        # Per-step values stay on the device and are read on log steps (every step on CPU, where reading is
+        # free): no host sync in between. `_acc` sums them since the last read.
+        self._read_every_step = strategy.device.type == "cpu"
+        dev = strategy.device
+        # non-finite steps on the device: in a row now, the longest run since the last read, in all
+        self._bad = {k: torch.zeros((), dtype=torch.int64, device=dev) for k in ("streak", "peak", "total")}
+        self._bad_seen = 0  # the total at the last read
+        self._diverged: RunFailed | None = None  # max_bad_steps reached: raised once the step is logged
+        self._since = {"t": time.perf_counter(), "steps": 0, "excluded_s": 0.0}  # the interval being timed
         self.train_loader = self._loader("train", shuffle=True)
         self._loader("val", shuffle=False)  # fail at start, not at the first eval, if val is too small
         self.lm = data.info.task == "lm"
@@ -92,12 +105,14 @@ class Trainer:
         last: dict[str, Any] = {}
         self.strategy.model.train()  # pretrained loaders hand models over in eval mode
         self.logger.open(self.step)
+        faults.arm()
         try:
             with self.stop.installed():
                 while self.step < self.cfg.max_steps and not self.early_stopped:
-                    last = self._one_step()
-                    if self.strategy.any_rank(self.stop.requested):  # every rank stops after the same step
-                        self._stop_here()
+                    last = self._one_step() or last
+                    wanted = self.strategy.max_over_ranks(_stop_code(self.stop))  # every rank, after the same step
+                    if wanted:
+                        self._stop_here(preempted=wanted == _PREEMPT)
                 if self.early_stopped and self.saved_step != self.step:
                     self.save()  # the rerun finds the run complete
         except KeyboardInterrupt:  # a second Ctrl-C: the step in flight is abandoned
@@ -110,10 +125,12 @@ class Trainer:
             self.logger.close()
         return last
 
-    def _stop_here(self) -> None:
+    def _stop_here(self, preempted: bool) -> None:
         if self.saved_step != self.step:
             self.save()
-        raise Stopped(f"stopped at step {self.step} of {self.cfg.max_steps}; {self._resume_hint()}", EXIT_SIGINT)
+        why = "preempted" if preempted else "stopped"
+        raise Stopped(f"{why} at step {self.step} of {self.cfg.max_steps}; {self._resume_hint()}",
+                      0 if preempted else EXIT_SIGINT, status=why, quiet=not self.strategy.is_main)
 
     def _resume_hint(self) -> str:
         ckpts = ckpt.list_checkpoints(self.run_dir)
@@ -121,54 +138,107 @@ class Trainer:
             return "no checkpoint was written yet, so a rerun starts from step 0"
         return f"checkpoint {ckpts[-1]}; rerun the same command to resume from it"
 
-    def _one_step(self) -> dict[str, Any]:
-        """train_step, then log / eval / checkpoint as due."""
-        t0 = time.perf_counter()
-        last = self.train_step()
-        last.update(self._throughput(last, time.perf_counter() - t0))
+    def _one_step(self) -> dict[str, Any] | None:
+        """train_step, then log / eval / checkpoint as due; returns the record when this step was read."""
+        pending = self.train_step()
         self.step += 1
         self.logger.advance()
-        if self.step % self.log_every == 0 or self.step == self.cfg.max_steps:
-            self.logger.log(last)
+        log_now = self.step % self.log_every == 0 or self.step == self.cfg.max_steps
+        rec = self._read(pending, log_now) if log_now or self._read_every_step else None
+        if log_now and rec is not None:
+            self.logger.log(rec)
+        if (failed := self._diverged) is not None:
+            raise failed
         if self._due(self.cfg.eval_every):
-            rec = self.evaluate()
-            last.update(rec)
-            self._track_best(rec["eval_loss"])
+            with self._excluded():
+                ev = self.evaluate()
+            rec = {**(rec or {}), **ev}
+            self._track_best(ev["eval_loss"])
         if self._due(self.cfg.ckpt_every):
-            self.save()
+            with self._excluded():
+                self.save()
         every = self.cfg.sample_every
         if self.sampler is not None and every > 0 and self.step % every == 0 and self.step < self.cfg.max_steps:
-            self.sampler(self.step)  # the end-of-run sample is the run's last act, after export
-        return last
+            with self._excluded():
+                self.sampler(self.step)  # the end-of-run sample is the run's last act, after export
+        return rec
 
     def train_step(self) -> dict[str, Any]:
-        """One optimizer step over grad_accum_steps micro-batches, normalised by the global count."""
+        """One optimizer step over grad_accum_steps micro-batches, normalised by the global count.
+
+        Returns device tensors (loss, grad norm, counts, whether the update was applied) and host timings;
+        nothing here waits for the device. A non-finite loss or grad norm skips the update (see _read)."""
         s, k = self.strategy, self.cfg.grad_accum_steps
         t0 = time.perf_counter()
         batches = [next(self.train_loader) for _ in range(k)]
         data_wait = time.perf_counter() - t0
-        counts = torch.tensor([sum(self.spec.count(b) for b in batches), sum(_rows(b) for b in batches)],
-                              dtype=torch.float64, device=s.device)
+        counts = torch.stack([_as_tensor(sum(self.spec.count(b) for b in batches), s.device),
+                              _as_tensor(sum(_rows(b) for b in batches), s.device)])
         s.all_reduce(counts)  # global targets, global samples
-        scale = s.world_size / counts[0].item()  # backends average gradients over ranks
+        scale = (s.world_size / counts[0]).float()  # backends average gradients over ranks
         loss_sum = torch.zeros((), dtype=torch.float64, device=s.device)
         for i, batch in enumerate(batches):
             with s.micro_step(sync_grads=(i == k - 1)):
                 with s.autocast():
                     part, _ = self.spec.loss(s.model, batch)
+                part = faults.poison("loss", part)
                 s.backward(part.float() * scale)
             loss_sum += part.detach().double()
+        faults.point("step")
         grad_norm = s.clip_grad_norm(self.cfg.grad_clip)
-        lr = self.scheduler.lr()
-        stepped = s.step()
-        self.scheduler.step()
         s.all_reduce(loss_sum)
-        norm = float(grad_norm) if grad_norm is not None else s.last_grad_norm()
-        out = {"step": self.step + 1, "loss": (loss_sum / counts[0]).item(), "lr": lr, "grad_norm": norm,
-               "targets": int(counts[0].item()), "samples": int(counts[1].item()), "data_wait_s": data_wait}
+        finite = torch.isfinite(loss_sum)
+        if grad_norm is not None and not s.loss_scaling:  # fp16: the scaler skips overflowed gradients itself
+            finite = finite & torch.isfinite(grad_norm)
+        lr = self.scheduler.lr()
+        stepped = s.step(finite)
+        self.scheduler.step()
+        if not s.loss_scaling:  # a backend that measures the norm in its step skips non-finite gradients there
+            finite = finite & torch.as_tensor(stepped, device=s.device)
+        bad, b = (~finite).long(), self._bad
+        b["streak"] = (b["streak"] + 1) * bad
+        b["peak"] = torch.maximum(b["peak"], b["streak"])
+        b["total"] = b["total"] + bad
+        return {"loss_sum": loss_sum, "counts": counts, "grad_norm": grad_norm, "finite": finite,
+                "stepped": stepped, "lr": lr, "data_wait_s": data_wait}
+
+    def _read(self, p: dict[str, Any], log_now: bool) -> dict[str, Any]:
+        """The step's record (a host sync), the interval's rates, and the non-finite guard."""
+        s = self.strategy
+        targets, samples = (int(v) for v in p["counts"].tolist())
+        norm = p["grad_norm"]
+        norm = float(norm) if norm is not None else s.last_grad_norm()
+        rec: dict[str, Any] = {"step": self.step, "loss": float(p["loss_sum"]) / targets, "lr": p["lr"],
+                               "grad_norm": norm, "targets": targets, "samples": samples,
+                               "data_wait_s": p["data_wait_s"]}
         if s.loss_scale() is not None:
-            out.update(loss_scale=s.loss_scale(), skipped=not stepped)
-        return out
+            rec.update(loss_scale=s.loss_scale(), skipped=not bool(p["stepped"]))
+        self._guard(rec)
+        if self._bad_seen:
+            rec["bad_steps"] = self._bad_seen
+        if log_now or self._read_every_step:
+            rec.update(self._throughput(rec))
+        return rec
+
+    def _guard(self, rec: dict[str, Any]) -> None:
+        """Non-finite steps were skipped (no weight changed); max_bad_steps of them in a row stop the run
+        (`_diverged`, raised by _one_step after logging the step)."""
+        b = self._bad
+        streak, peak, total = (int(v) for v in torch.stack([b["streak"], b["peak"], b["total"]]).tolist())
+        b["peak"] = b["streak"].clone()
+        new, self._bad_seen = total - self._bad_seen, total
+        if not new:
+            return
+        what = "loss" if not math.isfinite(rec["loss"]) else "loss or gradient norm"
+        limit = self.cfg.max_bad_steps
+        self.logger.write(f"llmtrain: warning: step {self.step}: the {what} was not finite; {new} update(s) skipped "
+                          f"({streak} in a row now, {total} in all; trainer.max_bad_steps={limit} in a row stop the run)")
+        if limit > 0 and peak >= limit:
+            ckpts = ckpt.list_checkpoints(self.run_dir)
+            keep = f"the newest checkpoint, {ckpts[-1]}, is good" if ckpts else "no checkpoint was written"
+            self._diverged = RunFailed(f"step {self.step}: the {what} was not finite for {peak} steps in a row "
+                                       f"(trainer.max_bad_steps={limit}); stopping ({keep}: skipped steps change "
+                                       "no weight). Lower optim.lr or check the data", quiet=not self.strategy.is_main)
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, Any]:
@@ -179,12 +249,14 @@ class Trainer:
         n = max(1, min(self.cfg.eval_batches, loader.sampler.batches_per_epoch))
         self.logger.status(f"step {self.step}: evaluating ({n} batches per rank)")
         sums: dict[str, torch.Tensor] = {}
-        for _ in range(n):
+        for i in range(n):
             batch = next(loader)
             with s.autocast():
                 part = self.spec.eval_batch(s.model, batch)  # {"loss": sum, "count": n, ...}
             for key, v in part.items():
                 sums[key] = sums.get(key, 0) + v.detach().double()
+            if i == 0:
+                faults.point("eval")
         s.model.train()
         keys = sorted(sums)
         tot = s.all_reduce(torch.stack([sums[key] for key in keys]))
@@ -238,8 +310,22 @@ class Trainer:
     def _due(self, every: int) -> bool:
         return self.step == self.cfg.max_steps or (every > 0 and self.step % every == 0)
 
-    def _throughput(self, m: dict[str, Any], dt: float) -> dict[str, float]:
-        """Rates of the optimizer step alone (evaluation and checkpoints excluded), over all ranks."""
+    @contextlib.contextmanager
+    def _excluded(self) -> Iterator[None]:
+        """Time that the rates leave out (evaluation, checkpoints, samples)."""
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self._since["excluded_s"] += time.perf_counter() - t0
+
+    def _throughput(self, m: dict[str, Any]) -> dict[str, float]:
+        """Rates over the steps since the last read, over all ranks, evaluation and checkpoints excluded. The
+        read waited for the device, so the wall time is the device's: steps ran ahead of the host in between."""
+        now, since = time.perf_counter(), self._since
+        steps = self.step - since["steps"]
+        dt = max(1e-9, now - since["t"] - since["excluded_s"]) / max(1, steps)  # one step
+        self._since = {"t": now, "steps": self.step, "excluded_s": 0.0}
         out = {"samples_per_s": m["samples"] / dt, "step_time_s": dt}
         if self.lm:
             out["tokens_per_s"] = m["targets"] / dt
@@ -248,6 +334,18 @@ class Trainer:
         if self.strategy.device.type == "cuda":
             out["peak_mem_gib"] = torch.cuda.max_memory_allocated(self.strategy.device) / 2**30
         return out
+
+
+_PREEMPT = 2  # stop codes agreed over ranks: 0 none, 1 Ctrl-C, 2 preemption (it wins: exit 0 after the save)
+
+
+def _stop_code(stop: StopRequest) -> int:
+    return 0 if not stop.requested else _PREEMPT if stop.signum in PREEMPT_SIGNALS else 1
+
+
+def _as_tensor(n: int | torch.Tensor, device: torch.device) -> torch.Tensor:
+    return n.to(device, torch.float64) if isinstance(n, torch.Tensor) else torch.tensor(float(n), device=device,
+                                                                                          dtype=torch.float64)
 
 
 def _rows(batch: Batch) -> int:

@@ -70,12 +70,12 @@ class ShardedSampler:
         return {"epoch": self.epoch, "pos": self.pos, "n": self.n, "global_batch": self.global_batch}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
-        if state["n"] != self.n or state["global_batch"] != self.global_batch:
-            raise ValueError(
-                f"loader state is for {state['n']} items in global batches of {state['global_batch']}, "
-                f"not {self.n} in {self.global_batch}: resume with the same data, batch and world size"
-            )
-        self.epoch, self.pos = state["epoch"], state["pos"]
+        """Continue where `state` left off. The epoch's order depends on the seed and epoch only, and `pos`
+        counts items of it, so a state saved with another global batch (another world size or micro-batch)
+        continues the same epoch: no item of it is skipped or seen twice."""
+        if state["n"] != self.n:
+            raise ValueError(f"loader state is for {state['n']} items, not {self.n}: resume with the same data")
+        self.epoch, self.pos = int(state["epoch"]), int(state["pos"])
         self._order = self._order_for(self.epoch)
 
 

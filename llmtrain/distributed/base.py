@@ -126,12 +126,19 @@ class Strategy(ABC):
         raise NotImplementedError
 
     @abstractmethod
-    def step(self) -> bool:
-        """Optimizer step then zero grads; False when skipped (fp16 overflow)."""
+    def step(self, ok: torch.Tensor | None = None) -> bool | torch.Tensor:
+        """Optimizer step then zero grads. `ok` (a bool tensor, the same on every rank): False skips the
+        update (a non-finite loss or gradient norm). Returns whether the update was applied (a bool, or a
+        bool tensor where reading it would wait for the device); False also for an fp16 overflow."""
 
     def loss_scale(self) -> float | None:
-        """Current fp16 loss scale (None without loss scaling)."""
+        """Current fp16 loss scale (None without loss scaling); may wait for the device."""
         return None
+
+    @property
+    def loss_scaling(self) -> bool:
+        """Whether fp16 loss scaling is on (its overflow skips are not errors); never waits for the device."""
+        return False
 
     # checkpoints --------------------------------------------------------------------------------
     @abstractmethod
@@ -140,7 +147,11 @@ class Strategy(ABC):
 
     @abstractmethod
     def load(self, ckpt_dir: Path) -> None:
-        """Inverse of save, on the same world size."""
+        """Inverse of save; on another world size too, unless reshard_refusal() said why not."""
+
+    def reshard_refusal(self, saved_world_size: int, ckpt_dir: Path) -> str | None:
+        """Why a checkpoint written by `saved_world_size` processes cannot load here (None: it can)."""
+        return None
 
     @abstractmethod
     def full_state_dict(self) -> dict[str, torch.Tensor] | None:
@@ -164,17 +175,47 @@ class Strategy(ABC):
 
     def any_rank(self, flag: bool) -> bool:
         """True on every rank when `flag` is true on any rank (a CPU collective: no device sync)."""
+        return self.max_over_ranks(int(flag)) > 0
+
+    def max_over_ranks(self, value: int) -> int:
+        """The largest of every rank's `value`, on every rank (a CPU collective: no device sync)."""
         if self.world_size == 1:
-            return flag
+            return value
         from llmtrain.distributed.env import control_group
 
-        t = torch.tensor([1 if flag else 0], dtype=torch.int32)
+        t = torch.tensor([value], dtype=torch.int64)
         dist.all_reduce(t, op=dist.ReduceOp.MAX, group=control_group())
-        return bool(t.item())
+        return int(t.item())
 
     def barrier(self) -> None:
         if self.world_size > 1:
             dist.barrier()
+
+    def gather_object(self, obj: Any) -> list[Any] | None:
+        """Every rank's `obj`, in rank order, on rank 0 (None elsewhere); a collective."""
+        if self.world_size == 1:
+            return [obj]
+        from llmtrain.distributed.env import control_group
+
+        out: list[Any] = [None] * self.world_size if self.is_main else None
+        dist.gather_object(obj, out, dst=0, group=control_group())
+        return out
+
+    def on_main(self, fn: Callable[[], Any]) -> Any:
+        """fn() on rank 0, its result (or its ConfigError, raised on every rank) broadcast to all ranks."""
+        from llmtrain.errors import ConfigError
+
+        out: tuple[Any, ConfigError | None] = (None, None)
+        if self.is_main:
+            try:
+                out = (fn(), None)
+            except ConfigError as e:
+                out = (None, e)
+        result, err = self.broadcast_object(out)
+        if err is not None:
+            err.quiet = not self.is_main  # rank 0 says it for the job
+            raise err
+        return result
 
     def broadcast_object(self, obj: Any) -> Any:
         if self.world_size == 1:
@@ -200,20 +241,40 @@ class TorchOptimizerStrategy(Strategy):
         norm = torch.nn.utils.clip_grad_norm_(self.unwrap().parameters(), limit, foreach=True)
         return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
 
-    def step(self) -> bool:
-        stepped = True
-        if self.scaler is not None:
+    def step(self, ok: torch.Tensor | None = None) -> bool | torch.Tensor:
+        stepped: bool | torch.Tensor = True
+        if self.scaler is not None:  # the scaler skips non-finite gradients itself (and lowers the scale)
             scale = self.scaler.get_scale()
             self.scaler.step(self.optimizer)
             self.scaler.update()
             stepped = self.scaler.get_scale() >= scale  # the scale drops only when the step was skipped
-        else:
+        elif ok is None:
             self.optimizer.step()
+        elif _takes_found_inf(self.optimizer):  # fused kernels skip the update on the device: no host sync
+            self.optimizer.grad_scale, self.optimizer.found_inf = None, (~ok).float()
+            try:
+                self.optimizer.step()
+            finally:
+                del self.optimizer.grad_scale, self.optimizer.found_inf
+            stepped = ok
+        elif bool(ok):
+            self.optimizer.step()
+        else:
+            stepped = False
         self.optimizer.zero_grad(set_to_none=True)
         return stepped
 
     def loss_scale(self) -> float | None:
         return float(self.scaler.get_scale()) if self.scaler is not None else None
+
+    @property
+    def loss_scaling(self) -> bool:
+        return self.scaler is not None
+
+
+def _takes_found_inf(opt: torch.optim.Optimizer) -> bool:
+    """Fused Adam/AdamW/SGD read `found_inf` and skip their update on the device when it is set."""
+    return bool(getattr(opt, "_step_supports_amp_scaling", False)) and any(g.get("fused") for g in opt.param_groups)
 
 
 def apply_activation_checkpointing(model: nn.Module, block_classes: tuple[type[nn.Module], ...]) -> None:

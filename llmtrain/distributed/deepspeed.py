@@ -56,6 +56,19 @@ def _import_deepspeed(device: torch.device | None = None) -> Any:
     return deepspeed
 
 
+def _forget_comm() -> None:
+    """Drop DeepSpeed's cached communication backend and groups, which outlive the torch process group: a
+    second run in this process (an in-process sweep, a test) must not meet the first one's groups."""
+    import importlib
+
+    with contextlib.suppress(Exception):
+        groups = importlib.import_module("deepspeed.utils.groups")
+        if hasattr(groups, "_release_process_group_references"):
+            groups._release_process_group_references(group=None)
+    with contextlib.suppress(Exception):
+        importlib.import_module("deepspeed.comm.comm").cdb = None
+
+
 def _verbose() -> bool:
     return os.environ.get("LLMTRAIN_DEEPSPEED_VERBOSE", "0") != "0"
 
@@ -203,6 +216,7 @@ class DeepSpeedStrategy(Strategy):
         if getattr(self, "engine", None) is not None:
             self.engine.destroy()
             self.engine = None
+            _forget_comm()
         super().close()
 
     def num_parameters(self) -> int:
@@ -229,9 +243,25 @@ class DeepSpeedStrategy(Strategy):
         norm = self.engine.get_global_grad_norm()
         return float(norm) if norm is not None else float("nan")
 
-    def step(self) -> bool:
+    def step(self, ok: torch.Tensor | None = None) -> bool:
+        """ZeRO 1-3 and the mixed-precision wrappers skip a non-finite step themselves; the plain engine
+        (ZeRO-0, fp32) steps a torch optimizer, which skips parameters without a gradient."""
+        skip = ok is not None and not bool(ok)
+        if skip and not self._engine_measures_norm():
+            for p in self._plain.parameters():
+                p.grad = None
         self.engine.step()
-        return bool(self.engine.was_step_applied())
+        return bool(self.engine.was_step_applied()) and not skip
+
+    def reshard_refusal(self, saved_world_size: int, ckpt_dir: Path) -> str | None:
+        return (f"checkpoint {ckpt_dir} was written by {saved_world_size} DeepSpeed processes and this run has "
+                f"{self.world_size}; DeepSpeed resumes only on the world size that wrote its partitions: rerun on "
+                f"{saved_world_size} processes, or start a new run from its weights (llmtrain-export {ckpt_dir.parent.parent} "
+                f"{ckpt_dir}, then model.pretrained=<run>/final)")
+
+    @property
+    def loss_scaling(self) -> bool:
+        return bool(self.engine.fp16_enabled())
 
     def loss_scale(self) -> float | None:
         if not self.engine.fp16_enabled():
@@ -244,6 +274,7 @@ class DeepSpeedStrategy(Strategy):
         self.engine.save_checkpoint(str(ckpt_dir), tag=TAG, save_latest=False)
 
     def load(self, ckpt_dir: Path) -> None:
+        vet_checkpoint(ckpt_dir)  # DeepSpeed unpickles in full: only known types may reach it
         path, _ = self.engine.load_checkpoint(str(ckpt_dir), tag=TAG, load_optimizer_states=True,
                                               load_lr_scheduler_states=False)
         if path is None:
@@ -276,14 +307,33 @@ class DeepSpeedStrategy(Strategy):
         return out
 
 
+# What DeepSpeed's checkpoint files hold besides tensors and containers (checked by scanning its checkpoints of
+# every ZeRO stage, precision and offload setting).
+DEEPSPEED_GLOBALS = (
+    "deepspeed.runtime.fp16.loss_scaler.LossScaler", "deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler",
+    "deepspeed.runtime.zero.config.ZeroStageEnum", "deepspeed.utils.tensor_fragment.fragment_address",
+)
+
+
+def vet_checkpoint(ckpt_dir: Path) -> None:
+    """Refuse (one line) a DeepSpeed checkpoint whose pickles name anything but tensors and DEEPSPEED_GLOBALS."""
+    from llmtrain.safeio import UnsafeFile, check_pickles
+
+    try:
+        check_pickles(sorted((Path(ckpt_dir) / TAG).glob("*.pt")), DEEPSPEED_GLOBALS)
+    except UnsafeFile as e:
+        raise ConfigError("checkpoint", str(e)) from None
+
+
 def consolidate_deepspeed(ckpt_dir: Path) -> dict[str, torch.Tensor]:
     """fp32 weights from a llmtrain DeepSpeed checkpoint dir, in one process (no process group)."""
     _import_deepspeed()
     ds_dir = Path(ckpt_dir) / TAG
     if not ds_dir.is_dir():
         raise ConfigError("checkpoint", f"{ckpt_dir} holds no DeepSpeed checkpoint ({TAG}/)")
+    vet_checkpoint(ckpt_dir)
     if not list(ds_dir.glob("*optim_states.pt")):  # ZeRO-0: the module state is complete on rank 0
-        from llmtrain.checkpoint import load_torch
+        from llmtrain.safeio import load_torch
 
         state = load_torch(next(ds_dir.glob("mp_rank_*_model_states.pt")))["module"]
     else:

@@ -128,3 +128,34 @@ def destroy_process_group() -> None:
     _CONTROL.clear()
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+LAUNCHER_VARS = ("TORCHELASTIC_RUN_ID", "LOCAL_WORLD_SIZE", "GROUP_RANK")  # set by torchrun (and what runs it)
+
+
+def launched_by_launcher() -> bool:
+    """Whether this process is a worker started by torchrun / deepspeed / accelerate (not a shell's child)."""
+    e = os.environ
+    return any(k in e for k in LAUNCHER_VARS) or int(e.get("WORLD_SIZE", "1")) > 1
+
+
+def watch_launcher(poll_s: float = 1.0) -> None:
+    """Exit soon after the launcher that started this worker dies (kill -9 of torchrun leaves its workers,
+    each in a session of its own, training on). No-op for a process that a shell started."""
+    if not launched_by_launcher():
+        return
+    import sys
+    import threading
+    import time
+
+    parent = os.getppid()
+
+    def watch() -> None:
+        while True:
+            time.sleep(poll_s)
+            if os.getppid() != parent:
+                print(f"llmtrain: the launcher (pid {parent}) is gone; this worker (pid {os.getpid()}) exits",
+                      file=sys.stderr, flush=True)
+                os._exit(1)
+
+    threading.Thread(target=watch, daemon=True, name="llmtrain-launcher-watch").start()
