@@ -160,6 +160,7 @@ def _check_model_data(cfg: Any) -> None:
     from llmtrain.models.base import get_model_spec
 
     spec = get_model_spec(cfg.model.family)
+    spec.check_config(cfg.model)
     task = {"text": "lm", "instruct": "lm", "regression": "regression", "images": "classification"}.get(cfg.data.kind)
     if task is None:
         raise ConfigError("data.kind", f"unknown data kind {cfg.data.kind!r}; choose text, instruct, regression or "

@@ -17,6 +17,7 @@ mtime; tokenizer; options); same inputs → the dir is reused, changed inputs �
 from __future__ import annotations
 
 import codecs
+import contextlib
 import glob as globlib
 import hashlib
 import json
@@ -35,6 +36,7 @@ import numpy as np
 
 from llmtrain.data import tokenizers as toks
 from llmtrain.errors import ConfigError
+from llmtrain.safeio import atomic_write_text, file_digest
 
 FORMAT_VERSION = 3  # 3: tokenizer saved by llmtrain's Tokenizer (tokenizer.json + config)
 CHUNK_CHARS = 1 << 18  # characters per tokenisation piece (a long document is split into pieces)
@@ -413,7 +415,11 @@ def prepare(cfg: Any, *, quiet: bool = False, only_locate: bool = False, force: 
         return out
     if is_prepared_dir(out) and not force:
         meta = read_meta(out)
-        if meta.get("hash") == digest:
+        if meta.get("hash") == digest and (why := shard_problem(out, meta)) is not None:
+            print(f"llmtrain: warning: the prepared data in {out} is damaged ({why}); preparing it again",
+                  file=sys.stderr, flush=True)
+            force = True
+        elif meta.get("hash") == digest:
             if not quiet:
                 print(f"llmtrain: using prepared {out} ({meta['train_tokens']:,} train / "
                       f"{meta['val_tokens']:,} val tokens)", file=sys.stderr)
@@ -425,7 +431,7 @@ def prepare(cfg: Any, *, quiet: bool = False, only_locate: bool = False, force: 
     if out.exists() and not is_prepared_dir(out) and any(out.iterdir()):
         raise ConfigError("data.out_dir", f"{out} exists and is not a prepared dataset; choose a new or empty dir")
     assert src is not None
-    return _build(cfg, src, digest, out, quiet)
+    return _build(cfg, src, digest, out, quiet, replace=force)
 
 
 def _plan(cfg: Any, src: Source) -> str:
@@ -448,7 +454,7 @@ def _size(n: int) -> str:
     return f"{n / 1e9:.2f} GB" if n >= 1e9 else f"{n / 1e6:.1f} MB" if n >= 1e6 else f"{n / 1e3:.1f} kB"
 
 
-def _build(cfg: Any, src: Source, digest: str, out: Path, quiet: bool) -> Path:
+def _build(cfg: Any, src: Source, digest: str, out: Path, quiet: bool, replace: bool = False) -> Path:
     t0 = time.perf_counter()
     # a named tokenizer loads (or fails, with its one line) before the start line; a BPE trains after it
     tok = None if cfg.tokenizer == "bpe" else toks.build_tokenizer(cfg.tokenizer, cfg.vocab_size)
@@ -492,6 +498,9 @@ def _build(cfg: Any, src: Source, digest: str, out: Path, quiet: bool) -> Path:
         train_shards = carve_tail(tmp, train.close(), val, n_val, dtype)
         val_shards = val.close()
         tok.save_pretrained(str(tmp / "tokenizer"))
+        for shard in (*train_shards, *val_shards):  # what a later start checks the files against
+            path = tmp / shard["file"]
+            shard.update(sha256=file_digest(path), mtime_ns=path.stat().st_mtime_ns)
         meta = {"format": FORMAT_VERSION, "hash": digest, "train_tokens": total - n_val, "val_tokens": n_val,
                 "vocab_size": vocab, "max_token_id": train.max_id, "eos_token_id": eos, "dtype": dtype.name,
                 "tokenizer": {"spec": cfg.tokenizer, "hash": toks.tokenizer_hash(tok), "dir": "tokenizer"},
@@ -500,7 +509,7 @@ def _build(cfg: Any, src: Source, digest: str, out: Path, quiet: bool) -> Path:
                 "shards": {"train": train_shards, "val": val_shards},
                 "seconds": round(time.perf_counter() - t0, 2)}
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
-        _publish(tmp, out, digest)
+        _publish(tmp, out, digest, replace)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -516,10 +525,11 @@ def _build(cfg: Any, src: Source, digest: str, out: Path, quiet: bool) -> Path:
     return out
 
 
-def _publish(tmp: Path, out: Path, digest: str) -> None:
-    """Rename tmp → out; a concurrent builder that won the race with the same inputs wins."""
+def _publish(tmp: Path, out: Path, digest: str, replace: bool = False) -> None:
+    """Rename tmp → out; a concurrent builder that won the race with the same inputs wins (unless `replace`:
+    the existing one was found damaged or a rebuild was asked for)."""
     if is_prepared_dir(out):
-        if read_meta(out).get("hash") == digest:
+        if read_meta(out).get("hash") == digest and not replace:
             shutil.rmtree(tmp, ignore_errors=True)
             return
         shutil.rmtree(out)
@@ -547,9 +557,47 @@ def read_meta(prepared: Path) -> dict[str, Any]:
     return meta
 
 
+VERIFIED = ".verified.json"  # shards whose checksum was checked after their mtime changed (a copy, a touch)
+
+
+def shard_problem(out: Path, meta: dict[str, Any]) -> str | None:
+    """What is wrong with the shard files (a few words), or None. Sizes are always checked; checksums when a
+    file's mtime is not the one recorded at preparation (and not already checked at its current mtime)."""
+    itemsize = np.dtype(meta["dtype"]).itemsize
+    try:
+        verified = json.loads((out / VERIFIED).read_text())
+    except (OSError, ValueError):
+        verified = {}
+    checked = {}
+    for split in ("train", "val"):
+        for shard in meta["shards"][split]:
+            path = out / shard["file"]
+            try:
+                st = path.stat()
+            except OSError:
+                return f"{shard['file']} is missing"
+            want = shard["tokens"] * itemsize
+            if st.st_size != want:
+                return f"{shard['file']} has {st.st_size:,} bytes, meta.json says {want:,} (truncated or edited)"
+            stamp = [st.st_size, st.st_mtime_ns]
+            if "sha256" not in shard or st.st_mtime_ns == shard.get("mtime_ns") or verified.get(shard["file"]) == stamp:
+                continue
+            if file_digest(path) != shard["sha256"]:
+                return f"{shard['file']} does not match its checksum in meta.json (edited after preparing)"
+            checked[shard["file"]] = stamp
+    if checked:
+        with contextlib.suppress(OSError):  # a read-only dataset is checked again next time
+            atomic_write_text(out / VERIFIED, json.dumps({**verified, **checked}))
+    return None
+
+
 def load_prepared(out: Path) -> tuple[dict[str, Any], toks.Tokenizer]:
-    """meta.json and the dataset's own tokenizer (checked against the recorded hash)."""
+    """meta.json and the dataset's own tokenizer (checked against the recorded hash); the shard files are
+    checked against meta.json (sizes, and checksums where they may have changed)."""
     meta = read_meta(out)
+    if (why := shard_problem(out, meta)) is not None:
+        raise ConfigError("data.source", f"the prepared data in {out} is damaged: {why}; prepare it again (delete "
+                                         "the dir, or give the raw source)")
     tok = toks.Tokenizer.from_dir(out / meta["tokenizer"].get("dir", "tokenizer"))
     recorded = meta["tokenizer"].get("hash")
     if recorded and toks.tokenizer_hash(tok) != recorded:

@@ -38,6 +38,9 @@ class ModelSpec(ABC):
     name: str  # the registry key (cfg.model.family)
     task: str  # the DataInfo.task it trains on
 
+    def check_config(self, cfg: Any) -> None:  # noqa: B027  (optional hook: most families check in build)
+        """One-line ConfigError for `model.*` values this family cannot build (called before any work)."""
+
     @abstractmethod
     def build(self, cfg: Any, info: DataInfo) -> nn.Module:
         """A freshly initialised (or pretrained) plain module."""

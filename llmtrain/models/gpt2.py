@@ -40,12 +40,27 @@ class GPT2ModelConfig:
     freeze: list[str] = field(default_factory=list)  # parameter-name globs to freeze, e.g. ["transformer.wte.*"]
 
 
+def check_config(cfg: GPT2ModelConfig) -> None:
+    """One line for sizes no GPT-2 can have (sizes of a pretrained model come from its config instead)."""
+    if not cfg.pretrained:
+        for key in ("n_layer", "n_head", "n_embd", "n_positions"):
+            if getattr(cfg, key) < 1:
+                raise ConfigError(f"model.{key}", f"must be >= 1 (got {getattr(cfg, key)})")
+        if cfg.n_embd % cfg.n_head:
+            raise ConfigError("model.n_head", f"n_embd={cfg.n_embd} is not divisible by n_head={cfg.n_head}")
+    if cfg.vocab_size is not None and cfg.vocab_size < 2:
+        raise ConfigError("model.vocab_size", f"must be >= 2, or null for the tokenizer's (got {cfg.vocab_size})")
+    if not 0.0 <= cfg.dropout < 1.0:
+        raise ConfigError("model.dropout", f"must be in [0, 1) (got {cfg.dropout})")
+    if cfg.impl not in IMPLS:
+        raise ConfigError("model.impl", f"unknown GPT-2 implementation {cfg.impl!r}; choose one of {list(IMPLS)}")
+
+
 def dims(cfg: GPT2ModelConfig, info: DataInfo) -> GPT2Dims:
     vocab = cfg.vocab_size or info.vocab_size
     if vocab is None:
         raise ConfigError("model.vocab_size", "unknown: set model.vocab_size or use a data module with a tokenizer")
-    if cfg.n_embd % cfg.n_head:
-        raise ConfigError("model.n_head", f"n_embd={cfg.n_embd} is not divisible by n_head={cfg.n_head}")
+    check_config(cfg)
     return GPT2Dims(vocab_size=vocab, n_positions=cfg.n_positions, n_embd=cfg.n_embd, n_layer=cfg.n_layer,
                     n_head=cfg.n_head, dropout=cfg.dropout,
                     eos_token_id=info.eos_token_id if info.eos_token_id is not None else vocab - 1)
@@ -76,9 +91,11 @@ class GPT2Spec(ModelSpec):
     name = "gpt2"
     task = "lm"
 
+    def check_config(self, cfg: GPT2ModelConfig) -> None:
+        check_config(cfg)
+
     def build(self, cfg: GPT2ModelConfig, info: DataInfo) -> nn.Module:
-        if cfg.impl not in IMPLS:
-            raise ConfigError("model.impl", f"unknown GPT-2 implementation {cfg.impl!r}; choose one of {list(IMPLS)}")
+        check_config(cfg)
         if info.extra.get("packed") and cfg.impl == "hf":
             raise ConfigError("data.packing", "packed examples need model.impl=native to keep attention within each "
                                               "example; use data.packing=false with model.impl=hf")
