@@ -119,8 +119,13 @@ def validate(cfg: Any) -> None:
     require(t.micro_batch_size > 0, "trainer.micro_batch_size", f"must be > 0 (got {t.micro_batch_size})")
     require(t.grad_accum_steps > 0, "trainer.grad_accum_steps", f"must be > 0 (got {t.grad_accum_steps})")
     require(t.grad_clip >= 0, "trainer.grad_clip", f"must be >= 0, 0 disables clipping (got {t.grad_clip})")
-    for key in ("eval_every", "ckpt_every", "eval_batches", "sample_tokens", "sample_every"):
+    for key in ("eval_every", "ckpt_every", "eval_batches", "sample_tokens", "sample_every", "keep_checkpoints",
+                "sample_top_k", "max_bad_steps"):
         require(getattr(t, key) >= 0, f"trainer.{key}", f"must be >= 0 (got {getattr(t, key)})")
+    require(0 <= t.seed < 2**32, "trainer.seed", f"must be in [0, 2**32) (got {t.seed})")
+    require(t.sample_temperature >= 0, "trainer.sample_temperature",
+            f"must be >= 0, 0 for greedy (got {t.sample_temperature})")
+    require(t.preempt_grace_s > 0, "trainer.preempt_grace_s", f"must be > 0 seconds (got {t.preempt_grace_s})")
     require(t.device in ("auto", "cpu", "cuda"), "trainer.device", f"must be auto, cpu or cuda (got {t.device!r})")
     if t.device == "cuda":
         import torch
@@ -132,6 +137,9 @@ def validate(cfg: Any) -> None:
     require(o.weight_decay >= 0, "optim.weight_decay", f"must be >= 0 (got {o.weight_decay})")
     require(len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), "optim.betas",
             f"must be two numbers in [0, 1) (got {list(o.betas)})")
+    require(o.eps > 0, "optim.eps", f"must be > 0 (got {o.eps})")
+    require(0 <= o.momentum < 1, "optim.momentum", f"must be in [0, 1) (got {o.momentum})")
+    require(0 < o.alpha < 1, "optim.alpha", f"must be in (0, 1) (got {o.alpha})")
     s = cfg.scheduler
     require(s.warmup_steps >= 0, "scheduler.warmup_steps", f"must be >= 0 (got {s.warmup_steps})")
     require(0 <= s.min_lr_ratio <= 1, "scheduler.min_lr_ratio", f"must be in [0, 1] (got {s.min_lr_ratio})")
@@ -141,6 +149,8 @@ def validate(cfg: Any) -> None:
             f"must be > 0 TFLOP/s, or null for the table (got {lg.peak_tflops})")
     st = cfg.strategy
     require(st.zero_stage in (0, 1, 2, 3), "strategy.zero_stage", f"must be 0, 1, 2 or 3 (got {st.zero_stage})")
+    require(st.timeout_s > 0, "strategy.timeout_s", f"must be > 0 seconds (got {st.timeout_s})")
+    require(st.bucket_cap_mb > 0, "strategy.bucket_cap_mb", f"must be > 0 (got {st.bucket_cap_mb})")
     if st.deepspeed_config:
         require(Path(st.deepspeed_config).is_file(), "strategy.deepspeed_config",
                 f"file not found: {st.deepspeed_config}")
