@@ -158,11 +158,14 @@ def fork_cli(module: str, argv: list[str], *, nproc: int = 1, timeout: float = 2
                                                            str(logs / f"out{r}"), str(logs / f"err{r}")))
         p.start()
         procs.append(p)
-    deadline, failed_at = time.monotonic() + timeout, None
+    deadline, failed_at, grace = time.monotonic() + timeout, None, 5.0
     while any(p.is_alive() for p in procs):
-        if failed_at is None and any(p.exitcode not in (None, 0) for p in procs):
+        codes = [p.exitcode for p in procs]
+        if failed_at is None and any(c not in (None, 0) for c in codes):
             failed_at = time.monotonic()  # torchrun stops the other ranks when one fails
-        if time.monotonic() > deadline or (failed_at is not None and time.monotonic() > failed_at + 5):
+            if any(c is not None and c < 0 for c in codes):  # killed by a signal: the others at once
+                grace = 0.0
+        if time.monotonic() > deadline or (failed_at is not None and time.monotonic() > failed_at + grace):
             for p in procs:
                 p.kill()
             break

@@ -129,6 +129,24 @@ def test_exact_resume(runs: Runs, root: Path, stage: int) -> None:
     assert {k: before[k] for k in after} == after
 
 
+@pytest.mark.distributed
+def test_another_world_size_is_refused_with_the_way_out(runs: Runs, root: Path) -> None:
+    """DeepSpeed's partitions load only on the world size that wrote them: one line naming what to do, exit 2,
+    nothing written."""
+    full = runs.zero(2)
+    fresh = root / "resume_zero2_on_1"
+    shutil.rmtree(fresh, ignore_errors=True)
+    (fresh / "checkpoints").mkdir(parents=True)
+    shutil.copy(full / "config.yaml", fresh / "config.yaml")
+    shutil.copytree(full / "checkpoints" / f"step_{CKPT:08d}", fresh / "checkpoints" / f"step_{CKPT:08d}")
+    before = {p: p.read_bytes() for p in fresh.rglob("*") if p.is_file()}
+    res = train_cli([*runs.zero_args(2), "trainer.micro_batch_size=8"], fresh, nproc=1, timeout=300, check=False)
+    err = [ln for ln in res.stderr.splitlines() if ln.strip() and "warning" not in ln.lower()]
+    assert res.returncode == 2 and len(err) == 1, res.stderr[-3000:]
+    assert "written by 2 DeepSpeed processes" in err[0] and "llmtrain-export" in err[0], err
+    assert {p: p.read_bytes() for p in fresh.rglob("*") if p.is_file()} == before
+
+
 # export -------------------------------------------------------------------------------------------------
 def _eval_loss(model_dir: Path) -> float:
     from transformers import GPT2LMHeadModel

@@ -135,3 +135,28 @@ def test_stalled_rank_times_out(tmp_path: Path) -> None:
     print(f"\nrank 0 gave up {rank0_gone:.1f}s after its peer stalled (timeout_s={TIMEOUT_S})")
     assert rank0_gone >= TIMEOUT_S - 1
     _assert_gone(workers)
+
+
+def test_one_writer_per_run_dir_and_no_orphans(tmp_path: Path) -> None:
+    """While a job trains, the same command is refused with one line naming the holder. kill -9 of the
+    launcher (torchrun) alone: its workers, each in a session of its own, exit within seconds instead of
+    training on; the next job can train in the dir."""
+    from helpers import losses, train_cli
+
+    run_dir = tmp_path / "run"
+    proc = _launch(run_dir, "ddp")
+    _wait_for_step(proc, run_dir, 2)
+    workers = descendants(proc.pid)
+    second = train_cli([*TINY_LM, "strategy=ddp", "trainer.max_steps=4"], run_dir, check=False, timeout=120)
+    err = [ln for ln in second.stderr.splitlines() if ln.strip()]
+    assert second.returncode == 2 and len(err) == 1, second.stderr[-3000:]
+    holder = _rank_pid(proc.pid, 0)
+    assert f"is in use by pid {holder} on " in err[0], err
+    os.kill(proc.pid, signal.SIGKILL)
+    t0 = time.monotonic()
+    _assert_gone(workers)
+    print(f"\nworkers gone {time.monotonic() - t0:.1f}s after their launcher was killed")
+    proc.wait()
+    train_cli([*TINY_LM, "strategy=ddp", "trainer.max_steps=4", "trainer.eval_every=0"], run_dir,
+              nproc=2, timeout=120)
+    assert sorted(losses(run_dir)) == [1, 2, 3, 4]  # the dir is free again (a lock left behind is taken over)

@@ -54,7 +54,19 @@ RUNS: dict[str, tuple[list[str], int]] = {
     "fsdp_bf16": (["strategy=fsdp", "trainer.precision=bf16"], 2),
     "ddp_fp16": (["strategy=ddp", "trainer.precision=fp16"], 2),
     "fsdp_fp16": (["strategy=fsdp", "trainer.precision=fp16"], 2),
+    # prompt/completion rows padded per batch: each rank's micro-batch holds another number of targets
+    "single_padded_sgd": (["trainer.micro_batch_size=4"], 1),
+    "ddp_padded_sgd": (["strategy=ddp", "trainer.micro_batch_size=2"], 2),
 }
+PADDED = ["data=instruct", f"data.source={REPO / 'examples' / 'stdlib_modules.jsonl'}", "data.tokenizer=byte",
+          "data.seq_len=80", "model.n_positions=96", "optim=sgd", "optim.lr=0.5", "trainer.grad_clip=0"]
+
+
+def _args(name: str) -> list[str]:
+    overrides = RUNS[name][0]
+    if "padded" in name:  # no text-corpus keys: the data is prompt/completion JSONL
+        return [*(a for a in COMMON if not a.startswith("data.")), *PADDED, *overrides]
+    return [*COMMON, *overrides]
 
 
 class Runs:
@@ -66,9 +78,9 @@ class Runs:
 
     def __call__(self, name: str) -> Path:
         if name not in self.done:
-            overrides, nproc = RUNS[name]
+            nproc = RUNS[name][1]
             run_dir = self.root / name
-            train_cli([*COMMON, *overrides], run_dir, nproc=nproc, timeout=180)
+            train_cli(_args(name), run_dir, nproc=nproc, timeout=180)
             self.done[name] = run_dir
         return self.done[name]
 
@@ -93,6 +105,25 @@ def test_fp32_loss_parity(runs: Runs, name: str, ref: str) -> None:
     err = _max_rel(losses(runs(name)), losses(runs(ref)))
     print(f"\n{name} vs {ref}: max relative loss difference {err:.2e}")
     assert err <= FP32_RTOL, f"{name} drifts from {ref}: {err:.2e}"
+
+
+def test_loss_is_normalised_by_the_global_count_over_uneven_ranks(runs: Runs) -> None:
+    """Plain SGD, no clipping: the update is the gradient itself, so normalising by a rank's own target count
+    instead of the global one would change it. The ranks' micro-batches hold different numbers of targets
+    (padded prompt/completion rows), and 2 processes still match 1 with the same global batch."""
+    from helpers import compose
+
+    from llmtrain.data.base import build_data
+
+    cfg = compose(_args("ddp_padded_sgd"))
+    data = build_data(cfg.data, model_cfg=cfg.model)
+    loaders = [data.loader("train", 2, seed=cfg.trainer.seed, shuffle=True, rank=r, world_size=2,
+                           device=torch.device("cpu")) for r in range(2)]
+    counts = [[int((next(ld)["labels"] != -100).sum()) for _ in range(STEPS)] for ld in loaders]
+    assert sum(a != b for a, b in zip(*counts, strict=True)) > STEPS // 2, counts  # uneven, step after step
+    err = _max_rel(losses(runs("ddp_padded_sgd")), losses(runs("single_padded_sgd")))
+    print(f"\nddp vs single, padded rows and SGD: max relative loss difference {err:.2e}")
+    assert err <= FP32_RTOL
 
 
 @pytest.mark.parametrize(("name", "ref"), [("ddp", "single"), ("fsdp", "single"),
@@ -133,12 +164,34 @@ def test_exact_resume(runs: Runs, name: str, tmp_path: Path) -> None:
     """Restarting from the step-10 checkpoint reproduces steps 11..20 bit for bit."""
     full = runs(name)
     fresh, ck = _run_dir_at(full, CKPT_AT, tmp_path / "resumed")
-    overrides, nproc = RUNS[name]
-    res = train_cli([*COMMON, *overrides, "trainer.resume=auto"], fresh, nproc=nproc, timeout=180)
+    nproc = RUNS[name][1]
+    res = train_cli([*_args(name), "trainer.resume=auto"], fresh, nproc=nproc, timeout=180)
     assert f"resuming from {fresh / ck} at step {CKPT_AT}" in res.stdout
     want = {k: v for k, v in losses(full).items() if k > CKPT_AT}
     got = {k: v for k, v in losses(fresh).items() if k > CKPT_AT}
     assert got == want
+
+
+@pytest.mark.parametrize(("src", "overrides", "nproc"), [
+    ("fsdp", ["strategy=fsdp", "trainer.grad_accum_steps=2"], 1),  # 2 processes → 1 (DCP reshards)
+    ("fsdp_1proc", ["strategy=fsdp", "trainer.micro_batch_size=4"], 2),  # 1 → 2
+    ("single", ["strategy=ddp", "trainer.micro_batch_size=4"], 2),  # single → ddp
+    ("ddp", ["trainer.micro_batch_size=4", "trainer.grad_accum_steps=2"], 1),  # ddp → single
+], ids=["fsdp-2to1", "fsdp-1to2", "single-to-ddp", "ddp-to-single"])
+def test_resume_on_another_world_size(runs: Runs, src: str, overrides: list[str], nproc: int,
+                                      tmp_path: Path) -> None:
+    """A checkpoint resumes on another number of processes. With the global batch kept (micro-batch or
+    accumulation adjusted) the data position carries over and the run continues the original's losses."""
+    full = runs(src)
+    fresh, ck = _run_dir_at(full, CKPT_AT, tmp_path / "resumed")
+    res = train_cli([*COMMON, *overrides, "trainer.resume=auto"], fresh, nproc=nproc, timeout=180)
+    assert f"resuming from {fresh / ck} at step {CKPT_AT}" in res.stdout and f"× {nproc} on cpu" in res.stdout
+    after = {k: v for k, v in losses(fresh).items() if k > CKPT_AT}
+    want = {k: v for k, v in losses(full).items() if k > CKPT_AT}
+    assert sorted(after) == sorted(want) == list(range(CKPT_AT + 1, STEPS + 1))
+    err = max(abs(after[k] - want[k]) / abs(want[k]) for k in want)
+    print(f"\n{src} resumed on {nproc} process(es): max relative loss difference {err:.2e}")
+    assert err <= FP32_RTOL
 
 
 # export ----------------------------------------------------------------------------------------------
@@ -170,7 +223,7 @@ def _fake_slurm(bin_dir: Path) -> dict[str, str]:
     """`srun` that runs its command here (dropping its own flags) and `scontrol` naming this host."""
     bin_dir.mkdir()
     (bin_dir / "srun").write_text('#!/usr/bin/env bash\nwhile [[ "$1" == --* ]]; do shift; done\nexec "$@"\n')
-    (bin_dir / "scontrol").write_text("#!/usr/bin/env bash\necho 127.0.0.1\n")
+    (bin_dir / "scontrol").write_text(f'#!/usr/bin/env bash\necho "$@" >> {bin_dir}/scontrol.log\necho 127.0.0.1\n')
     for f in bin_dir.iterdir():
         f.chmod(0o755)
     return {"PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_NNODES": "1", "SLURM_GPUS_ON_NODE": "2",
@@ -201,3 +254,38 @@ def test_launch_script_reproduces_ddp(runs: Runs, script: str, tmp_path: Path) -
     ref = losses(runs("ddp"))
     got = losses(run_dir)
     assert got == {k: ref[k] for k in range(1, 6)}
+
+
+def test_slurm_template_checkpoints_and_requeues_on_its_warning_signal(tmp_path: Path) -> None:
+    """SLURM's USR1 before the time limit (--signal=B:USR1@180) reaches the batch script: its job step gets
+    SIGTERM, both ranks finish the step and write one checkpoint, and the script requeues the job."""
+    import signal
+    import subprocess
+    import time
+
+    from helpers import kill_tree
+
+    env = base_env()
+    env.update(PYTHON=PY, **_fake_slurm(tmp_path / "bin"))
+    run_dir = tmp_path / "run"
+    args = [*COMMON, *RUNS["ddp"][0], "trainer.device=cpu", "trainer.max_steps=100000", "trainer.sample_tokens=0",
+            f"hydra.run.dir={run_dir}"]
+    log = open(tmp_path / "job.log", "w")  # noqa: SIM115  (a file, not a pipe that could fill and stall)
+    proc = subprocess.Popen(["bash", str(REPO / "launch" / "slurm.sbatch"), *args], stdout=log,
+                            stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    log.close()
+    try:
+        deadline = time.monotonic() + 120
+        while not (run_dir / "metrics.jsonl").is_file() or len(losses(run_dir)) < 3:
+            assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "job.log").read_text()[-3000:]
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGUSR1)
+        proc.wait(timeout=60)
+    finally:
+        kill_tree(proc)
+    out = (tmp_path / "job.log").read_text()
+    assert proc.returncode == 0, out[-3000:]
+    assert "requeue 4242" in (tmp_path / "bin" / "scontrol.log").read_text(), out[-3000:]
+    step = max(losses(run_dir))
+    assert f"llmtrain: preempted at step {step} of 100000" in out, out[-3000:]
+    assert (run_dir / "checkpoints" / f"step_{step:08d}" / "manifest.json").is_file()

@@ -135,6 +135,30 @@ def test_hydra_errors_are_one_line(override: str, line: str, tmp_path: Path) -> 
     assert not (tmp_path / "r").exists()
 
 
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    run_dir = tmp_path_factory.mktemp("cli") / "run"
+    train_cli([*TINY_LM, "trainer.max_steps=2", "trainer.eval_every=0"], run_dir)
+    return run_dir
+
+
+@pytest.mark.parametrize("override,line", [
+    ("model.n_layer=3", "model.n_layer: is 3 but checkpoint"),
+    ("trainer.resume=never", "trainer.resume: never, but"),
+    ("trainer.max_stepz=9", "trainer.max_stepz: no such key in trainer; did you mean trainer.max_steps?"),
+    ("+model.n_layerz=3", "model.n_layerz: no such key in model; did you mean model.n_layer?"),
+    ("optim.lr=-1", "optim.lr: must be > 0"),
+])
+def test_refusals_through_the_cli_leave_the_run_byte_identical(finished: Path, override: str, line: str) -> None:
+    """Refused through the real CLI (Hydra included): one stderr line naming the key, exit 2, and every byte of
+    the existing run dir as it was."""
+    before = {p: p.read_bytes() for p in finished.rglob("*") if p.is_file()}
+    res = train_cli([*TINY_LM, "trainer.max_steps=4", "trainer.eval_every=0", override], finished, check=False)
+    lines = res.stderr.strip().splitlines()
+    assert res.returncode == 2 and len(lines) == 1 and lines[0].startswith(f"llmtrain: error: {line}"), res.stderr
+    assert {p: p.read_bytes() for p in finished.rglob("*") if p.is_file()} == before
+
+
 def test_help_lists_groups() -> None:
     res = fork_cli("llmtrain.train", ["--help"], timeout=120)
     assert res.returncode == 0

@@ -108,13 +108,38 @@ def test_run_dir_contract(tmp_path: Path) -> None:
     assert len((run_dir / "samples.txt").read_text()) > 0
 
 
-@pytest.mark.parametrize("extra", [[], ["model.dropout=0.1", "trainer.grad_accum_steps=2"]],
-                         ids=["plain", "dropout+accum"])
-def test_resume_is_bit_identical(tmp_path: Path, extra: list[str]) -> None:
+@pytest.mark.parametrize("impl", ["native", "hf"])
+def test_gpt2_loss_and_count_equal_cross_entropy_on_padded_labels(impl: str) -> None:
+    """The spec's (loss sum, target count) on labels padded with -100 are F.cross_entropy's sum and the count
+    of real targets, for both GPT-2 implementations (the chunked fused loss included)."""
+    import torch.nn.functional as F
+
+    spec = get_model_spec("gpt2")
+    torch.manual_seed(0)
+    model = spec.build(GPT2ModelConfig(n_layer=2, n_head=2, n_embd=16, n_positions=16, impl=impl),
+                       PaddedData.info).eval()
+    batch = PaddedLM().get(np.arange(16))
+    with torch.no_grad():
+        loss, count = spec.loss(model, batch)
+        logits = model(input_ids=batch["input_ids"]) if impl == "native" else model(batch["input_ids"]).logits
+    want = F.cross_entropy(logits.flatten(0, 1).float(), batch["labels"].flatten(), ignore_index=-100,
+                           reduction="sum")
+    assert int(count) == int((batch["labels"] != -100).sum()) == spec.count(batch) < batch["labels"].numel()
+    torch.testing.assert_close(loss.float(), want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("extra", [[], ["model.dropout=0.1", "trainer.grad_accum_steps=2", "data.prefetch=2"]],
+                         ids=["plain", "dropout+accum+prefetch"])
+def test_resume_is_bit_identical(tmp_path: Path, extra: list[str], capsys: pytest.CaptureFixture) -> None:
+    """A run that died after step 6 (newest checkpoint: step 4) resumes from step 4 (it says so, and restores
+    weights, optimizer state, RNG, data position and schedule) and ends bit-identical to the run that never
+    stopped. The schedule warms up for 2 steps, then decays: the resumed steps are in the decay."""
     full = tmp_path / "full"
     args = ["trainer.max_steps=8", "trainer.ckpt_every=4", "trainer.keep_checkpoints=5", "trainer.eval_every=0",
-            *extra]
+            "scheduler=cosine", "scheduler.warmup_steps=2", *extra]
     run(_tiny(full, *args), full)
+    lrs = [r["lr"] for r in read_metrics(full) if "lr" in r]
+    assert lrs[0] < lrs[1] and all(a > b for a, b in zip(lrs[1:], lrs[2:], strict=False)), lrs  # warmup, decay
     # A run that "died" after step 6 with its last checkpoint at step 4.
     part = tmp_path / "part"
     (part / "checkpoints").mkdir(parents=True)
@@ -122,12 +147,19 @@ def test_resume_is_bit_identical(tmp_path: Path, extra: list[str]) -> None:
     shutil.copy(full / "config.yaml", part / "config.yaml")
     stale = [r for r in read_metrics(full) if r["step"] <= 6]
     (part / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in stale))
+    capsys.readouterr()
     run(_tiny(part, *args), part)
+    assert f"resuming from {part / 'checkpoints' / 'step_00000004'} at step 4" in capsys.readouterr().out
     a, b = losses(full), losses(part)
     assert sorted(b) == list(range(1, 9))  # records after the checkpoint were replaced, not duplicated
     assert [b[s] for s in range(5, 9)] == [a[s] for s in range(5, 9)]  # bit-identical
-    for k, v in torch.load(full / "checkpoints" / "step_00000008" / "model_optim.pt")["model"].items():
-        assert torch.equal(v, torch.load(part / "checkpoints" / "step_00000008" / "model_optim.pt")["model"][k])
+    assert [r["lr"] for r in read_metrics(part) if "lr" in r] == lrs
+    sa, sb = (torch.load(d / "checkpoints" / "step_00000008" / "model_optim.pt") for d in (full, part))
+    for k, v in sa["model"].items():
+        assert torch.equal(v, sb["model"][k])
+    moments = [(x["exp_avg"], y["exp_avg"], x["step"], y["step"])
+               for x, y in zip(sa["optimizer"]["state"].values(), sb["optimizer"]["state"].values(), strict=True)]
+    assert all(torch.equal(m, n) and int(s) == int(t) == 8 for m, n, s, t in moments)  # Adam's state restored
 
 
 def test_interrupted_save_is_ignored(tmp_path: Path) -> None:
