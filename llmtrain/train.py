@@ -62,6 +62,8 @@ def run(cfg: DictConfig, run_dir: Path, *, pick_dir: bool = False, overrides: li
     check_wandb(cfg.logger)
     env = read_env()
     device = pick_device(cfg.trainer.device, env)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = bool(cfg.trainer.tf32)
     precision = resolve(cfg.trainer.precision, device)
     if (why := check_supported(precision, device)) is not None:
         raise ConfigError("trainer.precision", why)

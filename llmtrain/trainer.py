@@ -53,6 +53,7 @@ class TrainerConfig:
     sample_top_k: int = 50
     keep_best: bool = False  # export the weights of the lowest eval loss to best/ whenever it improves
     early_stop_patience: int = 0  # stop after this many evaluations without a lower eval loss; 0: never
+    tf32: bool = True  # CUDA: fp32 matmuls and convolutions on TF32 tensor cores (bf16/fp16 runs are unaffected)
     max_bad_steps: int = 5  # a non-finite loss or grad norm skips the update; this many in a row stop the run
     preempt_grace_s: float = 120.0  # SIGTERM/SIGUSR1: finish the step and checkpoint within this, else exit 143
 

@@ -17,8 +17,10 @@ class DDPStrategy(SingleStrategy):
         if self.world_size == 1:
             return model
         ids = [self.device.index] if self.device.type == "cuda" else None
+        # gradient_as_bucket_view: the gradients are views into the all-reduce buckets, not a second copy
         return DistributedDataParallel(model, device_ids=ids, bucket_cap_mb=self.cfg.bucket_cap_mb,
-                                       find_unused_parameters=self.cfg.find_unused_parameters)
+                                       find_unused_parameters=self.cfg.find_unused_parameters,
+                                       gradient_as_bucket_view=True)
 
     def micro_step(self, sync_grads: bool) -> contextlib.AbstractContextManager:
         if sync_grads or not isinstance(self.model, DistributedDataParallel):
