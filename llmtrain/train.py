@@ -20,7 +20,7 @@ from llmtrain import faults, rundir
 from llmtrain.cli import run_app
 from llmtrain.config import conf_dir, register_configs, validate
 from llmtrain.data.base import build_data
-from llmtrain.distributed import SetupArgs, Strategy, build_strategy
+from llmtrain.distributed import SetupArgs, Strategy, build_strategy, comm_stats
 from llmtrain.distributed.env import (
     destroy_process_group,
     init_process_group,
@@ -69,6 +69,8 @@ def run(cfg: DictConfig, run_dir: Path, *, pick_dir: bool = False, overrides: li
         raise ConfigError("trainer.precision", why)
     if env.is_main and (warning := slow_precision_warning(precision, device)):
         print(warning, file=sys.stderr, flush=True)
+    if comm_stats.enabled():
+        comm_stats.install()  # before any backend binds the collectives
     init_process_group(env, device, cfg.strategy.backend, cfg.strategy.timeout_s)
     strategy = None
     try:

@@ -15,6 +15,7 @@ import torch
 from llmtrain import checkpoint as ckpt
 from llmtrain import faults
 from llmtrain.data.base import DataModule, Loader
+from llmtrain.distributed import comm_stats
 from llmtrain.distributed.base import Strategy
 from llmtrain.errors import RunFailed, Stopped
 from llmtrain.interrupt import PREEMPT_SIGNALS, StopRequest, hold_signals
@@ -80,6 +81,7 @@ class Trainer:
         # Per-step values stay on the device and are read on log steps (every step on CPU, where reading is
         # free): no host sync in between. `_acc` sums them since the last read.
         self._read_every_step = strategy.device.type == "cpu"
+        self._count_comm = comm_stats.enabled()
         dev = strategy.device
         # non-finite steps on the device: in a row now, the longest run since the last read, in all
         self._bad = {k: torch.zeros((), dtype=torch.int64, device=dev) for k in ("streak", "peak", "total")}
@@ -124,6 +126,8 @@ class Trainer:
             raise
         finally:
             self.logger.close()
+            if self._count_comm:
+                comm_stats.dump(self.run_dir, self.strategy.rank, self.strategy.model)
         return last
 
     def _stop_here(self, preempted: bool) -> None:
@@ -141,7 +145,8 @@ class Trainer:
 
     def _one_step(self) -> dict[str, Any] | None:
         """train_step, then log / eval / checkpoint as due; returns the record when this step was read."""
-        pending = self.train_step()
+        with comm_stats.optimizer_step() if self._count_comm else contextlib.nullcontext():
+            pending = self.train_step()
         self.step += 1
         self.logger.advance()
         log_now = self.step % self.log_every == 0 or self.step == self.cfg.max_steps

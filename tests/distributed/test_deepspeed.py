@@ -82,7 +82,8 @@ class Runs:
     def _run(self, name: str, args: list[str], nproc: int) -> Path:
         if name not in self.done:
             run_dir = self.root / name
-            train_cli(args, run_dir, nproc=nproc, timeout=300)
+            env = {**base_env(), "LLMTRAIN_COUNT_COMM": "1"}  # bytes handed to collectives, for llmtrain-plan
+            train_cli(args, run_dir, nproc=nproc, timeout=300, env=env)
             self.done[name] = run_dir
         return self.done[name]
 
@@ -107,6 +108,26 @@ def test_loss_parity_with_single_process(runs: Runs, stage: int, gas: int) -> No
     if stage == 3:  # samples during training: ZeRO-3's partitioned weights gathered for rank 0's greedy samples
         got = samples(runs.zero(stage) if gas == 1 else runs.zero(stage, *_accum(stage)))
         assert [s for s, _ in got] == [10, 10, 20, 20] and got == samples(runs.single(gas))
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("gas", [1, 2])
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_planned_communication_matches_the_counted_bytes(runs: Runs, stage: int, gas: int) -> None:
+    """llmtrain-plan's bytes per optimizer step under ZeRO-`stage` (gradient reduce-scatter, parameter
+    all-gather) against the bytes each rank handed to collectives."""
+    from helpers import compose
+
+    from llmtrain.plan import communication, shape_of
+
+    run_dir = runs.zero(stage) if gas == 1 else runs.zero(stage, *_accum(stage))
+    counted = json.loads((run_dir / "comm_rank0.json").read_text())
+    per_step = {k: v / counted["steps"] for k, v in counted["bytes"].items()}
+    args = runs.zero_args(stage) if gas == 1 else runs.zero_args(stage, *_accum(stage))
+    planned, _ = communication(shape_of(compose(args), device="cpu"), "deepspeed", 2, zero_stage=stage)
+    print(f"\nZeRO-{stage} accum {gas}: planned {planned}, counted {per_step}")
+    for kind, want in planned.items():
+        assert per_step.get(kind, 0.0) == pytest.approx(want, rel=0.15), (kind, per_step, planned)
 
 
 # exact resume -----------------------------------------------------------------------------------------

@@ -80,7 +80,8 @@ class Runs:
         if name not in self.done:
             nproc = RUNS[name][1]
             run_dir = self.root / name
-            train_cli(_args(name), run_dir, nproc=nproc, timeout=180)
+            env = {**base_env(), "LLMTRAIN_COUNT_COMM": "1"}  # bytes handed to collectives, for llmtrain-plan
+            train_cli(_args(name), run_dir, nproc=nproc, timeout=180, env=env)
             self.done[name] = run_dir
         return self.done[name]
 
@@ -156,6 +157,26 @@ def _run_dir_at(full: Path, step: int, dest: Path) -> tuple[Path, str]:
     shutil.copytree(full / ck, dest / ck)
     shutil.copy(full / "config.yaml", dest / "config.yaml")
     return dest, ck
+
+
+@pytest.mark.parametrize("name", ["ddp", "ddp_accum", "fsdp", "fsdp_accum_ckpt"])
+def test_planned_communication_matches_the_counted_bytes(runs: Runs, name: str) -> None:
+    """llmtrain-plan's bytes per optimizer step (gradient all-reduce; FSDP's all-gathers and reduce-scatter)
+    against the bytes each rank handed to collectives in the run (the small loss and count reductions aside)."""
+    import json
+
+    from helpers import compose
+
+    from llmtrain.plan import communication, shape_of
+
+    counted = json.loads((runs(name) / "comm_rank0.json").read_text())
+    per_step = {k: v / counted["steps"] for k, v in counted["bytes"].items()}
+    s = shape_of(compose(_args(name)), device="cpu")
+    planned, _ = communication(s, RUNS[name][0][0].split("=")[1], 2)
+    for kind, want in planned.items():
+        got = per_step.get(kind, 0.0)
+        print(f"\n{name} {kind}: planned {want / 1e3:.1f} kB/step, counted {got / 1e3:.1f} kB/step")
+        assert got == pytest.approx(want, rel=0.1), (kind, got, want)
 
 
 # resume ----------------------------------------------------------------------------------------------

@@ -1,0 +1,449 @@
+"""GPT-2 124M on one GPU, in one process: llmtrain against the loops people compare it with, then llmtrain's
+own options, then the largest GPT-2-family model each strategy trains on this GPU.
+
+    python bench/gpu.py                      # everything (about 10 minutes on an H100)
+    python bench/gpu.py --only loops --steps 30
+    python bench/gpu.py --device cpu --tiny  # a minute's dry run of every row on the CPU, tiny model
+
+Rows, each tokens/s (median step after warm-up), MFU (against the measured bf16 matmul peak and the
+vendor's) and peak GPU memory, with llmtrain-plan's estimate of that memory beside it:
+
+1. loops: a raw loop over transformers' GPT2LMHeadModel + torch.compile; a nanoGPT-style GPT-2 (fused QKV,
+   SDPA, tied head) + compile; HF Trainer with torch_compile; llmtrain model.impl=hf; llmtrain
+   model.impl=native (all bf16 autocast, fused AdamW, sequence 1024, vocabulary 50304);
+2. options: llmtrain native with and without gradient checkpointing, and under single, ddp, fsdp, DeepSpeed
+   ZeRO-2 and ZeRO-3 at world size 1;
+3. largest: for each strategy (with checkpointing and, for DeepSpeed, CPU offload), the largest
+   n_layer × n_embd of a doubling-then-bisecting search that trains 3 steps without running out of memory.
+
+Data: random token ids (throughput does not depend on them). DeepSpeed's ops need TORCH_CUDA_ARCH_LIST=9.0 on
+H100/H200 images whose default (9.0a) breaks its JIT build; this script sets it when unset.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import json
+import math
+import os
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "9.0")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from torch import nn  # noqa: E402
+
+VOCAB = 50304
+RESULTS: list[dict[str, Any]] = []
+
+
+class Setup:
+    """The shared shape of every row."""
+
+    def __init__(self, device: str, tiny: bool, steps: int, batch: int) -> None:
+        self.device = torch.device(device)
+        self.tiny = tiny
+        self.steps, self.batch = steps, batch
+        self.seq = 64 if tiny else 1024
+        self.n_layer, self.n_head, self.n_embd = (2, 2, 64) if tiny else (12, 12, 768)
+        self.dtype = torch.bfloat16
+        self.warmup = 3 if tiny else 10
+
+    def batches(self) -> Callable[[], tuple[torch.Tensor, torch.Tensor]]:
+        g = torch.Generator(device="cpu").manual_seed(0)
+        data = torch.randint(0, 50257, (64, self.seq + 1), generator=g)
+
+        def next_batch(i: list[int] = [0]) -> tuple[torch.Tensor, torch.Tensor]:  # noqa: B006
+            rows = data[(torch.arange(self.batch) + i[0] * self.batch) % len(data)]
+            i[0] += 1
+            x, y = rows[:, :-1], rows[:, 1:]
+            return x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+
+        return next_batch
+
+    def flops_per_token(self) -> float:
+        c, L, t = self.n_embd, self.n_layer, self.seq
+        n = L * (12 * c * c + 13 * c) + 2 * c + VOCAB * c
+        return 6 * n + 12 * L * t * c
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def reset_peak(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_gib(device: torch.device) -> float | None:
+    return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+
+
+def time_loop(s: Setup, step: Callable[[], None]) -> float:
+    """Median seconds per step after warm-up (a device sync after each step: these loops read nothing)."""
+    times = []
+    for i in range(s.steps):
+        t0 = time.perf_counter()
+        step()
+        sync(s.device)
+        if i >= s.warmup:
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def record(s: Setup, section: str, name: str, seconds: float | None, command: str, peak: float | None,
+           plan_gib: float | None = None, extra: dict[str, Any] | None = None) -> None:
+    tps = s.batch * s.seq / seconds if seconds else None
+    RESULTS.append({"section": section, "row": name, "tokens_per_s": tps, "step_s": seconds, "peak_gib": peak,
+                    "plan_gib": plan_gib, "command": command, **(extra or {})})
+    mem = f"{peak:.1f} GiB" if peak is not None else "-"
+    plan = f" (plan {plan_gib:.1f})" if plan_gib is not None else ""
+    print(f"[{section}] {name}: {tps:,.0f} tok/s, {mem}{plan}" if tps else f"[{section}] {name}: failed", flush=True)
+
+
+# 1. loops --------------------------------------------------------------------------------------------------------
+def hf_model(s: Setup) -> nn.Module:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    cfg = GPT2Config(vocab_size=VOCAB, n_positions=s.seq, n_embd=s.n_embd, n_layer=s.n_layer, n_head=s.n_head,
+                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    cfg._attn_implementation = "sdpa"
+    return GPT2LMHeadModel(cfg).to(s.device)
+
+
+def raw_hf_compile(s: Setup) -> None:
+    model = hf_model(s)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-4, fused=s.device.type == "cuda")
+    compiled = torch.compile(model)
+    nxt = s.batches()
+
+    def step() -> None:
+        x, y = nxt()
+        with torch.autocast(s.device.type, dtype=s.dtype):
+            loss = compiled(input_ids=x, labels=x).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    reset_peak(s.device)
+    t = time_loop(s, step)
+    record(s, "loops", "raw loop, HF GPT2LMHeadModel + compile", t, "bench/gpu.py (raw_hf_compile)", peak_gib(s.device))
+
+
+class NanoBlock(nn.Module):
+    def __init__(self, c: int, nh: int) -> None:
+        super().__init__()
+        self.nh = nh
+        self.ln_1, self.ln_2 = nn.LayerNorm(c), nn.LayerNorm(c)
+        self.c_attn, self.c_proj = nn.Linear(c, 3 * c), nn.Linear(c, c)
+        self.c_fc, self.mlp_proj = nn.Linear(c, 4 * c), nn.Linear(4 * c, c)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, C = x.shape
+        q, k, v = self.c_attn(self.ln_1(x)).split(C, dim=2)
+        q, k, v = (t.view(B, T, self.nh, C // self.nh).transpose(1, 2) for t in (q, k, v))
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(B, T, C)
+        x = x + self.c_proj(y)
+        return x + self.mlp_proj(F.gelu(self.c_fc(self.ln_2(x)), approximate="tanh"))
+
+
+class NanoGPT(nn.Module):
+    """nanoGPT's model: fused QKV, SDPA, tied head."""
+
+    def __init__(self, s: Setup) -> None:
+        super().__init__()
+        self.wte, self.wpe = nn.Embedding(VOCAB, s.n_embd), nn.Embedding(s.seq, s.n_embd)
+        self.h = nn.ModuleList(NanoBlock(s.n_embd, s.n_head) for _ in range(s.n_layer))
+        self.ln_f = nn.LayerNorm(s.n_embd)
+        self.head = nn.Linear(s.n_embd, VOCAB, bias=False)
+        self.head.weight = self.wte.weight
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        h = self.wte(x) + self.wpe(torch.arange(x.shape[1], device=x.device))
+        for b in self.h:
+            h = b(h)
+        logits = self.head(self.ln_f(h))
+        return F.cross_entropy(logits.view(-1, logits.size(-1)), y.reshape(-1))
+
+
+def nanogpt_compile(s: Setup) -> None:
+    model = NanoGPT(s).to(s.device)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-4, fused=s.device.type == "cuda")
+    compiled = torch.compile(model)
+    nxt = s.batches()
+
+    def step() -> None:
+        x, y = nxt()
+        with torch.autocast(s.device.type, dtype=s.dtype):
+            loss = compiled(x, y)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    reset_peak(s.device)
+    record(s, "loops", "nanoGPT-style GPT-2 + compile", time_loop(s, step), "bench/gpu.py (nanogpt_compile)",
+           peak_gib(s.device))
+
+
+def hf_trainer(s: Setup) -> None:
+    from transformers import Trainer, TrainerCallback, TrainingArguments
+
+    model = hf_model(s)
+    nxt = s.batches()
+    rows = [nxt()[0][0].cpu() for _ in range(s.batch * 4)]
+
+    class Data(torch.utils.data.Dataset):
+        def __len__(self) -> int:
+            return len(rows)
+
+        def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+            return {"input_ids": rows[i], "labels": rows[i]}
+
+    times: list[float] = []
+
+    class Clock(TrainerCallback):
+        def on_step_begin(self, *a: Any, **k: Any) -> None:
+            sync(s.device)
+            self.t0 = time.perf_counter()
+
+        def on_step_end(self, *a: Any, **k: Any) -> None:
+            sync(s.device)
+            times.append(time.perf_counter() - self.t0)
+
+    with tempfile.TemporaryDirectory() as out:
+        args = TrainingArguments(output_dir=out, per_device_train_batch_size=s.batch, max_steps=s.steps,
+                                 bf16=s.device.type == "cuda", torch_compile=True, logging_steps=10**9,
+                                 save_strategy="no", report_to=[], dataloader_num_workers=0,
+                                 use_cpu=s.device.type == "cpu", optim="adamw_torch_fused" if s.device.type == "cuda"
+                                 else "adamw_torch", max_grad_norm=1.0)
+        reset_peak(s.device)
+        Trainer(model=model, args=args, train_dataset=Data(), callbacks=[Clock()]).train()
+    record(s, "loops", "HF Trainer + torch_compile", statistics.median(times[s.warmup:]),
+           "bench/gpu.py (hf_trainer)", peak_gib(s.device))
+
+
+# llmtrain rows ---------------------------------------------------------------------------------------------------
+def corpus(root: Path, s: Setup) -> Path:
+    """A prepared dataset of random GPT-2 token ids (uint16), as llmtrain-prepare writes it."""
+    import numpy as np
+
+    from llmtrain.data import prepare as prep
+
+    out = root / "data"
+    if (out / "meta.json").is_file():
+        return out
+    out.mkdir(parents=True)
+    g = np.random.default_rng(0)
+    n_train, n_val = 4_000_000 if not s.tiny else 200_000, 100_000 if not s.tiny else 20_000
+    shards = {}
+    for split, n in (("train", n_train), ("val", n_val)):
+        path = out / f"{split}_000.bin"
+        g.integers(0, 50257, n, dtype=np.uint16).tofile(path)
+        shards[split] = [{"file": path.name, "tokens": n}]
+    tok_dir = REPO.parent / "shared" / "data" / "gpt2-tokenizer"
+    from llmtrain.data import tokenizers as toks
+
+    tok = toks.build_tokenizer(str(tok_dir) if tok_dir.is_dir() else "byte", 0)
+    tok.save_pretrained(str(out / "tokenizer"))
+    meta = {"format": prep.FORMAT_VERSION, "hash": "random", "train_tokens": n_train, "val_tokens": n_val,
+            "vocab_size": 50257, "max_token_id": 50256, "eos_token_id": 50256, "dtype": "uint16",
+            "tokenizer": {"spec": "gpt2", "hash": toks.tokenizer_hash(tok), "dir": "tokenizer"},
+            "sources": ["random"], "documents": 1, "characters": 0, "replaced_bytes": 0, "val_fraction": 0.0,
+            "shard_tokens": n_train, "shards": shards, "seconds": 0}
+    (out / "meta.json").write_text(json.dumps(meta))
+    return out
+
+
+def llmtrain_overrides(s: Setup, data: Path, extra: list[str]) -> list[str]:
+    size = ([f"model.n_layer={s.n_layer}", f"model.n_head={s.n_head}", f"model.n_embd={s.n_embd}",
+             f"model.n_positions={s.seq}", "model.vocab_size=50257"])
+    return ["experiment=gpt2_small", *size, f"data.source={data}", f"data.seq_len={s.seq}",
+            f"trainer.micro_batch_size={s.batch}", f"trainer.max_steps={s.steps}", "trainer.eval_every=0",
+            "trainer.ckpt_every=0", "trainer.sample_tokens=0", "logger.log_every=1", "logger.progress=false",
+            "logger.tensorboard=false", "logger.plots=false", "trainer.compile=true",
+            f"trainer.device={s.device.type}", f"trainer.precision={'bf16' if s.device.type == 'cuda' else 'fp32'}",
+            *extra]
+
+
+def llmtrain_row(s: Setup, root: Path, section: str, name: str, extra: list[str]) -> float | None:
+    """One llmtrain run in this process; returns its median step time, records the row."""
+    from llmtrain.plan import Cluster, peak, plan, shape_of
+    from llmtrain.train import run
+
+    data = corpus(root, s)
+    run_dir = root / f"run-{len(RESULTS)}"
+    overrides = llmtrain_overrides(s, data, extra) + [f"hydra.run.dir={run_dir}"]
+    cfg = compose(overrides)
+    shape = shape_of(cfg)
+    strategy = cfg.strategy.name.value
+    label = {"deepspeed": f"zero{cfg.strategy.zero_stage}"}.get(strategy, strategy)
+    if strategy == "deepspeed" and (cfg.strategy.offload_optimizer or cfg.strategy.offload_params):
+        label += "+offload"
+    rows = {r.strategy: r for r in plan(shape, Cluster(1, 1, "h100"))}
+    plan_gib = peak(shape, rows[label].memory) / 2**30 if label in rows else None
+    reset_peak(s.device)
+    try:
+        run(cfg, run_dir)
+    except (torch.OutOfMemoryError, SystemExit, RuntimeError) as e:
+        record(s, section, name, None, "llmtrain-train " + " ".join(overrides), None, plan_gib,
+               {"error": str(e).splitlines()[0][:200] if str(e) else type(e).__name__})
+        return None
+    finally:
+        torch._dynamo.reset()
+    recs = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    times = [r["step_time_s"] for r in recs if "step_time_s" in r][s.warmup:]
+    t = statistics.median(times) if times else None
+    record(s, section, name, t, "llmtrain-train " + " ".join(o for o in overrides if not o.startswith("hydra.")),
+           peak_gib(s.device), plan_gib)
+    return t
+
+
+def compose(overrides: list[str]) -> Any:
+    from llmtrain.plan import compose as _compose
+
+    return _compose(overrides)
+
+
+# 3. the largest model --------------------------------------------------------------------------------------------
+def trains(s: Setup, root: Path, layers: int, width: int, extra: list[str]) -> bool:
+    """Whether 3 steps of an n_layer × n_embd GPT-2 fit (batch 1 × seq, checkpointing on)."""
+    from llmtrain.train import run
+
+    heads = max(1, width // 128)
+    overrides = llmtrain_overrides(s, corpus(root, s), [*extra, f"model.n_layer={layers}", f"model.n_embd={width}",
+                                                         f"model.n_head={heads}", "trainer.micro_batch_size=1",
+                                                         "trainer.max_steps=3", "trainer.compile=false",
+                                                         "trainer.gradient_checkpointing=true"])
+    run_dir = root / f"big-{len(RESULTS)}-{layers}x{width}"
+    try:
+        run(compose([*overrides, f"hydra.run.dir={run_dir}"]), run_dir)
+        return (run_dir / "final").is_dir()
+    except (torch.OutOfMemoryError, SystemExit, RuntimeError):
+        return False
+    finally:
+        with contextlib.suppress(Exception):
+            torch.cuda.empty_cache()
+
+
+def largest(s: Setup, root: Path, label: str, extra: list[str]) -> None:
+    """Grow GPT-2 at its aspect ratio (layers : width as in the XL, 48 : 1600) until a run fails, then bisect."""
+    def size(k: float) -> tuple[int, int]:
+        width = max(64, int(round(1600 * k / 64)) * 64)
+        return max(1, int(round(48 * k))), width
+
+    lo, hi, k = 0.0, None, 1.0 if not s.tiny else 0.05
+    while hi is None and k < 64:
+        if trains(s, root, *size(k), extra):
+            lo, k = k, k * 2
+        else:
+            hi = k
+    for _ in range(4 if hi is not None else 0):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if trains(s, root, *size(mid), extra) else (lo, mid)
+    layers, width = size(lo) if lo else (0, 0)
+    n = layers * (12 * width * width + 13 * width) + width * (VOCAB + s.seq + 2)
+    RESULTS.append({"section": "largest", "row": label, "n_layer": layers, "n_embd": width, "params": n,
+                    "command": f"bench/gpu.py --only largest ({' '.join(extra)})"})
+    print(f"[largest] {label}: {layers} x {width} ({n / 1e9:.2f}B parameters)", flush=True)
+
+
+def matmul_peak(device: torch.device) -> float | None:
+    """Measured bf16 matmul TFLOP/s (8192³, best of 20), the reference for MFU."""
+    if device.type != "cuda":
+        return None
+    a = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
+    b = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
+    best = math.inf
+    for _ in range(20):
+        sync(device)
+        t0 = time.perf_counter()
+        a @ b
+        sync(device)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * 8192**3 / best / 1e12
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--tiny", action="store_true", help="a tiny model: a dry run of every row")
+    ap.add_argument("--steps", type=int, default=40)
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--only", nargs="+", choices=["loops", "options", "largest"], default=["loops", "options",
+                                                                                            "largest"])
+    ap.add_argument("--out", type=Path, default=Path("bench-gpu.json"))
+    a = ap.parse_args()
+    s = Setup(a.device, a.tiny, a.steps, a.batch)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    measured = matmul_peak(s.device)
+    name = torch.cuda.get_device_name(s.device) if s.device.type == "cuda" else "cpu"
+    from llmtrain.tracking.flops import lookup_peak_tflops
+
+    table = lookup_peak_tflops(name, "bf16")
+    print(f"{datetime.date.today()} · {name} · torch {torch.__version__} · measured bf16 matmul peak "
+          f"{measured or 0:.0f} TFLOP/s (table {table or 0:.0f})", flush=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        if "loops" in a.only:
+            for fn in (raw_hf_compile, nanogpt_compile, hf_trainer):
+                try:
+                    fn(s)
+                except Exception as e:  # a row that fails is reported, the others still run
+                    record(s, "loops", fn.__name__, None, f"bench/gpu.py ({fn.__name__})", None, None,
+                           {"error": f"{type(e).__name__}: {str(e)[:200]}"})
+                finally:
+                    torch._dynamo.reset()
+            llmtrain_row(s, root, "loops", "llmtrain model.impl=hf", ["model.impl=hf"])
+            llmtrain_row(s, root, "loops", "llmtrain model.impl=native", [])
+        if "options" in a.only:
+            llmtrain_row(s, root, "options", "native, gradient checkpointing", ["trainer.gradient_checkpointing=true"])
+            for label, extra in (("single", []), ("ddp", ["strategy=ddp"]), ("fsdp", ["strategy=fsdp"]),
+                                 ("zero2", ["strategy=deepspeed", "strategy.zero_stage=2"]),
+                                 ("zero3", ["strategy=deepspeed", "strategy.zero_stage=3"])):
+                llmtrain_row(s, root, "options", f"native, {label} (world size 1)", extra)
+        if "largest" in a.only:
+            for label, extra in (("single", []), ("fsdp", ["strategy=fsdp"]),
+                                 ("zero2+offload", ["strategy=deepspeed", "strategy.zero_stage=2",
+                                                    "strategy.offload_optimizer=true"]),
+                                 ("zero3+offload", ["strategy=deepspeed", "strategy.zero_stage=3",
+                                                    "strategy.offload_optimizer=true", "strategy.offload_params=true"])):
+                largest(s, root, label, extra)
+    fpt = s.flops_per_token()
+    print(f"\n{datetime.date.today()} · {name} · GPT-2 {s.n_layer}x{s.n_embd}, seq {s.seq}, batch {s.batch}, "
+          f"{fpt / 1e9:.3f} GFLOP/token\n")
+    print("| section | row | tokens/s | MFU (measured peak) | MFU (table) | peak GiB | plan GiB |\n|---|---|---|---|---|---|---|")
+    for r in RESULTS:
+        if r["section"] == "largest":
+            print(f"| largest | {r['row']} | {r['n_layer']} x {r['n_embd']} = {r['params'] / 1e9:.2f}B params | | | | |")
+            continue
+        tps = r["tokens_per_s"]
+        mfu_m = f"{fpt * tps / (measured * 1e12):.1%}" if tps and measured else "-"
+        mfu_t = f"{fpt * tps / (table * 1e12):.1%}" if tps and table else "-"
+        cells = [f"{tps:,.0f}" if tps else "failed", mfu_m, mfu_t,
+                 f"{r['peak_gib']:.1f}" if r["peak_gib"] is not None else "-",
+                 f"{r['plan_gib']:.1f}" if r.get("plan_gib") is not None else "-"]
+        print(f"| {r['section']} | {r['row']} | {' | '.join(cells)} |")
+    a.out.write_text(json.dumps({"date": str(datetime.date.today()), "device": name, "measured_tflops": measured,
+                                 "table_tflops": table, "flops_per_token": fpt, "rows": RESULTS}, indent=1))
+    print(f"\nwrote {a.out}")
+
+
+if __name__ == "__main__":
+    main()
