@@ -42,9 +42,11 @@ lint: dev
 format: dev
 	$(VENV)/bin/ruff format llmtrain hydra_plugins tests bench
 
+## CPU benchmarks; the last line is overhead_ratio=<llmtrain tok/s / bare PyTorch loop tok/s> (bench/overhead.py).
 bench: dev
 	$(PY) bench/prepare_throughput.py
 	$(PY) bench/loader_throughput.py
+	$(PY) bench/overhead.py
 
 ## TensorBoard over every run under runs/ and multirun/ (prints the URL; Ctrl-C stops it).
 dashboard: venv

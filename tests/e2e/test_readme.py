@@ -37,6 +37,7 @@ SKIP = {  # command prefix -> why it does not run here (and what covers it)
     "pip install": "installing: make does it for every test run; test_installed_package_runs_outside_the_repo",
     "sbatch": "no SLURM here; test_launch_script_reproduces_ddp[slurm.sbatch] runs the template under stand-ins",
     "make dashboard": "a server that runs until Ctrl-C; test_dashboard_serves_the_runs starts it and asks its API",
+    "make bench": "minutes of timing; test_overhead_benchmark_prints_its_ratio runs bench/overhead.py, shortened",
     "llmtrain-train -m hydra/launcher=torchrun": "two torchrun jobs; test_distributed_trials_through_the_torchrun_"
                                                 "launcher runs this command (shrunk) and checks both trials",
 }
@@ -50,7 +51,8 @@ TRAINS = ("make train", "llmtrain-train", "python -m llmtrain.train", "launch/",
           "accelerate launch")
 PYTHON_BLOCK = "#python\n"  # marks a ```python block among the commands
 SCRIPTS = {"llmtrain-train": "llmtrain.train", "llmtrain-generate": "llmtrain.generate", "llmtrain-eval":
-           "llmtrain.generation.eval", "llmtrain-export": "llmtrain.export", "llmtrain-prepare": "llmtrain.prepare"}
+           "llmtrain.generation.eval", "llmtrain-export": "llmtrain.export", "llmtrain-prepare": "llmtrain.prepare",
+           "llmtrain-plan": "llmtrain.plan"}
 _SEEN: set[str] = set()
 NOISE = ("Traceback", "FutureWarning", "[INFO]", "Setting OMP_NUM_THREADS", "were not passed", "Retrying in")
 
@@ -203,6 +205,8 @@ def check_promise(cmd: str, stdout: str, stderr: str, clone: Path) -> None:
         assert (clone / "multirun" / "gpt2_tiny" / "optimization_results.yaml").is_file()
     elif "logger.wandb_mode=offline" in cmd:
         assert list((clone / "runs").glob("*/wandb/offline-run-*/run-*.wandb")), stdout
+    elif cmd.startswith("llmtrain-plan"):
+        assert "| zero3 |" in stdout and "fits:" in stdout and "8 h100" in stdout, stdout
     elif cmd.startswith("llmtrain-eval"):
         assert re.fullmatch(r"eval_loss=\S+ perplexity=\S+ tokens=\d+ blocks=\d+\n", stdout), stdout
     elif cmd.startswith(PYTHON_BLOCK):
