@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from enum import Enum
+from typing import Any
 
 import torch
 from torch import nn
@@ -31,8 +32,8 @@ class OptimConfig:
     momentum: float = 0.9  # momentum (SGD with momentum) and rmsprop
     nesterov: bool = False
     alpha: float = 0.99  # rmsprop smoothing
-    fused: bool | None = None  # Adam/AdamW in one fused kernel per step; None: on CUDA (also skips non-finite
-    # steps on the device, without a host sync)
+    fused: bool | None = None  # Adam/AdamW in one fused kernel per step (also skips a non-finite step on the
+    # device, without a host sync); None: where torch has the kernel (CUDA, CPU)
 
 
 class SchedulerName(str, Enum):
@@ -63,7 +64,10 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     return [g for g in groups if g["params"]]
 
 
-def build_optimizer(cfg: OptimConfig, model: nn.Module) -> torch.optim.Optimizer:
+def build_optimizer(cfg: OptimConfig, model: nn.Module, fused_default: bool = True) -> torch.optim.Optimizer:
+    """The optimizer of `optim.*` over the model's trainable parameters. `fused_default`: whether `optim.fused`
+    left unset means fused where torch has the kernel (the caller knows when it does not mix: FSDP's sharded
+    fp16 scaler and the fused kernels disagree on the shape of found_inf)."""
     groups = param_groups(model, cfg.weight_decay)
     name = OptimName(cfg.name)
     if name == OptimName.sgd:
@@ -75,7 +79,8 @@ def build_optimizer(cfg: OptimConfig, model: nn.Module) -> torch.optim.Optimizer
     betas = (float(cfg.betas[0]), float(cfg.betas[1]))
     if name == OptimName.adamw8bit:
         return _adamw8bit(groups, cfg, betas)
-    fused = cfg.fused if cfg.fused is not None else groups[0]["params"][0].device.type == "cuda"
+    fused = cfg.fused if cfg.fused is not None else (
+        fused_default and groups[0]["params"][0].device.type in ("cuda", "cpu"))
     if name == OptimName.adam:
         # Classic Adam: L2 penalty added to the gradient (AdamW decouples it).
         return torch.optim.Adam(groups, lr=cfg.lr, betas=betas, eps=cfg.eps, fused=fused or None)
@@ -112,12 +117,20 @@ def lr_factor(cfg: SchedulerConfig, step: int, max_steps: int) -> float:
     return cfg.min_lr_ratio + (1.0 - cfg.min_lr_ratio) * shape
 
 
+def plain(cfg: Any) -> Any:
+    """A structured DictConfig as its dataclass (reading a DictConfig's fields costs microseconds each: the
+    loop reads some every step); anything else as it is."""
+    from omegaconf import DictConfig, OmegaConf
+
+    return OmegaConf.to_object(cfg) if isinstance(cfg, DictConfig) else cfg
+
+
 class Scheduler:
     """Sets every param group's lr from the step: stateless but for the step, so resume is exact."""
 
     def __init__(self, cfg: SchedulerConfig, optimizer: torch.optim.Optimizer, base_lr: float,
                  max_steps: int) -> None:
-        self.cfg, self.optimizer, self.base_lr, self.max_steps = cfg, optimizer, base_lr, max_steps
+        self.cfg, self.optimizer, self.base_lr, self.max_steps = plain(cfg), optimizer, base_lr, max_steps
         self.step_count = 0
         self.apply()
 

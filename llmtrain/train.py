@@ -136,7 +136,8 @@ def _fit_locked(cfg: DictConfig, run_dir: Path, resume_from: Path | None, strate
     seed_everything(t.seed)
     model = adapters.apply(spec.build(cfg.model, data.info), cfg.model)  # freezing, LoRA
     partly_frozen = any(not p.requires_grad for p in model.parameters())
-    strategy.setup(model, lambda m: build_optimizer(cfg.optim, m),
+    fused_ok = not (cfg.strategy.name.value == "fsdp" and precision == Precision.fp16)
+    strategy.setup(model, lambda m: build_optimizer(cfg.optim, m, fused_default=fused_ok),
                    SetupArgs(precision=precision, gradient_checkpointing=t.gradient_checkpointing, compile=t.compile,
                              block_classes=spec.block_classes(model), micro_batch_size=t.micro_batch_size,
                              grad_accum_steps=t.grad_accum_steps, grad_clip=t.grad_clip,

@@ -20,7 +20,7 @@ from llmtrain.distributed.base import Strategy
 from llmtrain.errors import RunFailed, Stopped
 from llmtrain.interrupt import PREEMPT_SIGNALS, StopRequest, hold_signals
 from llmtrain.models.base import Batch, ModelSpec
-from llmtrain.optim import Scheduler
+from llmtrain.optim import Scheduler, plain
 from llmtrain.precision import Precision
 from llmtrain.tracking import MetricsLogger
 from llmtrain.tracking.flops import mfu
@@ -67,7 +67,7 @@ class Trainer:
                  fingerprint: dict[str, Any] | None = None, stop: StopRequest | None = None,
                  sampler: Callable[[int], Any] | None = None, flops_per_token: float | None = None,
                  peak_flops: float | None = None, on_best: Callable[[int, float], Any] | None = None) -> None:
-        self.cfg, self.spec, self.strategy, self.data = cfg, spec, strategy, data
+        self.cfg, self.spec, self.strategy, self.data = plain(cfg), spec, strategy, data
         self.sampler = sampler  # samples from the current weights (a collective); see generation.training
         self.flops_per_token, self.peak_flops = flops_per_token, peak_flops  # MFU when both are known
         self.scheduler, self.logger, self.run_dir, self.log_every = scheduler, logger, run_dir, log_every

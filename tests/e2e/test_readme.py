@@ -38,6 +38,8 @@ SKIP = {  # command prefix -> why it does not run here (and what covers it)
     "sbatch": "no SLURM here; test_launch_script_reproduces_ddp[slurm.sbatch] runs the template under stand-ins",
     "make dashboard": "a server that runs until Ctrl-C; test_dashboard_serves_the_runs starts it and asks its API",
     "make bench": "minutes of timing; test_overhead_benchmark_prints_its_ratio runs bench/overhead.py, shortened",
+    "launch/deepspeed.sh": "test_deepspeed_launcher_on_cpu runs this script on 2 processes and checks its losses",
+    "launch/accelerate.sh": "test_launch_script_reproduces_ddp[accelerate.sh] runs it on 2 processes, bit for bit",
     "llmtrain-train -m hydra/launcher=torchrun": "two torchrun jobs; test_distributed_trials_through_the_torchrun_"
                                                 "launcher runs this command (shrunk) and checks both trials",
 }

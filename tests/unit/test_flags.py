@@ -35,7 +35,8 @@ def strategy(name: str, precision: Precision = Precision.fp32, checkpointing: bo
     s = build_strategy(StrategyConfig(name=name, **cfg), DistEnv(0, 0, 1), CPU)
     local_rank = os.environ.get("LOCAL_RANK")  # DeepSpeed's engine reads it; set for this process only
     try:
-        s.setup(model, lambda m: build_optimizer(OptimConfig(), m),
+        fused = not (name == "fsdp" and precision == Precision.fp16)  # as train.py decides
+        s.setup(model, lambda m: build_optimizer(OptimConfig(), m, fused_default=fused),
                 SetupArgs(precision, checkpointing, compile, spec.block_classes(model), 2, 1, 1.0))
         yield s, model
     finally:

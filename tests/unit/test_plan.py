@@ -101,8 +101,6 @@ SHAPES = {
                                     "trainer.gradient_checkpointing=true"],
     "6x256, 4x128 x accum 2": ["model.n_layer=6", "model.n_embd=256", "model.n_positions=128", "data.seq_len=128",
                                "trainer.micro_batch_size=4", "trainer.grad_accum_steps=2"],
-    "8x512, 4x256": ["model.n_layer=8", "model.n_embd=512", "model.n_positions=256", "data.seq_len=256",
-                     "trainer.micro_batch_size=4"],
     "8x512, 4x256, checkpointing": ["model.n_layer=8", "model.n_embd=512", "model.n_positions=256",
                                     "data.seq_len=256", "trainer.micro_batch_size=4",
                                     "trainer.gradient_checkpointing=true"],
