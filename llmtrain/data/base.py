@@ -16,7 +16,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from llmtrain.models.base import Batch, DataInfo
+from llmtrain.datainfo import Batch, DataInfo
 
 
 class IndexedDataset(Protocol):

@@ -17,8 +17,8 @@ import torch
 
 from llmtrain.data.base import DataModule, register_data
 from llmtrain.data.synthetic import ArrayDataset
+from llmtrain.datainfo import Batch, DataInfo
 from llmtrain.errors import ConfigError, require
-from llmtrain.models.base import Batch, DataInfo
 
 SHAPE = (3, 32, 32)
 CIFAR_DIR = "cifar-10-batches-py"

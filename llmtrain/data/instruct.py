@@ -28,9 +28,8 @@ import torch
 
 from llmtrain.data.base import DataModule, Loader, register_data
 from llmtrain.data.text import check_vocab
+from llmtrain.datainfo import IGNORE_INDEX, Batch, DataInfo
 from llmtrain.errors import ConfigError
-from llmtrain.models.base import Batch, DataInfo
-from llmtrain.models.gpt2_native import IGNORE_INDEX
 
 FORMAT_VERSION = 1
 TEMPLATES = ("auto", "plain")

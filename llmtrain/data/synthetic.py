@@ -13,8 +13,8 @@ import numpy as np
 import torch
 
 from llmtrain.data.base import DataModule, register_data
+from llmtrain.datainfo import Batch, DataInfo
 from llmtrain.errors import ConfigError, require
-from llmtrain.models.base import Batch, DataInfo
 
 TARGETS = ("linear", "nonlinear")
 

@@ -11,8 +11,8 @@ import numpy as np
 import torch
 
 from llmtrain.data.base import DataModule, Loader, register_data
+from llmtrain.datainfo import Batch, DataInfo
 from llmtrain.errors import ConfigError
-from llmtrain.models.base import Batch, DataInfo
 
 
 @dataclass

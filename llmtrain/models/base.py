@@ -7,29 +7,13 @@ which block class to shard and checkpoint.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-Batch = dict[str, torch.Tensor]
-
-
-@dataclass
-class DataInfo:
-    """What a model needs to know about its data (filled by the data module)."""
-
-    task: str  # "lm" | "regression" | "classification"
-    vocab_size: int | None = None  # lm
-    eos_token_id: int | None = None  # lm
-    in_features: int | None = None  # regression
-    out_features: int | None = None  # regression
-    num_classes: int | None = None  # classification
-    image_shape: tuple[int, int, int] | None = None  # classification (C, H, W)
-    tokenizer: Any = None  # lm: a transformers PreTrainedTokenizerFast
-    extra: dict[str, Any] = field(default_factory=dict)
+from llmtrain.datainfo import Batch, DataInfo  # noqa: F401  (re-exported)
 
 
 class ModelSpec(ABC):

@@ -22,7 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-IGNORE_INDEX = -100
+from llmtrain.datainfo import IGNORE_INDEX
+
 VOCAB_MULTIPLE = 64  # matmul-friendly vocabulary size (50257 → 50304)
 _CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 KVUpdate = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]  # new [2, B, nh, T, hd] → cached k, v
