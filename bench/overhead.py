@@ -2,12 +2,12 @@
 process (CPU). The recipe is nanoGPT's small character-level one: 4 layers, 4 heads, 128 wide, block 64,
 batch 12, AdamW, grad clip 1.0, byte vocabulary.
 
-    python bench/overhead.py [--steps 200] [--repeat 3] [--threads 2]
+    python bench/overhead.py [--steps 300] [--repeat 2] [--threads 2]
 
-Prints milliseconds per optimizer step of each: the 10th percentile of a run's steps (the first dropped as
-warm-up; on a shared machine the low percentile is the code's cost, the median also the neighbours'), best of
---repeat runs taken in turns, with the medians beside; and, as its last line,
-`overhead_ratio=<llmtrain tok/s ÷ raw tok/s>` from the 10th percentiles.
+The two alternate step by step in one process (a bare-loop step, then one of llmtrain's, inside a real
+llmtrain run), so a shared machine's slow moments fall on both alike. Prints the median milliseconds per
+optimizer step of each (the first steps dropped as warm-up) and, as its last line,
+`overhead_ratio=<llmtrain tok/s ÷ raw tok/s>`.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -44,20 +45,9 @@ def compose(overrides: list[str]):
         return _compose("config", overrides=overrides)
 
 
-def llmtrain_steps(run_dir: Path, steps: int) -> list[float]:
-    """Seconds per optimizer step of a real `run()`, from its metrics (rates exclude eval and checkpoints)."""
-    from llmtrain.train import run
-
-    cfg = compose([*RECIPE, f"trainer.max_steps={steps}", "logger.log_every=1", f"hydra.run.dir={run_dir}"])
-    run(cfg, run_dir)
-    import json
-
-    recs = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return [r["step_time_s"] for r in recs if "step_time_s" in r][WARMUP:]
-
-
-def raw_steps(steps: int) -> list[float]:
-    """A bare loop: the same native GPT-2 class, data blocks and optimizer, nothing else."""
+def raw_loop() -> Callable[[], None]:
+    """A bare loop's step: the same native GPT-2 class, data blocks (in llmtrain's order) and optimizer,
+    nothing else."""
     import torch
 
     from llmtrain.data.base import ShardedSampler, build_data
@@ -70,45 +60,70 @@ def raw_steps(steps: int) -> list[float]:
     torch.manual_seed(cfg.trainer.seed)
     model = GPT2Spec().build(GPT2ModelConfig(n_layer=4, n_head=4, n_embd=128, n_positions=64), data.info)
     opt = build_optimizer(OptimConfig(lr=1e-3, weight_decay=0.1), model)
-    sampler = ShardedSampler(len(blocks), 12, seed=cfg.trainer.seed, shuffle=True)  # llmtrain's batches
-    out = []
-    for _ in range(steps):
-        t0 = time.perf_counter()
+    sampler = ShardedSampler(len(blocks), 12, seed=cfg.trainer.seed, shuffle=True)
+
+    def step() -> None:
         b = blocks.get(sampler.next_indices())
         loss_sum, n = model(input_ids=b["input_ids"], labels=b["labels"])
         (loss_sum / n).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        out.append(time.perf_counter() - t0)
-    return out[WARMUP:]
+
+    return step
+
+
+def interleaved(run_dir: Path, steps: int) -> tuple[list[float], list[float]]:
+    """A real `run()` of llmtrain, with one bare-loop step timed before each of its optimizer steps (the whole
+    of the loop's step: logging, the stop check, the reads): both see the same moment of a shared machine."""
+    from llmtrain.train import run
+    from llmtrain.trainer import Trainer
+
+    raw_step, raw, ours = raw_loop(), [], []
+    one_step = Trainer._one_step
+
+    def timed(self: Trainer) -> object:
+        t0 = time.perf_counter()
+        raw_step()
+        t1 = time.perf_counter()
+        out = one_step(self)
+        ours.append(time.perf_counter() - t1)
+        raw.append(t1 - t0)
+        return out
+
+    Trainer._one_step = timed  # type: ignore[method-assign]
+    try:
+        run(compose([*RECIPE, f"trainer.max_steps={steps}", f"hydra.run.dir={run_dir}"]), run_dir)
+    finally:
+        Trainer._one_step = one_step  # type: ignore[method-assign]
+    return raw[WARMUP:], ours[WARMUP:]
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--steps", type=int, default=200)
-    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--steps", type=int, default=300)
+    ap.add_argument("--repeat", type=int, default=2)
     ap.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "2")))
     a = ap.parse_args()
     import torch
 
     torch.set_num_threads(a.threads)
     os.environ.setdefault("LLMTRAIN_CACHE", str(Path(tempfile.gettempdir()) / "llmtrain-bench-cache"))
-    ours, raw = [], []
+    raw, ours = [], []
     with tempfile.TemporaryDirectory() as tmp:
-        for i in range(a.repeat):  # taking turns, so both see the same machine load
-            raw.append(raw_steps(a.steps))
-            ours.append(llmtrain_steps(Path(tmp) / f"run{i}", a.steps))
-    p10 = lambda xs: statistics.quantiles(xs, n=10)[0]  # noqa: E731
-    t_raw, t_ours = min(map(p10, raw)), min(map(p10, ours))
+        for i in range(a.repeat):
+            r, o = interleaved(Path(tmp) / f"run{i}", a.steps)
+            raw += r
+            ours += o
     tokens = 12 * 64
-    print(f"tiny GPT-2 (4x128, block 64, batch 12), {a.threads} threads, {a.steps - WARMUP} steps per run, "
-          f"{a.repeat} runs each")
-    for name, t, runs in (("raw loop", t_raw, raw), ("llmtrain", t_ours, ours)):
-        medians = ", ".join(f"{statistics.median(r) * 1000:.1f}" for r in runs)
-        print(f"{name:<10} {t * 1000:7.1f} ms/step  {tokens / t:9,.0f} tok/s   (10th percentile, best run; "
-              f"run medians {medians})")
-    print(f"overhead_ratio={t_raw / t_ours:.3f}")
+    med_raw, med_ours = statistics.median(raw), statistics.median(ours)
+    p10 = lambda xs: statistics.quantiles(xs, n=10)[0]  # noqa: E731
+    print(f"tiny GPT-2 (4x128, block 64, batch 12), {a.threads} threads, {len(raw)} step pairs (each bare-loop step "
+          f"timed just before an llmtrain step), {a.repeat} run(s)")
+    for name, med, lo in (("raw loop", med_raw, p10(raw)), ("llmtrain", med_ours, p10(ours))):
+        print(f"{name:<10} {med * 1000:7.1f} ms/step  {tokens / med:9,.0f} tok/s   (median; 10th percentile "
+              f"{lo * 1000:.1f} ms)")
+    print(f"overhead_ratio={med_raw / med_ours:.3f}")
 
 
 if __name__ == "__main__":
