@@ -126,8 +126,9 @@ def hf_model(s: Setup) -> nn.Module:
     return GPT2LMHeadModel(cfg).to(s.device)
 
 
-def raw_hf_compile(s: Setup) -> None:
-    model = hf_model(s)
+def compiled_loop(s: Setup, model: nn.Module, loss: Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor],
+                  name: str, fn: str) -> None:
+    """Time a plain loop: torch.compile, bf16 autocast, fused AdamW, clip 1.0."""
     opt = torch.optim.AdamW(model.parameters(), lr=3e-4, fused=s.device.type == "cuda")
     compiled = torch.compile(model)
     nxt = s.batches()
@@ -135,15 +136,19 @@ def raw_hf_compile(s: Setup) -> None:
     def step() -> None:
         x, y = nxt()
         with torch.autocast(s.device.type, dtype=s.dtype):
-            loss = compiled(input_ids=x, labels=x).loss
-        loss.backward()
+            value = loss(compiled, x, y)
+        value.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
 
     reset_peak(s.device)
-    t = time_loop(s, step)
-    record(s, "loops", "raw loop, HF GPT2LMHeadModel + compile", t, "bench/gpu.py (raw_hf_compile)", peak_gib(s.device))
+    record(s, "loops", name, time_loop(s, step), f"bench/gpu.py ({fn})", peak_gib(s.device))
+
+
+def raw_hf_compile(s: Setup) -> None:
+    compiled_loop(s, hf_model(s), lambda m, x, y: m(input_ids=x, labels=x).loss,
+                  "raw loop, HF GPT2LMHeadModel + compile", "raw_hf_compile")
 
 
 class NanoBlock(nn.Module):
@@ -183,23 +188,8 @@ class NanoGPT(nn.Module):
 
 
 def nanogpt_compile(s: Setup) -> None:
-    model = NanoGPT(s).to(s.device)
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-4, fused=s.device.type == "cuda")
-    compiled = torch.compile(model)
-    nxt = s.batches()
-
-    def step() -> None:
-        x, y = nxt()
-        with torch.autocast(s.device.type, dtype=s.dtype):
-            loss = compiled(x, y)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
-    reset_peak(s.device)
-    record(s, "loops", "nanoGPT-style GPT-2 + compile", time_loop(s, step), "bench/gpu.py (nanogpt_compile)",
-           peak_gib(s.device))
+    compiled_loop(s, NanoGPT(s).to(s.device), lambda m, x, y: m(x, y), "nanoGPT-style GPT-2 + compile",
+                  "nanogpt_compile")
 
 
 def hf_trainer(s: Setup) -> None:

@@ -180,6 +180,8 @@ class DataModule(ABC):
         """A resumable loader over this rank's share of `split` (see ShardedSampler, Loader)."""
         from llmtrain.errors import ConfigError
 
+        if prefetch is None:  # the data config's read-ahead (data.prefetch) when it has one
+            prefetch = getattr(getattr(self, "cfg", None), "prefetch", None)
         ds = self.split(split)
         if batch_size * world_size > len(ds):
             raise ConfigError("trainer.micro_batch_size", f"one global micro-batch takes {batch_size}x{world_size} "

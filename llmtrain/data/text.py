@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from llmtrain.data.base import DataModule, Loader, register_data
+from llmtrain.data.base import DataModule, register_data
 from llmtrain.datainfo import Batch, DataInfo
 from llmtrain.errors import ConfigError
 
@@ -109,12 +109,6 @@ class TextDataModule(DataModule):
 
     def split(self, name: str) -> TokenBlocks:
         return self._splits[name]
-
-    def loader(self, split: str, batch_size: int, *, seed: int, shuffle: bool, rank: int, world_size: int,
-               device: torch.device, prefetch: int | None = None) -> Loader:
-        prefetch = self.cfg.prefetch if prefetch is None else prefetch
-        return super().loader(split, batch_size, seed=seed, shuffle=shuffle, rank=rank, world_size=world_size,
-                              device=device, prefetch=prefetch)
 
 
 def needed_vocab(meta: dict[str, Any]) -> int:
