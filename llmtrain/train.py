@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import os
 import random
@@ -171,6 +172,8 @@ def _fit_locked(cfg: DictConfig, run_dir: Path, resume_from: Path | None, strate
         if strategy.is_main:
             status = e.status if isinstance(e, Stopped) else f"failed: {type(e).__name__}: {str(e)[:200]}"
             _record_end(run_dir, started, status)
+            with contextlib.suppress(Exception):  # a stopped or failed run has its loss plot too
+                _plot(run_dir, cfg)
         raise
     if strategy.is_main:
         _record_end(run_dir, started, "complete")
@@ -219,7 +222,13 @@ def _finish(spec: ModelSpec, strategy: Strategy, cfg: DictConfig, info: DataInfo
     if main and final is not None:
         for line in spec.report(cfg.model, info, final):
             print(line, flush=True)
-    if main and cfg.logger.plots:
+    if main:
+        _plot(run_dir, cfg)
+
+
+def _plot(run_dir: Path, cfg: DictConfig) -> None:
+    """<run>/plots/loss.png from metrics.jsonl (logger.plots)."""
+    if cfg.logger.plots:
         from llmtrain.tracking.plots import loss_plot
 
         if (png := loss_plot(run_dir)) is not None:

@@ -79,11 +79,12 @@ def reachable(start: int) -> dict[str, int]:
             "eval": sum(s % EVAL_EVERY == 0 for s in rest), "export": 1}
 
 
-def pick_fault(rng: random.Random, start: int, nproc: int, mode: str) -> str:
-    """A kill at a uniformly random visit of a fault point (so a step is likelier than the one export)."""
+def pick_fault(rng: random.Random, start: int, nproc: int, mode: str, span_ms: int = 1500) -> str:
+    """A kill at a uniformly random visit of a fault point (so a step is likelier than the one export), or
+    (`timed`) at a random instant within `span_ms` of the start of training."""
     rank = rng.randrange(nproc)
     if mode == "timed":
-        return f"kill:time:{rng.randrange(50, 1500)}:{rank}"
+        return f"kill:time:{rng.randrange(10, max(20, span_ms))}:{rank}"
     visits = [(point, n) for point, count in sorted(reachable(start).items()) for n in range(1, count + 1)]
     point, n = rng.choice(visits)
     if point == "export":
@@ -107,8 +108,9 @@ def run_chain(strategy: str, root: Path, rng: random.Random, kills: int, mode: s
     run_dir = root / f"{name}-{strategy}"
     shutil.rmtree(run_dir, ignore_errors=True)
     chain, t0 = Chain(strategy), time.monotonic()
+    span = int(1000 * json.loads((ref / "run.json").read_text()).get("wall_s", 1.5))  # the reference's training
     for _ in range(kills):
-        fault = pick_fault(rng, newest_step(run_dir), nproc, mode)
+        fault = pick_fault(rng, newest_step(run_dir), nproc, mode, span)
         env = base_env()
         env["LLMTRAIN_FAULT"] = fault
         res = train_cli(args, run_dir, nproc=nproc, env=env, timeout=240, check=False)

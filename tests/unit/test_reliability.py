@@ -201,7 +201,8 @@ def test_bad_steps_in_a_row_stop_the_run(tmp_path: Path, monkeypatch: pytest.Mon
 
 
 # preemption -------------------------------------------------------------------------------------------------
-PREEMPT_ARGS = ["trainer.max_steps=40", "trainer.ckpt_every=10", "model.dropout=0.1", "trainer.grad_accum_steps=2"]
+PREEMPT_ARGS = ["trainer.max_steps=40", "trainer.ckpt_every=10", "model.dropout=0.1", "trainer.grad_accum_steps=2",
+                "logger.plots=true"]
 
 
 @pytest.fixture(scope="module")
@@ -237,6 +238,7 @@ def test_sigterm_checkpoints_after_the_step_and_exits_0(long_reference: Path, tm
     step = max(losses(run_dir))
     assert after <= step < 40 and ckpt.list_checkpoints(run_dir)[-1].name == f"step_{step:08d}"
     assert json.loads((run_dir / "run.json").read_text())["status"] == "preempted"
+    assert (run_dir / "plots" / "loss.png").is_file()  # a stopped run has its plot too
     print(f"\nSIGTERM after step {after}: checkpoint of step {step}, exit {took * 1000:.0f} ms after the signal")
     run(_cfg(run_dir, *PREEMPT_ARGS), run_dir)
     assert losses(run_dir) == losses(long_reference)

@@ -129,6 +129,7 @@ def test_trains_on_synthetic_images(tmp_path: Path, arch: str) -> None:
     with torch.no_grad():
         acc = (model(batch["x"]).argmax(dim=1) == batch["y"]).float().mean().item()
     assert acc > 0.6, acc  # chance is 0.1
+    assert 0.6 < last["accuracy"] <= 1 and abs(last["accuracy"] - acc) < 0.15, (last["accuracy"], acc)  # eval's
 
 
 # --- data -----------------------------------------------------------------------------------------
