@@ -31,10 +31,12 @@ $(VENV)/.installed-dev: $(VENV)/.installed
 train: venv
 	$(PY) -m llmtrain.train $(ARGS)
 
-## Lint + the whole test suite (unit, 2-process distributed over gloo, CLI end-to-end).
+## Lint + the whole test suite (unit, 2-process distributed over gloo, CLI end-to-end), on TEST_WORKERS
+## processes (pytest-xdist; each test module stays on one worker, which shares its runs between its tests).
+TEST_WORKERS ?= 2
 test: dev
 	$(VENV)/bin/ruff check llmtrain hydra_plugins tests bench
-	$(VENV)/bin/pytest -q $(ARGS)
+	$(VENV)/bin/pytest -q -n $(TEST_WORKERS) --dist loadscope $(ARGS)
 
 lint: dev
 	$(VENV)/bin/ruff check llmtrain hydra_plugins tests bench
