@@ -27,7 +27,6 @@ from llmtrain.safeio import (
     UnsafeFile,
     atomic_write_text,
     describe_files,
-    fsync_dir,
     load_torch,
     replace_dir,
     save_torch,
@@ -189,8 +188,7 @@ def save_checkpoint(run_dir: Path, step: int, strategy: Any, trainer_state: dict
                     "strategy": type(strategy).__name__, "config": trainer_state.get("config"),
                     "early_stopped": bool(trainer_state.get("early_stopped", False)), "files": files}
         atomic_write_text(tmp / MANIFEST, json.dumps(manifest, indent=1))
-        replace_dir(tmp, final)
-        fsync_dir(final.parent)
+        replace_dir(tmp, final)  # durable: it fsyncs the parent dir
         prune(run_dir, keep_last, newest=final)
     strategy.barrier()
     return final

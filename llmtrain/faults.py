@@ -1,4 +1,4 @@
-"""Fault injection for the reliability tests and `tests/faults.py` (off unless LLMTRAIN_FAULT is set).
+"""Fault injection for the reliability tests and `tests/fault_harness.py` (off unless LLMTRAIN_FAULT is set).
 
 `LLMTRAIN_FAULT=<action>:<point>:<n>[:<rank>]` makes the process fail at the n-th time (1-based) it reaches
 `point` on `rank` (default 0):

@@ -29,14 +29,11 @@ class RunLock:
         self.run_dir = run_dir
         self.path = run_dir / LOCK_FILE
         self._fd: int | None = None
-        self.created_dir = False
 
     def acquire(self) -> str | None:
         """Take the lock, or raise ConfigError naming its holder; returns a note when a stale lock was
         taken over (its holder is gone)."""
-        if not self.run_dir.exists():
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            self.created_dir = True
+        self.run_dir.mkdir(parents=True, exist_ok=True)
         for _ in range(5):  # the file may be unlinked by its holder between our open and our lock
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
             try:

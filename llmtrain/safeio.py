@@ -13,7 +13,6 @@
 from __future__ import annotations
 
 import contextlib
-import errno
 import hashlib
 import importlib
 import io
@@ -97,10 +96,6 @@ def replace_dir(tmp: Path, final: Path) -> None:
     else:
         os.replace(tmp, final)
     fsync_dir(final.parent)
-
-
-def is_disk_full(err: BaseException) -> bool:
-    return isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT)
 
 
 # checksums -------------------------------------------------------------------------------------------------

@@ -18,7 +18,7 @@ from llmtrain.data.base import DataModule, Loader
 from llmtrain.distributed import comm_stats
 from llmtrain.distributed.base import Strategy
 from llmtrain.errors import RunFailed, Stopped
-from llmtrain.interrupt import PREEMPT_SIGNALS, StopRequest, hold_signals
+from llmtrain.interrupt import StopRequest, hold_signals
 from llmtrain.models.base import Batch, ModelSpec
 from llmtrain.optim import Scheduler, plain
 from llmtrain.precision import Precision
@@ -150,7 +150,7 @@ class Trainer:
         self.step += 1
         self.logger.advance()
         log_now = self.step % self.log_every == 0 or self.step == self.cfg.max_steps
-        rec = self._read(pending, log_now) if log_now or self._read_every_step else None
+        rec = self._read(pending) if log_now or self._read_every_step else None
         if log_now and rec is not None:
             self.logger.log(rec)
         if (failed := self._diverged) is not None:
@@ -208,7 +208,7 @@ class Trainer:
         return {"loss_sum": loss_sum, "counts": counts, "grad_norm": grad_norm, "finite": finite,
                 "stepped": stepped, "lr": lr, "data_wait_s": data_wait}
 
-    def _read(self, p: dict[str, Any], log_now: bool) -> dict[str, Any]:
+    def _read(self, p: dict[str, Any]) -> dict[str, Any]:
         """The step's record (a host sync), the interval's rates, and the non-finite guard."""
         s = self.strategy
         targets, samples = (int(v) for v in p["counts"].tolist())
@@ -222,8 +222,7 @@ class Trainer:
         self._guard(rec)
         if self._bad_seen:
             rec["bad_steps"] = self._bad_seen
-        if log_now or self._read_every_step:
-            rec.update(self._throughput(rec))
+        rec.update(self._throughput(rec))
         return rec
 
     def _guard(self, rec: dict[str, Any]) -> None:
@@ -346,7 +345,7 @@ _PREEMPT = 2  # stop codes agreed over ranks: 0 none, 1 Ctrl-C, 2 preemption (it
 
 
 def _stop_code(stop: StopRequest) -> int:
-    return 0 if not stop.requested else _PREEMPT if stop.signum in PREEMPT_SIGNALS else 1
+    return 0 if not stop.requested else _PREEMPT if stop.preempted else 1
 
 
 def _as_tensor(n: int | torch.Tensor, device: torch.device) -> torch.Tensor:

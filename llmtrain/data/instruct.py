@@ -18,7 +18,6 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,6 +29,7 @@ from llmtrain.data.base import DataModule, register_data
 from llmtrain.data.text import check_vocab
 from llmtrain.datainfo import IGNORE_INDEX, Batch, DataInfo
 from llmtrain.errors import ConfigError
+from llmtrain.safeio import atomic_write, file_digest
 
 FORMAT_VERSION = 1
 TEMPLATES = ("auto", "plain")
@@ -91,9 +91,7 @@ def _jinja(source: str) -> Any:
 
 
 def read_records(path: Path, cfg: InstructDataConfig, tok: Any, key: str) -> list[tuple[str, str]]:
-    """(prompt text, completion text) per line; one-line errors naming the file and line."""
-    if not path.is_file():
-        raise ConfigError(key, f"file not found: {path}")
+    """(prompt text, completion text) per line of an existing file; one-line errors naming the file and line."""
     out = []
     with path.open(encoding="utf-8", errors="replace") as f:
         for no, line in enumerate(f, 1):
@@ -138,8 +136,7 @@ def read_records(path: Path, cfg: InstructDataConfig, tok: Any, key: str) -> lis
 def _digest(path: Path, cfg: InstructDataConfig, tok: Any) -> str:
     from llmtrain.data.tokenizers import tokenizer_hash
 
-    h = hashlib.sha256()
-    h.update(hashlib.sha256(path.read_bytes()).digest())
+    h = hashlib.sha256(file_digest(path).encode())
     meta = [FORMAT_VERSION, tokenizer_hash(tok), cfg.prompt_field, cfg.completion_field, cfg.messages_field,
             cfg.template, getattr(tok, "chat_template", None)]
     h.update(json.dumps(meta).encode())
@@ -166,9 +163,7 @@ def encode_file(path: Path, cfg: InstructDataConfig, tok: Any, key: str) -> dict
            "offsets": np.cumsum([0] + [len(x) for x in ids]).astype(np.int64),
            "prompt_lens": np.asarray([len(p) for p in prompts], dtype=np.int64)}
     cache.parent.mkdir(parents=True, exist_ok=True)
-    tmp = cache.with_name(f".{cache.name}.{os.getpid()}.tmp.npz")
-    np.savez(tmp, **out)
-    os.replace(tmp, cache)
+    atomic_write(cache, lambda f: np.savez(f, **out))
     return out
 
 

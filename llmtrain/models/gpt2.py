@@ -60,7 +60,6 @@ def dims(cfg: GPT2ModelConfig, info: DataInfo) -> GPT2Dims:
     vocab = cfg.vocab_size or info.vocab_size
     if vocab is None:
         raise ConfigError("model.vocab_size", "unknown: set model.vocab_size or use a data module with a tokenizer")
-    check_config(cfg)
     return GPT2Dims(vocab_size=vocab, n_positions=cfg.n_positions, n_embd=cfg.n_embd, n_layer=cfg.n_layer,
                     n_head=cfg.n_head, dropout=cfg.dropout,
                     eos_token_id=info.eos_token_id if info.eos_token_id is not None else vocab - 1)

@@ -23,14 +23,14 @@ CSV_COLUMNS = (*COLUMNS, "overrides")
 def trial_dirs(sweep_dir: Path) -> list[Path]:
     """Run dirs under the sweep dir (any depth): a config.yaml beside run.json or metrics.jsonl, and not inside
     a wandb/ dir (wandb keeps a config.yaml of its own in <run>/wandb/run-*/files/)."""
-    from llmtrain.rundir import RECORD_FILE
+    from llmtrain.rundir import METRICS_FILE, RECORD_FILE
 
     dirs = []
     for p in sweep_dir.rglob("config.yaml"):
         d = p.parent
         if d == sweep_dir or "wandb" in d.relative_to(sweep_dir).parts:
             continue
-        if (d / RECORD_FILE).is_file() or (d / "metrics.jsonl").is_file():
+        if (d / RECORD_FILE).is_file() or (d / METRICS_FILE).is_file():
             dirs.append(d)
     return sorted(dirs)
 
