@@ -24,25 +24,14 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from llmtrain.plan import compose  # noqa: E402  (the training config, checked as llmtrain-train checks it)
+
 RECIPE = ["experiment=gpt2_tiny", "model.n_layer=4", "model.n_head=4", "model.n_embd=128", "model.n_positions=64",
           "data.seq_len=64", "data.tokenizer=byte", "trainer.micro_batch_size=12", "trainer.grad_clip=1.0",
           "optim=adamw", "optim.lr=1e-3", "scheduler=constant", "trainer.eval_every=0", "trainer.ckpt_every=0",
           "trainer.sample_tokens=0", "logger.log_every=10", "logger.progress=false", "logger.tensorboard=false",
           "logger.plots=false", "trainer.max_bad_steps=0"]
 WARMUP = 10
-
-
-def compose(overrides: list[str]):
-    from hydra import compose as _compose
-    from hydra import initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-
-    from llmtrain.config import conf_dir, register_configs
-
-    register_configs()
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(conf_dir()), version_base=None):
-        return _compose("config", overrides=overrides)
 
 
 def raw_loop() -> Callable[[], None]:

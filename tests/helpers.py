@@ -202,8 +202,8 @@ def losses(run_dir: Path) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in read_metrics(run_dir) if "loss" in r}
 
 
-def compose(overrides: list[str]) -> Any:
-    """The config the CLI would build, composed in-process."""
+def compose(overrides: list[str], config_name: str = "config") -> Any:
+    """The config the CLI would build, composed in-process (`config_name`: generate, eval for those apps)."""
     from hydra import compose as _compose
     from hydra import initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
@@ -213,4 +213,4 @@ def compose(overrides: list[str]) -> Any:
     register_configs()
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(conf_dir()), version_base=None):
-        return _compose(config_name="config", overrides=overrides)
+        return _compose(config_name=config_name, overrides=overrides)

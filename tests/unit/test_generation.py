@@ -218,16 +218,9 @@ def _eval_cfg(source: Path, train_cfg, batches: int):
 ])
 def test_bad_generate_input_is_one_line(override: str, key: str, trained: Path,
                                         capsys: pytest.CaptureFixture) -> None:
-    from hydra import compose as hcompose
-    from hydra import initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-
-    from llmtrain.config import conf_dir
     from llmtrain.generation.cli import run as gen_run
 
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(conf_dir()), version_base=None):
-        cfg = hcompose(config_name="generate", overrides=[f"source={trained}", "prompt=x", override])
+    cfg = compose([f"source={trained}", "prompt=x", override], "generate")
     capsys.readouterr()
     with pytest.raises(SystemExit) as ei:
         gen_run(cfg)
@@ -271,17 +264,9 @@ def random_model(tmp_path_factory) -> Path:
 
 def _eval_app(overrides: list[str]) -> dict:
     """llmtrain-eval's run on the config its command line composes."""
-    from hydra import compose as hcompose
-    from hydra import initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-
-    from llmtrain.config import conf_dir
     from llmtrain.generation.eval import run as eval_run
 
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(conf_dir()), version_base=None):
-        cfg = hcompose(config_name="eval", overrides=overrides)
-    return eval_run(cfg)
+    return eval_run(compose(overrides, "eval"))
 
 
 def test_eval_scores_every_block_in_any_batch_size(random_model: Path, tmp_path: Path,
@@ -318,17 +303,9 @@ def test_eval_scores_every_block_in_any_batch_size(random_model: Path, tmp_path:
 
 def _generate_app(overrides: list[str]) -> list:
     """llmtrain-generate's run on the config its command line composes."""
-    from hydra import compose as hcompose
-    from hydra import initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-
-    from llmtrain.config import conf_dir
     from llmtrain.generation.cli import run as gen_run
 
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(conf_dir()), version_base=None):
-        cfg = hcompose(config_name="generate", overrides=overrides)
-    return gen_run(cfg)
+    return gen_run(compose(overrides, "generate"))
 
 
 @pytest.mark.parametrize("prompt,max_new,key", [("x" * 64, 1, "prompt"), ("x" * 70, 5, "prompt"),
