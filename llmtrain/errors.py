@@ -22,6 +22,9 @@ class ConfigError(Exception):
         self.message = message
         self.quiet = quiet
 
+    def __reduce__(self) -> Any:  # travels between ranks (broadcast from rank 0)
+        return type(self), (self.key, self.message, self.quiet)
+
 
 class RunFailed(Exception):
     """The run cannot go on (a full disk, a diverged loss): one line, exit `code`, the last good checkpoint kept."""
@@ -30,6 +33,9 @@ class RunFailed(Exception):
         super().__init__(message)
         self.code, self.quiet = code, quiet  # quiet: rank 0 reports it for the whole job
 
+    def __reduce__(self) -> Any:
+        return type(self), (str(self), self.code, self.quiet)
+
 
 class Stopped(Exception):
     """The run stopped before its end on request (a signal); `code` is the process exit code."""
@@ -37,6 +43,9 @@ class Stopped(Exception):
     def __init__(self, message: str, code: int, status: str = "stopped", quiet: bool = False) -> None:
         super().__init__(message)
         self.code, self.status, self.quiet = code, status, quiet  # status: run.json's (stopped | preempted)
+
+    def __reduce__(self) -> Any:
+        return type(self), (str(self), self.code, self.status, self.quiet)
 
 
 def require(condition: bool, key: str, message: str) -> None:
