@@ -11,8 +11,11 @@
 Points: `step` (inside an optimizer step, after the backward passes, before the update), `save` (inside a
 checkpoint save, after the strategy's files, before the manifest), `export` (inside an export, after the
 weights are written, before the rename), `eval` (inside an evaluation, after its first batch), `loss` (each
-micro-batch's loss), `write` (any file written through llmtrain.safeio), and `time`: `kill:time:<ms>` kills
-the process that many milliseconds after it starts training. `<n>+` matches the n-th time and every later one.
+micro-batch's loss), `write` (any file written through llmtrain.safeio), `metrics` and `samples` (inside an
+append to metrics.jsonl / samples.jsonl, after the first half of the line is written and flushed: a kill
+leaves a torn last line), `record` (inside a run.json update, after its temp file is written, before the
+rename), and `time`: `kill:time:<ms>` kills the process that many milliseconds after it starts training.
+`<n>+` matches the n-th time and every later one.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from __future__ import annotations
 import errno
 import os
 import signal
-from typing import Any
+from typing import IO, Any
 
 _SPEC: list[tuple[str, str, int, int, bool]] | None = None
 _COUNTS: dict[str, int] = {}
@@ -82,6 +85,19 @@ def point(name: str) -> None:
         os.kill(os.getpid(), _SIGNALS[action])
     elif action == "enospc":
         _ARMED.add("enospc")
+
+
+def torn_write(f: IO[str], text: str, name: str) -> None:
+    """`f.write(text)`; with a fault configured, in two halves with the point `name` between them (the first
+    half flushed, so a kill there leaves a torn line on disk)."""
+    if not _spec():
+        f.write(text)
+        return
+    half = len(text) // 2
+    f.write(text[:half])
+    f.flush()
+    point(name)
+    f.write(text[half:])
 
 
 def poison(name: str, loss: Any) -> Any:

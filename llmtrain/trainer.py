@@ -160,13 +160,13 @@ class Trainer:
                 ev = self.evaluate()
             rec = {**(rec or {}), **ev}
             self._track_best(ev["eval_loss"])
-        if self._due(self.cfg.ckpt_every):
-            with self._excluded():
-                self.save()
-        every = self.cfg.sample_every
+        every = self.cfg.sample_every  # before the checkpoint: a resume from it never has to redo these samples
         if self.sampler is not None and every > 0 and self.step % every == 0 and self.step < self.cfg.max_steps:
             with self._excluded():
                 self.sampler(self.step)  # the end-of-run sample is the run's last act, after export
+        if self._due(self.cfg.ckpt_every):
+            with self._excluded():
+                self.save()
         return rec
 
     def train_step(self) -> dict[str, Any]:

@@ -143,6 +143,27 @@ def _digest(path: Path, cfg: InstructDataConfig, tok: Any) -> str:
     return h.hexdigest()[:20]
 
 
+CACHE_KEYS = ("tokens", "offsets", "prompt_lens")
+
+
+def _load_cache(cache: Path) -> tuple[dict[str, np.ndarray] | None, str]:
+    """The arrays of a cached encoding (no pickles: allow_pickle=False), or None and why it is unusable (a
+    truncated or damaged file, arrays that do not fit together)."""
+    import zipfile
+
+    try:
+        with np.load(cache, allow_pickle=False) as z:
+            if sorted(z.files) != sorted(CACHE_KEYS):
+                return None, f"it holds {sorted(z.files)}"
+            out = {k: z[k] for k in CACHE_KEYS}  # reading a member checks its CRC
+    except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile) as e:
+        return None, (str(e).splitlines() or [type(e).__name__])[0][:120]
+    tokens, offsets, lens = out["tokens"], out["offsets"], out["prompt_lens"]
+    fits = (tokens.ndim == offsets.ndim == lens.ndim == 1 and len(offsets) == len(lens) + 1 and len(lens) > 0
+            and offsets[0] == 0 and offsets[-1] == len(tokens) and bool((np.diff(offsets) > 0).all()))
+    return (out, "") if fits else (None, "its arrays do not fit together")
+
+
 def encode_file(path: Path, cfg: InstructDataConfig, tok: Any, key: str) -> dict[str, np.ndarray]:
     """{"tokens": int32 [N], "offsets": [n+1], "prompt_lens": [n]} per example (EOS included), cached."""
     from llmtrain.data.prepare import cache_root
@@ -151,8 +172,12 @@ def encode_file(path: Path, cfg: InstructDataConfig, tok: Any, key: str) -> dict
         raise ConfigError(key, f"file not found: {path}")
     cache = cache_root() / "instruct" / f"{_digest(path, cfg, tok)}.npz"
     if cache.is_file():
-        with np.load(cache) as z:
-            return {k: z[k] for k in z.files}
+        cached, why = _load_cache(cache)
+        if cached is not None:
+            return cached
+        from llmtrain.jsonl import warn
+
+        warn(cache, f"the cached tokens of {path.name} cannot be read ({why}); encoding them again")
     recs = read_records(path, cfg, tok, key)
     from llmtrain.data.tokenizers import encode_batch
 

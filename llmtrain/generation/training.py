@@ -12,7 +12,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from llmtrain import faults
 from llmtrain.generation.engine import Completion, GenerationConfig
+from llmtrain.jsonl import read_jsonl
 from llmtrain.tracking.logger import truncate_after
 
 SAMPLES_FILE = "samples.jsonl"
@@ -23,6 +25,7 @@ class TrainingSampler:
                  write: Callable[[str], None]) -> None:
         self.spec, self.model_cfg, self.info, self.strategy = spec, model_cfg, info, strategy
         self.run_dir, self.write = run_dir, write
+        self._repaired = False  # samples.jsonl checked for a torn tail before this run's first append
         self.prompts = list(t.sample_prompts) or [t.sample_prompt]
         self.cfg = GenerationConfig(max_new_tokens=t.sample_tokens, do_sample=t.sample_temperature > 0,
                                     temperature=t.sample_temperature, top_k=t.sample_top_k, seed=t.seed,
@@ -43,13 +46,21 @@ class TrainingSampler:
                 out = self.spec.generator(model, self.info, s.device)(self.prompts, self.cfg)
             finally:
                 model.train(was_training)
-            with open(self.run_dir / SAMPLES_FILE, "a") as f:
-                for c in out:
-                    f.write(json.dumps({"step": step, "prompt": c.prompt, "text": c.text}) + "\n")
+            self._append("".join(json.dumps({"step": step, "prompt": c.prompt, "text": c.text}) + "\n"
+                                 for c in out))
             for c in out:
                 self.write(f"--- sample at step {step} ({c.completion_tokens} tokens) ---\n{c.text}\n---")
         s.barrier()
         return out
+
+    def _append(self, lines: str) -> None:
+        """Append to samples.jsonl; the first append of a run drops a torn tail first (see llmtrain.jsonl)."""
+        path = self.run_dir / SAMPLES_FILE
+        if not self._repaired:
+            read_jsonl(path, repair=True)
+            self._repaired = True
+        with open(path, "a") as f:
+            faults.torn_write(f, lines, "samples")
 
 
 def truncate_samples(run_dir: Path, step: int) -> None:

@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from llmtrain import faults
+from llmtrain.jsonl import read_jsonl
 from llmtrain.tracking.progress import Progress
 
 
@@ -37,11 +39,9 @@ class LoggerConfig:
 
 
 def truncate_after(path: Path, step: int) -> None:
-    """Drop records of steps after `step` (those of a run that died after its last checkpoint)."""
-    if not path.exists():
-        return
-    keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
-    path.write_text("".join(line + "\n" for line in keep))
+    """Drop records of steps after `step` (those of a run that died after its last checkpoint) and a torn or
+    garbled line (with one warning); the file is rewritten atomically when anything is dropped."""
+    read_jsonl(path, keep=lambda r: isinstance(r.get("step"), int) and r["step"] <= step, repair=True)
 
 
 class MetricsLogger:
@@ -72,7 +72,7 @@ class MetricsLogger:
             return
         # full precision (repr round-trips), so runs can be compared bit for bit; NaN/inf as null
         clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
-        self._file.write(json.dumps(clean) + "\n")
+        faults.torn_write(self._file, json.dumps(clean) + "\n", "metrics")
         scalars = {k: float(v) for k, v in record.items()
                    if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool)}
         for sink in self._sinks:

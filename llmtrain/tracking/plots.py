@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 
 def _records(run_dir: Path) -> list[dict[str, Any]]:
-    path = run_dir / "metrics.jsonl"
-    if not path.is_file():
-        return []
-    return [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()]
+    """The records of <run>/metrics.jsonl (a torn or garbled line dropped with a warning)."""
+    from llmtrain.jsonl import read_jsonl
+
+    return read_jsonl(run_dir / "metrics.jsonl")
 
 
 def _pyplot() -> Any:

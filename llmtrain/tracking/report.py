@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
 import math
 import statistics
 import sys
@@ -36,11 +35,11 @@ def trial_dirs(sweep_dir: Path) -> list[Path]:
 
 
 def trial_row(sweep_dir: Path, run_dir: Path) -> dict[str, Any]:
-    from llmtrain.rundir import read_run_record
+    from llmtrain.jsonl import read_jsonl
+    from llmtrain.rundir import METRICS_FILE, read_run_record
 
     rec = read_run_record(run_dir)
-    metrics = [json.loads(ln) for ln in (run_dir / "metrics.jsonl").read_text().splitlines() if ln.strip()] \
-        if (run_dir / "metrics.jsonl").is_file() else []
+    metrics = read_jsonl(run_dir / METRICS_FILE)
     train = [m for m in metrics if m.get("loss") is not None]
     evals = [m for m in metrics if m.get("eval_loss") is not None]
     rates = [m["tokens_per_s"] if "tokens_per_s" in m else m.get("samples_per_s") for m in train]

@@ -7,6 +7,7 @@ MetricsLogger is disabled elsewhere).
 from __future__ import annotations
 
 import os
+import re
 import secrets
 import socket
 from pathlib import Path
@@ -17,6 +18,7 @@ from llmtrain.errors import ConfigError
 
 WANDB_MODES = ("online", "offline", "disabled")
 WANDB_ID_FILE = "wandb_id"
+WANDB_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")  # what this file may hold (ours: 8 hex digits)
 SWEEP_ENV = "LLMTRAIN_SWEEP"  # the sweep's name, set by hydra/launcher=torchrun for the trials it starts
 
 
@@ -46,21 +48,41 @@ class WandbSink:
     def __init__(self, cfg: Any, run_dir: Path, run_config: dict[str, Any] | None, group: str | None) -> None:
         import wandb
 
+        from llmtrain.safeio import atomic_write_text
+
         id_file = run_dir / WANDB_ID_FILE
-        run_id = id_file.read_text().strip() if id_file.is_file() else secrets.token_hex(4)  # wandb's id form
+        run_id = read_wandb_id(id_file) or secrets.token_hex(4)  # wandb's id form
         self.run = wandb.init(project=cfg.wandb_project, entity=cfg.wandb_entity, group=cfg.wandb_group or group,
                               tags=list(cfg.wandb_tags) or None, name=cfg.wandb_name or run_dir.name,
                               notes=cfg.wandb_notes, config=run_config, dir=str(run_dir), id=run_id, resume="allow",
                               mode=wandb_mode(cfg), settings=wandb.Settings(silent=True, console="off"))
         self.run.define_metric("step")
         self.run.define_metric("*", step_metric="step")
-        id_file.write_text(run_id + "\n")
+        atomic_write_text(id_file, run_id + "\n")
 
     def log(self, scalars: dict[str, float], step: int) -> None:
         self.run.log({"step": step, **scalars})
 
     def close(self) -> None:
         self.run.finish()
+
+
+def read_wandb_id(id_file: Path) -> str | None:
+    """The wandb run id kept in `id_file`; None when there is none, or (with one warning) when it is empty or
+    garbled: the run then starts a new wandb run."""
+    try:
+        text = id_file.read_bytes().decode("ascii").strip()
+    except FileNotFoundError:
+        return None
+    except (OSError, UnicodeDecodeError):
+        text = None
+    if text and WANDB_ID.fullmatch(text):
+        return text
+    from llmtrain.jsonl import warn
+
+    what = "empty" if text == "" else "not a wandb run id"
+    warn(id_file, f"{what}; this run logs to a new wandb run")
+    return None
 
 
 def wandb_mode(cfg: Any) -> str:
