@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from llmtrain.errors import ConfigError
+from llmtrain.jsonl import read_jsonl, warn
 
 CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.jsonl"
@@ -77,6 +78,32 @@ def check_resumable(ckpt: Path, saved: dict[str, Any] | None, current: dict[str,
     return f"llmtrain: resuming with {', '.join(changed)}" if changed else None
 
 
+RUN_FILES = (CONFIG_FILE, METRICS_FILE, RECORD_FILE, "checkpoints")  # what marks a dir as a run dir
+
+
+def is_run_dir(path: Path) -> bool:
+    """Whether `path` holds a training run (its config, metrics, run record or checkpoints)."""
+    return any((path / name).exists() for name in RUN_FILES)
+
+
+def read_config(run_dir: Path, key: str) -> Any:
+    """A run dir's config.yaml (a received run's too: YAML without tags or code); one line when there is none
+    or it cannot be read."""
+    from omegaconf import DictConfig, OmegaConf
+
+    path = run_dir / CONFIG_FILE
+    if not path.is_file():
+        raise ConfigError(key, f"{run_dir} has no {CONFIG_FILE}: not a llmtrain run dir")
+    try:
+        cfg = OmegaConf.load(path)
+    except Exception as e:  # a YAML error, a tag the safe loader refuses, an unreadable file
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+        raise ConfigError(key, f"{path} cannot be read as a run config ({first})") from None
+    if not isinstance(cfg, DictConfig) or "model" not in cfg or "data" not in cfg:
+        raise ConfigError(key, f"{path} is not a llmtrain run config (it has no model and data sections)")
+    return cfg
+
+
 def dir_fingerprint(run_dir: Path) -> dict[str, Any] | None:
     """The fingerprint of the run a dir holds (from its config.yaml); None when it holds none."""
     from omegaconf import OmegaConf
@@ -113,13 +140,9 @@ def last_metrics(run_dir: Path) -> dict[str, Any]:
     """The last train record of metrics.jsonl, with the last eval record's keys merged in."""
     out: dict[str, Any] = {}
     path = run_dir / METRICS_FILE
-    if not path.is_file():
-        return out
     evals: dict[str, Any] = {}
-    for line in path.read_text().splitlines():
-        if line.strip():
-            rec = json.loads(line)
-            (evals if "eval_loss" in rec else out).update(rec)
+    for rec in read_jsonl(path):
+        (evals if "eval_loss" in rec else out).update(rec)
     out.update({k: v for k, v in evals.items() if k != "step"})
     return out
 
@@ -152,19 +175,39 @@ def write_config(run_dir: Path, cfg: Any) -> None:
 
 
 def read_run_record(run_dir: Path) -> dict[str, Any]:
+    """<run>/run.json ({} without one); one that cannot be read is {} with one warning (the next
+    write_run_record replaces it)."""
+    path = run_dir / RECORD_FILE
+    rec: Any = None
     try:
-        return json.loads((run_dir / RECORD_FILE).read_text())
-    except (OSError, ValueError):
+        data = path.read_bytes()
+        rec = json.loads(data)
+    except FileNotFoundError:
         return {}
+    except (OSError, ValueError) as e:  # ValueError: not JSON, or not UTF-8
+        why = (str(e).splitlines() or [type(e).__name__])[0][:120]
+        if isinstance(e, ValueError) and not data.strip():
+            why = "empty"
+    else:
+        why = "" if isinstance(rec, dict) else "not a JSON object"
+    if why:
+        warn(path, f"cannot be read ({why}); its fields are dropped (status, overrides, wall time)")
+        return {}
+    return rec
 
 
 def write_run_record(run_dir: Path, **fields: Any) -> None:
-    """Update <run>/run.json with `fields` (rank 0; the sweep report reads it)."""
+    """Update <run>/run.json with `fields` (rank 0, holding the run dir's lock; the sweep report reads it)."""
+    import contextlib
+
     from llmtrain.safeio import atomic_write_text
 
     rec = {**read_run_record(run_dir), **fields}
     run_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(run_dir / RECORD_FILE, json.dumps(rec, indent=1) + "\n")
+    atomic_write_text(run_dir / RECORD_FILE, json.dumps(rec, indent=1) + "\n", point="record")
+    for stray in run_dir.glob(f".{RECORD_FILE}.tmp*"):  # a temp file of a writer killed before its rename
+        with contextlib.suppress(OSError):
+            stray.unlink()
 
 
 MAX_NAME = 120  # longer trial names end in a hash (file names stop at 255 bytes)

@@ -6,11 +6,11 @@ train split's mean and std.
 
 from __future__ import annotations
 
-import pickle
 import tarfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 import torch
@@ -19,6 +19,7 @@ from llmtrain.data.base import DataModule, register_data
 from llmtrain.data.synthetic import ArrayDataset
 from llmtrain.datainfo import Batch, DataInfo
 from llmtrain.errors import ConfigError, require
+from llmtrain.safeio import UnsafeFile, safe_pickle_load
 
 SHAPE = (3, 32, 32)
 CIFAR_DIR = "cifar-10-batches-py"
@@ -80,17 +81,90 @@ def synthetic_images(n: int, num_classes: int, templates: np.ndarray, noise_std:
     return x, y
 
 
+# what the official archive's pickles name: numpy's array reconstruction (numpy 1 and 2 spell its module
+# differently); `_codecs.encode` is how a Python 3 re-pickling (protocol 2) spells bytes, latin-1 only
+CIFAR_GLOBALS = {"numpy.core.multiarray._reconstruct", "numpy._core.multiarray._reconstruct", "numpy.ndarray",
+                 "numpy.dtype", "_codecs.encode"}
+CIFAR_HINT = "give the official cifar-10-python.tar.gz or its extracted dir"
+
+
+def _load_batch(source: Path | BinaryIO, where: str) -> Any:
+    """One unpickled batch file; nothing but numpy arrays, containers, numbers and bytes can come out of it."""
+    try:
+        return safe_pickle_load(source, CIFAR_GLOBALS, encoding="bytes", name=where)
+    except UnsafeFile as e:
+        why = getattr(e, "message", str(e))  # the one line, without a key of its own
+        raise ConfigError("data.path", f"{why}; CIFAR-10 batches hold only numpy arrays, lists and bytes") from None
+
+
+def _field(blob: dict, key: str) -> Any:
+    """blob[b"key"] (the official Python 2 pickles), else blob["key"]."""
+    return blob.get(key.encode(), blob.get(key))
+
+
+def _describe(value: Any) -> str:
+    if isinstance(value, np.ndarray):
+        return f"an array of dtype {value.dtype}, shape {value.shape}"
+    name = type(value).__name__
+    return "missing" if value is None else f"{'an' if name[0] in 'aeiou' else 'a'} {name}"
+
+
+def _labels(labels: Any) -> np.ndarray | None:
+    """int64 [N] from a list of ints (or an integer array) in [0, CIFAR_CLASSES); None when it is anything else."""
+    if isinstance(labels, np.ndarray):
+        if labels.ndim != 1 or labels.dtype.kind not in "iu":
+            return None
+        y = labels.astype(np.int64)
+    elif isinstance(labels, list) and all(type(v) is int and 0 <= v < CIFAR_CLASSES for v in labels):
+        y = np.asarray(labels, dtype=np.int64)
+    else:
+        return None
+    return y if not len(y) or (y.min() >= 0 and y.max() < CIFAR_CLASSES) else None
+
+
+def _check_batch(blob: Any, where: str) -> tuple[np.ndarray, np.ndarray]:
+    """(data uint8 [N, 3072], labels int64 [N]) of one unpickled batch; ConfigError naming `where` otherwise."""
+    def bad(what: str) -> ConfigError:
+        return ConfigError("data.path", f"{where} is not a CIFAR-10 batch: {what}; {CIFAR_HINT}")
+
+    if not isinstance(blob, dict):
+        raise bad(f"it holds {_describe(blob)}, not a dict")
+    data = _field(blob, "data")
+    if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072:
+        raise bad(f"its data is {_describe(data)}, not a uint8 array of 3072 columns")
+    y = _labels(_field(blob, "labels"))
+    if y is None:
+        raise bad(f"its labels are not a list of ints in [0, {CIFAR_CLASSES})")
+    if len(y) != len(data):
+        raise bad(f"it has {len(y)} labels for {len(data)} images")
+    return data, y
+
+
+def _class_names(meta: Any, where: str) -> list[str]:
+    """batches.meta's label_names (10 strings); the class numbers when there is no batches.meta."""
+    if meta is None:
+        return [str(i) for i in range(CIFAR_CLASSES)]
+    names = _field(meta, "label_names") if isinstance(meta, dict) else None
+    if not (isinstance(names, list) and len(names) == CIFAR_CLASSES and all(isinstance(c, (bytes, str)) for c in names)):
+        raise ConfigError("data.path", f"{where} is not CIFAR-10's batches.meta: it has no list of "
+                                       f"{CIFAR_CLASSES} label_names; {CIFAR_HINT}")
+    return [c.decode(errors="replace") if isinstance(c, bytes) else c for c in names]
+
+
 def read_cifar10(path: str | Path) -> dict[str, Any]:
     """CIFAR-10 from `cifar-10-python.tar.gz` or an extracted `cifar-10-batches-py` dir.
 
     -> {"train": (x uint8 [50000, 3, 32, 32], y int64 [50000]), "val": (x, y) of test_batch, "classes"}.
-    The batches are the dataset's own pickles: only point this at a copy of the official archive.
+    The batches are the dataset's own pickles, read with an allow-list (CIFAR_GLOBALS): a crafted archive
+    is refused with one line before any of it runs, and what comes out is checked to be uint8 images and
+    integer labels.
     """
     p = Path(path).expanduser()
     if not p.exists():
         raise ConfigError("data.path", f"{p} not found; give cifar-10-python.tar.gz or its extracted "
                                        f"{CIFAR_DIR} dir, or unset data.path for synthetic images")
-    blobs: dict[str, dict] = {}
+    blobs: dict[str, Any] = {}
+    where: dict[str, str] = {}
     wanted = {*CIFAR_TRAIN, CIFAR_VAL, "batches.meta"}
     if p.is_file():
         try:
@@ -100,27 +174,27 @@ def read_cifar10(path: str | Path) -> dict[str, Any]:
                     if member.isfile() and name in wanted:
                         f = tar.extractfile(member)
                         assert f is not None
-                        blobs[name] = pickle.load(f, encoding="bytes")
-        except (tarfile.TarError, pickle.UnpicklingError, EOFError) as e:
+                        where[name] = f"{p} member {member.name}"
+                        blobs[name] = _load_batch(f, where[name])
+        except (tarfile.TarError, OSError, EOFError, zlib.error) as e:
             raise ConfigError("data.path", f"{p} is not a CIFAR-10 python archive ({e})") from None
     else:
         d = p / CIFAR_DIR if (p / CIFAR_DIR).is_dir() else p
         for name in wanted:
             if (d / name).is_file():
-                with open(d / name, "rb") as f:
-                    blobs[name] = pickle.load(f, encoding="bytes")
+                where[name] = str(d / name)
+                blobs[name] = _load_batch(d / name, where[name])
     missing = [n for n in (*CIFAR_TRAIN, CIFAR_VAL) if n not in blobs]
     if missing:
-        raise ConfigError("data.path", f"{p} lacks {CIFAR_DIR}/{{{','.join(missing)}}}; give the official "
-                                       "cifar-10-python.tar.gz or its extracted dir")
+        raise ConfigError("data.path", f"{p} lacks {CIFAR_DIR}/{{{','.join(missing)}}}; {CIFAR_HINT}")
+    batches = {n: _check_batch(blobs[n], where[n]) for n in (*CIFAR_TRAIN, CIFAR_VAL)}
 
     def stack(names: tuple[str, ...]) -> tuple[np.ndarray, np.ndarray]:
-        x = np.concatenate([np.asarray(blobs[n][b"data"], dtype=np.uint8) for n in names])  # [N, 3072]
-        y = np.concatenate([np.asarray(blobs[n][b"labels"], dtype=np.int64) for n in names])  # [N]
+        x = np.concatenate([batches[n][0] for n in names])  # [N, 3072]
+        y = np.concatenate([batches[n][1] for n in names])  # [N]
         return x.reshape(-1, *SHAPE), y  # channel-major rows: R plane, G plane, B plane
 
-    meta = blobs.get("batches.meta", {})
-    classes = [c.decode() for c in meta.get(b"label_names", [])] or [str(i) for i in range(CIFAR_CLASSES)]
+    classes = _class_names(blobs.get("batches.meta"), where.get("batches.meta", ""))
     return {"train": stack(CIFAR_TRAIN), "val": stack((CIFAR_VAL,)), "classes": classes}
 
 

@@ -103,10 +103,13 @@ CONFIG_KEYS = ("bos_token", "eos_token", "unk_token", "pad_token", "model_max_le
 def _transformers_tokenizer(name_or_dir: str) -> Any:
     from transformers import AutoTokenizer, GPT2TokenizerFast
 
+    from llmtrain.export import quiet_transformers
+
+    quiet_transformers()
     path = Path(name_or_dir)
     if path.is_dir() and not (path / "tokenizer_config.json").is_file() and (path / "vocab.json").is_file():
         return GPT2TokenizerFast.from_pretrained(name_or_dir)
-    return AutoTokenizer.from_pretrained(name_or_dir)
+    return AutoTokenizer.from_pretrained(name_or_dir, trust_remote_code=False)  # never a dir's own code
 
 
 def _wrap(tok: Any) -> Tokenizer:
@@ -146,7 +149,13 @@ def load_pretrained_tokenizer(name_or_dir: str) -> Tokenizer:
         if not any((path / n).is_file() for n in ("tokenizer.json", "tokenizer_config.json", "vocab.json")):
             raise ConfigError("data.tokenizer", f"{path} holds no tokenizer (need tokenizer.json, or vocab.json "
                                                 "and merges.txt)")
-        return Tokenizer.from_dir(path)
+        try:
+            return Tokenizer.from_dir(path)
+        except ConfigError:
+            raise
+        except Exception as e:  # a garbled tokenizer.json, a dir asking for its own code, an unknown class
+            why = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+            raise ConfigError("data.tokenizer", f"cannot load the tokenizer in {path}: {why}") from None
     if name_or_dir.startswith((".", "/", "~")) or path.suffix:
         raise ConfigError("data.tokenizer", f"tokenizer dir not found: {name_or_dir}")
     from llmtrain.hub import OFFLINE_HINT, prepare_hub_lookup

@@ -322,7 +322,7 @@ def vet_checkpoint(ckpt_dir: Path) -> None:
     try:
         check_pickles(sorted((Path(ckpt_dir) / TAG).glob("*.pt")), DEEPSPEED_GLOBALS)
     except UnsafeFile as e:
-        raise ConfigError("checkpoint", str(e)) from None
+        raise ConfigError("checkpoint", e.message) from None
 
 
 def consolidate_deepspeed(ckpt_dir: Path) -> dict[str, torch.Tensor]:

@@ -11,6 +11,8 @@ and keep the master weights in fp32), not autocast. Checkpoints are `torch.distr
 from __future__ import annotations
 
 import contextlib
+import pickle
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +37,7 @@ from llmtrain.distributed.base import (
 )
 from llmtrain.distributed.env import init_single_process_group
 from llmtrain.precision import Precision, make_grad_scaler
-from llmtrain.safeio import load_torch, safe_pickle_load, save_torch
+from llmtrain.safeio import UnsafeFile, culprit, find_cause, load_torch, safe_pickle_load, save_torch
 
 DCP_SUBDIR = "dcp"  # <ckpt>/dcp/{.metadata, __<rank>_0.distcp}
 SCALER_FILE = "scaler.pt"
@@ -93,7 +95,8 @@ class FSDPStrategy(TorchOptimizerStrategy):
         """DCP reshards: a checkpoint of any world size loads onto this one."""
         model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
         state = {"model": model_sd, "optim": optim_sd}
-        dcp.load(state, storage_reader=SafeReader(str(ckpt_dir / DCP_SUBDIR)), planner=SafePlanner())
+        with refusing_unsafe(ckpt_dir / DCP_SUBDIR):
+            dcp.load(state, storage_reader=SafeReader(str(ckpt_dir / DCP_SUBDIR)), planner=SafePlanner())
         set_state_dict(self.model, self.optimizer, model_state_dict=state["model"],
                        optim_state_dict=state["optim"])
         if self.scaler is not None and (ckpt_dir / SCALER_FILE).is_file():
@@ -129,6 +132,27 @@ class SafeReader(FileSystemReader):
             metadata.storage_meta = StorageMeta()
         metadata.storage_meta.load_id = self.load_id
         return metadata
+
+
+@contextlib.contextmanager
+def refusing_unsafe(dcp_dir: Path) -> Iterator[None]:
+    """A DCP load whose reads refused a pickle (weights_only: a tensor or value of a crafted checkpoint; DCP
+    wraps it in its own exception on every rank) ends in UnsafeFile: one line."""
+    safe_pickle_load(dcp_dir / ".metadata", DCP_METADATA_GLOBALS)  # first: DCP turns a refusal here into text
+    try:
+        yield
+    except UnsafeFile:
+        raise
+    except BaseException as e:  # DCP's CheckpointException is a BaseException
+        if isinstance(e, (KeyboardInterrupt, SystemExit)):
+            raise
+        refused = find_cause(e, (pickle.UnpicklingError, UnsafeFile))
+        if refused is None:
+            raise
+        if isinstance(refused, UnsafeFile):
+            raise UnsafeFile(refused.message) from None
+        raise UnsafeFile(f"{dcp_dir} is refused: an item of it names {culprit(refused)}, which could run code when "
+                         "loaded (only tensors, containers and numbers are loaded)") from None
 
 
 class SafePlanner(DefaultLoadPlanner):
@@ -177,6 +201,7 @@ def consolidate_fsdp(ckpt_dir: Path) -> dict[str, torch.Tensor]:
 
     state: dict[str, Any] = {}
     # What format_utils.dcp_to_torch_save does, minus the optimizer state and the temporary file.
-    _load_state_dict(state, storage_reader=SafeReader(str(Path(ckpt_dir) / DCP_SUBDIR)),
-                     planner=Planner(keys={"model"}), no_dist=True)
+    with refusing_unsafe(Path(ckpt_dir) / DCP_SUBDIR):
+        _load_state_dict(state, storage_reader=SafeReader(str(Path(ckpt_dir) / DCP_SUBDIR)),
+                         planner=Planner(keys={"model"}), no_dist=True)
     return {k: v.detach().cpu() if isinstance(v, torch.Tensor) else v for k, v in state["model"].items()}

@@ -42,15 +42,14 @@ class EvalConfig:
 
 def tokenizer_dir(source: str) -> Path:
     """Where the source's tokenizer lives (a dir data preparation can take as data.tokenizer)."""
-    from omegaconf import OmegaConf
-
     path = Path(source).expanduser()
     if (path / "config.yaml").is_file() and not (path / "config.json").is_file():  # a run dir
         if (path / "final" / "config.json").is_file():
             return path / "final"
         from llmtrain.data.base import build_data
+        from llmtrain.rundir import read_config
 
-        run_cfg = OmegaConf.load(path / "config.yaml")
+        run_cfg = read_config(path, "source")
         return Path(build_data(run_cfg.data, model_cfg=run_cfg.model).info.extra["prepared_dir"]) / "tokenizer"
     from llmtrain.hub import hf_model_dir
 

@@ -32,15 +32,14 @@ def _from_run(run_dir: Path) -> tuple[GPT2, Any]:
     """A run's final/ export; else its newest checkpoint of any strategy, consolidated in memory."""
     if (run_dir / "final" / "config.json").is_file():
         return load_source(str(run_dir / "final"))
-    from omegaconf import OmegaConf
-
     from llmtrain import checkpoint as ckpt
     from llmtrain.export import checkpoint_state, plain_model
+    from llmtrain.rundir import read_config
 
-    cfg = OmegaConf.load(run_dir / "config.yaml")
+    cfg = read_config(run_dir, "source")
     if cfg.model.family != "gpt2":
         raise ConfigError("source", f"{run_dir} trains a {cfg.model.family} model, not a language model")
-    ck = ckpt.resolve_resume("auto", run_dir)
+    ck = ckpt.resolve_resume("auto", run_dir, aside=False)
     if ck is None:
         raise ConfigError("source", f"{run_dir} has neither final/ nor a complete checkpoint yet")
     spec, data, state = checkpoint_state(cfg, ck)  # a frozen or LoRA run's checkpoint made whole

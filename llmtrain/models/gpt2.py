@@ -118,9 +118,7 @@ class GPT2Spec(ModelSpec):
 
         path = hf_model_dir(cfg.pretrained, "model.pretrained")
         if cfg.impl == "hf":
-            from transformers import GPT2LMHeadModel
-
-            return GPT2LMHeadModel.from_pretrained(str(path))
+            return hf_from_pretrained(path, "model.pretrained")
         try:
             return load_hf(path)
         except (ValueError, FileNotFoundError, KeyError) as e:
@@ -187,10 +185,24 @@ class GPT2Spec(ModelSpec):
 
     def load(self, cfg: GPT2ModelConfig, info: DataInfo, path: Path) -> nn.Module:
         if getattr(cfg, "impl", "native") == "hf":
-            from transformers import GPT2LMHeadModel
-
-            return GPT2LMHeadModel.from_pretrained(str(path))
+            return hf_from_pretrained(Path(path), "model")
         return load_hf(Path(path))
+
+
+def hf_from_pretrained(path: Path, key: str) -> nn.Module:
+    """transformers' GPT2LMHeadModel from a local dir: its own code only (never a dir's), weights through
+    safetensors or weights_only; whatever it cannot read is one line."""
+    from transformers import GPT2LMHeadModel
+
+    try:
+        return GPT2LMHeadModel.from_pretrained(str(path), trust_remote_code=False)
+    except Exception as e:  # transformers' errors for a dir it cannot load (garbled, unsafe, misshapen)
+        from llmtrain.safeio import culprit
+
+        why = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        if "weights_only" in str(e) or "Unsupported global" in str(e):
+            why = f"its pickle names {culprit(e)}, which could run code when loaded; it is refused"
+        raise ConfigError(key, f"cannot load {path}: {why}") from None
 
 
 def document_mask(doc_ids: torch.Tensor) -> torch.Tensor:

@@ -346,24 +346,37 @@ def save_hf(model: GPT2, out_dir: Path) -> None:
 
 
 def read_hf_state(path: Path) -> dict[str, torch.Tensor]:
-    """Weights of a Hugging Face model dir: model.safetensors, or else pytorch_model.bin (tensors only)."""
+    """Weights of a Hugging Face model dir: model.safetensors, or else pytorch_model.bin (tensors only, through
+    safeio.load_torch: a pickle naming anything else is refused with UnsafeFile)."""
+    from llmtrain.safeio import UnsafeFile, load_torch
+
     if (path / "model.safetensors").is_file():
         from safetensors.torch import load_file
 
-        return load_file(str(path / "model.safetensors"))
+        try:
+            return load_file(str(path / "model.safetensors"))
+        except Exception as e:  # safetensors' own error: a truncated or garbled file
+            raise UnsafeFile(f"{path / 'model.safetensors'} cannot be read: {str(e).splitlines()[0][:200]}") from None
     if (path / "pytorch_model.bin").is_file():
-        return torch.load(path / "pytorch_model.bin", map_location="cpu", weights_only=True)
+        return load_torch(path / "pytorch_model.bin")
     raise FileNotFoundError(f"{path} holds no model.safetensors or pytorch_model.bin")
 
 
 def load_hf(path: Path, dropout: float | None = None) -> GPT2:
-    """A GPT2 from a Hugging Face GPT-2 dir (ours or transformers')."""
+    """A GPT2 from a Hugging Face GPT-2 dir (ours or transformers'). ValueError, KeyError or FileNotFoundError
+    when it is not one; UnsafeFile (a ConfigError) when its weights cannot be read safely."""
     cfg = json.loads((path / "config.json").read_text())
+    if not isinstance(cfg, dict):
+        raise ValueError("config.json holds no JSON object")
     d = dims_from_hf_config(cfg)
     if dropout is not None:
         d = GPT2Dims(**{**d.__dict__, "dropout": dropout})
+    state = read_hf_state(path)
     with torch.device("meta"):
         model = GPT2(d)
-    model.load_state_dict(from_hf_state(read_hf_state(path), d), assign=True)
+    try:
+        model.load_state_dict(from_hf_state(state, d), assign=True)
+    except (RuntimeError, AttributeError) as e:  # missing or misshapen tensors, a non-tensor value
+        raise ValueError(f"its weights do not fit its config.json ({str(e).splitlines()[0][:200]})") from None
     model.lm_head.weight = model.transformer.wte.weight  # assign=True replaced the tied Parameter
     return model

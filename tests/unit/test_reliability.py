@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import pickle
 import random
 import shutil
 import signal
@@ -118,56 +117,6 @@ def test_manifest_lists_sizes_and_checksums(reference: Path) -> None:
     files = ckpt.read_manifest(ck)["files"]
     assert set(files) == {"model_optim.pt", "rng_rank0.pt", "trainer.pt"}
     assert all(f["size"] == (ck / n).stat().st_size and len(f["sha256"]) == 64 for n, f in files.items())
-
-
-# safe loading ---------------------------------------------------------------------------------------------
-class _Payload:
-    """Unpickling this runs `touch <marker>`."""
-
-    def __init__(self, marker: Path) -> None:
-        self.marker = marker
-
-    def __reduce__(self):
-        return os.system, (f"touch {self.marker}",)
-
-
-@pytest.mark.parametrize("target", ["trainer.pt", "model_optim.pt", "rng_rank0.pt"])
-def test_a_checkpoint_crafted_to_run_code_is_refused(reference: Path, tmp_path: Path, target: str,
-                                                     capsys: pytest.CaptureFixture) -> None:
-    """A pickle payload in any checkpoint file (manifest checksums recomputed to match) is refused with one
-    line on resume, and never runs."""
-    part = _copy_until(reference, tmp_path / "part", 4)
-    ck = part / "checkpoints" / "step_00000004"
-    marker = tmp_path / "pwned"
-    torch.save({"step": 4, "evil": _Payload(marker)}, ck / target)
-    _reseal(ck)
-    with pytest.raises(SystemExit) as ei:
-        run(_cfg(part, "trainer.max_steps=8", "trainer.ckpt_every=2", "model.dropout=0.1",
-                 "trainer.grad_accum_steps=2"), part)
-    out = capsys.readouterr().err
-    err = [ln for ln in out.splitlines() if ln.startswith("llmtrain: error")]
-    assert ei.value.code == 2 and len(err) == 1 and "Traceback" not in out, out
-    assert "is refused" in err[0] and "'posix.system'" in err[0], err
-    assert not marker.exists()
-
-
-def test_third_party_pickles_are_vetted(tmp_path: Path) -> None:
-    """DeepSpeed's files and DCP's metadata go through allow-lists before their libraries unpickle them."""
-    from llmtrain.distributed.deepspeed import vet_checkpoint
-    from llmtrain.distributed.fsdp import DCP_METADATA_GLOBALS
-    from llmtrain.errors import ConfigError
-    from llmtrain.safeio import UnsafeFile, safe_pickle_load
-
-    marker = tmp_path / "pwned"
-    (tmp_path / "ck" / "deepspeed").mkdir(parents=True)
-    torch.save({"module": {}, "x": _Payload(marker)}, tmp_path / "ck" / "deepspeed" / "mp_rank_00_model_states.pt")
-    with pytest.raises(ConfigError, match="is refused"):
-        vet_checkpoint(tmp_path / "ck")
-    meta = tmp_path / ".metadata"
-    meta.write_bytes(pickle.dumps(_Payload(marker)))
-    with pytest.raises(UnsafeFile, match="is refused"):
-        safe_pickle_load(meta, DCP_METADATA_GLOBALS)
-    assert not marker.exists()
 
 
 # non-finite steps -------------------------------------------------------------------------------------------
