@@ -12,6 +12,9 @@ Streaming end to end, so memory stays flat from a 1 MB file to a multi-GB corpus
 Everything is written into a temp dir beside the output and renamed at the end, so a dir holding
 meta.json is complete. meta.json's `hash` fingerprints the inputs (source files by path, size and
 mtime; tokenizer; options); same inputs → the dir is reused, changed inputs → it is rebuilt.
+A rebuild replaces only what prepare wrote (meta.json, the shards it lists, tokenizer/, .verified.json):
+an output dir holding anything else, a run dir, or a meta.json llmtrain did not write is refused with one
+line, force or not, and left as it is.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import glob as globlib
 import hashlib
 import json
 import os
+import re
 import shutil
 import sys
 import sysconfig
@@ -36,6 +40,7 @@ import numpy as np
 
 from llmtrain.data import tokenizers as toks
 from llmtrain.errors import ConfigError
+from llmtrain.rundir import RUN_FILES
 from llmtrain.safeio import atomic_write_text, file_digest
 
 FORMAT_VERSION = 3  # 3: tokenizer saved by llmtrain's Tokenizer (tokenizer.json + config)
@@ -408,18 +413,21 @@ def locate(cfg: Any) -> tuple[Path, str | None, Source | None]:
 
 
 def prepare(cfg: Any, *, quiet: bool = False, only_locate: bool = False, force: bool = False) -> Path:
-    """Return the prepared dir for cfg, building it unless an up-to-date one exists."""
+    """Return the prepared dir for cfg, building it unless an up-to-date one exists.
+
+    An existing output dir is replaced (another dataset's, force, damaged shards) only when everything in it
+    is what prepare wrote there (its meta.json's files); anything else is refused with one line, force or not."""
     check_config(cfg)
     out, digest, src = locate(cfg)
     if digest is None:  # data.source is a prepared dir
         return out
-    if is_prepared_dir(out) and not force:
-        meta = read_meta(out)
-        if meta.get("hash") == digest and (why := shard_problem(out, meta)) is not None:
+    meta = existing_output(out)
+    if meta is not None and not force:
+        if meta["hash"] == digest and (why := shard_problem(out, meta)) is not None:
             print(f"llmtrain: warning: the prepared data in {out} is damaged ({why}); preparing it again",
                   file=sys.stderr, flush=True)
             force = True
-        elif meta.get("hash") == digest:
+        elif meta["hash"] == digest:
             if not quiet:
                 print(f"llmtrain: using prepared {out} ({meta['train_tokens']:,} train / "
                       f"{meta['val_tokens']:,} val tokens)", file=sys.stderr)
@@ -428,8 +436,8 @@ def prepare(cfg: Any, *, quiet: bool = False, only_locate: bool = False, force: 
             raise ConfigError("data.out_dir", f"{out} holds another dataset")
     if only_locate:
         raise ConfigError("data.out_dir", f"{out} was not prepared")
-    if out.exists() and not is_prepared_dir(out) and any(out.iterdir()):
-        raise ConfigError("data.out_dir", f"{out} exists and is not a prepared dataset; choose a new or empty dir")
+    if meta is not None:
+        refuse_foreign(out, meta)  # before the work, not only when publishing it
     assert src is not None
     return _build(cfg, src, digest, out, quiet, replace=force)
 
@@ -527,15 +535,26 @@ def _build(cfg: Any, src: Source, digest: str, out: Path, quiet: bool, replace: 
 
 def _publish(tmp: Path, out: Path, digest: str, replace: bool = False) -> None:
     """Rename tmp → out; a concurrent builder that won the race with the same inputs wins (unless `replace`:
-    the existing one was found damaged or a rebuild was asked for)."""
-    if is_prepared_dir(out):
-        if read_meta(out).get("hash") == digest and not replace:
+    the existing one was found damaged or a rebuild was asked for). What is replaced is only what prepare
+    wrote (existing_output, remove_prepared): a dir holding anything else is refused, and left as it is."""
+    meta = existing_output(out)
+    if meta is not None:
+        if meta["hash"] == digest and not replace:
             shutil.rmtree(tmp, ignore_errors=True)
             return
-        shutil.rmtree(out)
-    elif out.exists():
-        out.rmdir()  # empty (checked by the caller)
-    os.replace(tmp, out)
+        remove_prepared(out, meta)
+    elif out.is_dir():
+        with contextlib.suppress(OSError):
+            out.rmdir()  # empty (existing_output refuses any other dir without meta.json)
+    try:
+        os.replace(tmp, out)
+    except OSError:
+        won = existing_output(out)  # another process published first
+        if won is not None and won["hash"] == digest:
+            shutil.rmtree(tmp, ignore_errors=True)
+            return
+        raise ConfigError("data.out_dir", f"{out} was filled by someone else while preparing; nothing of it was "
+                                          "changed: prepare again, or choose another dir") from None
 
 
 def _progress(src: Source, quiet: bool) -> Any:
@@ -547,17 +566,154 @@ def _progress(src: Source, quiet: bool) -> Any:
 
 
 # reading -----------------------------------------------------------------------------------------
-def read_meta(prepared: Path) -> dict[str, Any]:
+TOKEN_DTYPES = ("uint16", "uint32")  # what shards hold; nothing else is ever memmapped
+VERIFIED = ".verified.json"  # shards whose checksum was checked after their mtime changed (a copy, a touch)
+_VERIFIED_TMP = re.compile(r"\.\.verified\.json\.tmp\d+")  # atomic_write's temp file, left by a crash
+# what a prepared dir's tokenizer/ holds: llmtrain's Tokenizer writes the first three, transformers (format 1) more
+TOKENIZER_FILES = frozenset({"tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
+                             "merges.txt", "added_tokens.json", "chat_template.jinja"})
+_MAX_ID, _BIG = (1 << 32) - 1, (1 << 63) - 1  # token ids fit uint32; counts int64
+# meta.json's integers: (key, low, high, required)
+_INT_FIELDS = (("train_tokens", 0, _BIG, True), ("val_tokens", 0, _BIG, True), ("vocab_size", 1, _MAX_ID + 1, True),
+               ("eos_token_id", 0, _MAX_ID, True), ("max_token_id", -1, _MAX_ID, False), ("documents", 0, _BIG, False),
+               ("characters", 0, _BIG, False), ("replaced_bytes", 0, _BIG, False))
+
+
+def _count(value: Any, low: int = 0, high: int = _BIG) -> bool:
+    """An int (not a bool, not a float) in [low, high]."""
+    return type(value) is int and low <= value <= high
+
+
+def _plain_name(name: Any) -> bool:
+    """A file name directly inside a dir: no separator, not hidden, not '.' or '..'."""
+    return (isinstance(name, str) and name != "" and not name.startswith(".")
+            and not any(c in name for c in "/\\\0") and Path(name).name == name)
+
+
+def meta_problem(meta: Any) -> str | None:
+    """Why a parsed meta.json is not one llmtrain wrote, in a few words; None when it is (format 1's missing
+    "shards" filled in by the caller). Every field a reader uses is checked here: counts are ints, the dtype
+    is uint16 or uint32, shard files and the tokenizer dir are plain names inside the dir."""
+    if not isinstance(meta, dict):
+        return "it is not a JSON object"
+    if not _count(meta.get("format"), 1) or not isinstance(meta.get("hash"), str):
+        return "it has no 'format' and 'hash'"
+    if meta.get("dtype") not in TOKEN_DTYPES:
+        return f"its dtype {str(meta.get('dtype'))[:40]!r} is not one of {', '.join(TOKEN_DTYPES)}"
+    for key, low, high, required in _INT_FIELDS:
+        if (required or key in meta) and not _count(meta.get(key), low, high):
+            return f"its {key!r} is not a count"
+    tok = meta.get("tokenizer")
+    if not isinstance(tok, dict) or not _plain_name(tok.get("dir", "tokenizer")):
+        return "its tokenizer 'dir' is not a dir name inside it"
+    shards = meta.get("shards")
+    if not isinstance(shards, dict) or not all(isinstance(shards.get(s), list) for s in ("train", "val")):
+        return "it has no 'shards' with train and val lists"
+    seen = {"meta.json", tok.get("dir", "tokenizer")}
+    for split in ("train", "val"):
+        for shard in shards[split]:
+            if not isinstance(shard, dict) or not _count(shard.get("tokens")):
+                return f"a {split} shard is not {{file, tokens}}"
+            name = shard.get("file")
+            if not _plain_name(name) or name in seen:
+                return f"its shard file {str(name)[:80]!r} is not a file name of its own inside the dir"
+            seen.add(name)
+            if not isinstance(shard.get("sha256", ""), str) or type(shard.get("mtime_ns", 0)) is not int:
+                return f"shard {name!r} has a malformed sha256 or mtime_ns"
+    return None
+
+
+def parse_meta(prepared: Path) -> dict[str, Any] | str:
+    """`prepared`/meta.json, checked (meta_problem); else why not, as words that follow "meta.json"."""
     try:
         meta = json.loads((prepared / "meta.json").read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise ConfigError("data.source", f"{prepared}/meta.json is unreadable ({e}); re-prepare the dataset") from None
-    if "shards" not in meta:  # format 1: one file per split
-        meta["shards"] = {s: [{"file": f"{s}.bin", "tokens": meta[f"{s}_tokens"]}] for s in ("train", "val")}
+    except (OSError, ValueError, RecursionError) as e:
+        return f"is unreadable ({str(e)[:160]})"
+    if isinstance(meta, dict) and "shards" not in meta and meta.get("format") == 1:  # one file per split
+        meta["shards"] = {s: [{"file": f"{s}.bin", "tokens": meta.get(f"{s}_tokens")}] for s in ("train", "val")}
+    why = meta_problem(meta)
+    return f"is not llmtrain's ({why})" if why else meta
+
+
+def read_meta(prepared: Path) -> dict[str, Any]:
+    """The checked meta.json of a prepared dir; one line when it is not one llmtrain wrote."""
+    meta = parse_meta(prepared)
+    if isinstance(meta, str):
+        raise ConfigError("data.source", f"{prepared}/meta.json {meta}; re-prepare the dataset from its source")
     return meta
 
 
-VERIFIED = ".verified.json"  # shards whose checksum was checked after their mtime changed (a copy, a touch)
+def existing_output(out: Path) -> dict[str, Any] | None:
+    """The meta.json of an output dir prepare wrote; None when `out` is absent or an empty dir. Refused with
+    one line: a file, a run dir, a dir whose meta.json is not llmtrain's, any other non-empty dir."""
+    if not out.exists():
+        return None
+    if not out.is_dir():
+        raise ConfigError("data.out_dir", f"{out} is a file, not a dir; choose a new or empty dir")
+    marker = next((name for name in RUN_FILES if (out / name).exists()), None)
+    if marker is not None:
+        raise ConfigError("data.out_dir", f"{out} is a run dir (it holds {marker}), not a prepared dataset; it is "
+                                          "left as it is: choose a new or empty dir")
+    if not (out / "meta.json").exists():
+        if any(out.iterdir()):
+            raise ConfigError("data.out_dir", f"{out} exists and is not a prepared dataset; choose a new or empty dir")
+        return None
+    meta = parse_meta(out)
+    if isinstance(meta, str):
+        raise ConfigError("data.out_dir", f"{out}/meta.json {meta}, so {out} is not a dir prepare wrote; it is "
+                                          "left as it is: choose a new or empty dir")
+    return meta
+
+
+def _own(entry: Path, meta: dict[str, Any]) -> bool:
+    """Whether `entry` (a top-level file of a prepared dir) is one prepare wrote, per its meta."""
+    shards = {s["file"] for split in ("train", "val") for s in meta["shards"][split]}
+    named = entry.name in shards or entry.name in ("meta.json", VERIFIED) or _VERIFIED_TMP.fullmatch(entry.name)
+    return bool(named) and entry.is_file() and not entry.is_symlink()
+
+
+def foreign_entry(out: Path, meta: dict[str, Any]) -> str | None:
+    """The first entry of `out` (by name) that prepare did not write there, per its meta.json; None when there
+    is none. Its own: meta.json, the listed shard files, the tokenizer dir's files, .verified.json."""
+    tok_dir = meta["tokenizer"].get("dir", "tokenizer")
+    for entry in sorted(out.iterdir()):
+        if entry.name == tok_dir and entry.is_dir() and not entry.is_symlink():
+            for f in sorted(entry.iterdir()):
+                if f.name not in TOKENIZER_FILES or f.is_symlink() or not f.is_file():
+                    return f"{entry.name}/{f.name}"
+        elif not _own(entry, meta):
+            return entry.name
+    return None
+
+
+def refuse_foreign(out: Path, meta: dict[str, Any]) -> None:
+    """ConfigError naming the first entry of `out` prepare did not write: such a dir is never replaced."""
+    if (name := foreign_entry(out, meta)) is not None:
+        raise ConfigError("data.out_dir", f"{out} holds {name!r}, which prepare did not write; nothing was replaced "
+                                          "(force=true does not change that): move it out, or choose another dir")
+
+
+def remove_prepared(out: Path, meta: dict[str, Any]) -> None:
+    """Delete what prepare wrote in `out` (meta.json last, so a crash leaves a dir that is found damaged), then
+    `out` itself; refused (refuse_foreign) when it holds anything else, and then nothing is deleted."""
+    refuse_foreign(out, meta)
+    tok_dir = out / meta["tokenizer"].get("dir", "tokenizer")
+    for entry in sorted(out.iterdir()):
+        if entry == tok_dir and entry.is_dir() and not entry.is_symlink():
+            for f in entry.iterdir():
+                if f.name in TOKENIZER_FILES and f.is_file() and not f.is_symlink():
+                    f.unlink(missing_ok=True)
+            with contextlib.suppress(FileNotFoundError):
+                entry.rmdir()
+        elif entry.name != "meta.json" and _own(entry, meta):
+            entry.unlink(missing_ok=True)
+    left = sorted(e.name for e in out.iterdir() if e.name != "meta.json") if out.exists() else []
+    if left:  # arrived since the check: kept, with the meta.json that describes the rest
+        raise ConfigError("data.out_dir", f"{out} holds {left[0]!r}, which prepare did not write; it was kept: "
+                                          "move it out, or choose another dir")
+    (out / "meta.json").unlink(missing_ok=True)
+    with contextlib.suppress(FileNotFoundError):
+        out.rmdir()
 
 
 def shard_problem(out: Path, meta: dict[str, Any]) -> str | None:
@@ -566,9 +722,11 @@ def shard_problem(out: Path, meta: dict[str, Any]) -> str | None:
     itemsize = np.dtype(meta["dtype"]).itemsize
     try:
         verified = json.loads((out / VERIFIED).read_text())
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         verified = {}
+    verified = verified if isinstance(verified, dict) else {}
     checked = {}
+    root = out.resolve()
     for split in ("train", "val"):
         for shard in meta["shards"][split]:
             path = out / shard["file"]
@@ -576,6 +734,8 @@ def shard_problem(out: Path, meta: dict[str, Any]) -> str | None:
                 st = path.stat()
             except OSError:
                 return f"{shard['file']} is missing"
+            if path.resolve().parent != root:  # a link out of the dir: never read
+                return f"{shard['file']} is a link to a file outside {out}"
             want = shard["tokens"] * itemsize
             if st.st_size != want:
                 return f"{shard['file']} has {st.st_size:,} bytes, meta.json says {want:,} (truncated or edited)"

@@ -42,6 +42,11 @@ class TokenBlocks:
     """
 
     def __init__(self, paths: list[Path], dtype: str, seq_len: int) -> None:
+        from llmtrain.data.prepare import TOKEN_DTYPES
+
+        if dtype not in TOKEN_DTYPES:  # token ids only: never an object (or any other) dtype from a meta.json
+            raise ConfigError("data.source", f"token shards of dtype {str(dtype)[:40]!r} are not read; "
+                                             f"prepared data holds {' or '.join(TOKEN_DTYPES)}")
         self.seq_len = seq_len
         self.shards = [np.memmap(p, dtype=np.dtype(dtype), mode="r") for p in paths if p.stat().st_size > 0]
         self.offsets = np.cumsum([0] + [len(s) for s in self.shards])  # [S+1] global start of each shard
