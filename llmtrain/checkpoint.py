@@ -27,6 +27,7 @@ from llmtrain.safeio import (
     UnsafeFile,
     atomic_write_text,
     describe_files,
+    find_cause,
     load_torch,
     replace_dir,
     save_torch,
@@ -83,6 +84,8 @@ def problem(ckpt: Path, checksums: bool = False) -> str | None:
         return f"it has no {MANIFEST} (an unfinished save)"
     except (OSError, ValueError) as e:
         return f"its {MANIFEST} is unreadable ({type(e).__name__})"
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("step"), int):
+        return f"its {MANIFEST} has no step"
     files = manifest.get("files")
     if isinstance(files, list):  # format 1: names only
         missing = [n for n in files if not (ckpt / n).is_file()]
@@ -99,7 +102,7 @@ def is_complete(ckpt: Path) -> bool:
 def _step_dirs(run_dir: Path) -> list[Path]:
     root = run_dir / CKPT_SUBDIR
     found = [p for p in root.glob("step_*") if p.is_dir() and p.name[5:].isdigit()] if root.is_dir() else []
-    return sorted(found, key=lambda p: int(p.name[5:]))
+    return sorted(found, key=step_of)
 
 
 def list_checkpoints(run_dir: Path) -> list[Path]:
@@ -111,25 +114,43 @@ def warn(msg: str) -> None:
     print(f"llmtrain: warning: {msg}", file=sys.stderr, flush=True)
 
 
-def newest_valid(candidates: list[Path], say: Callable[[str], None] = warn) -> Path | None:
-    """The newest of `candidates` (oldest first) that passes the full check; one line for each skipped."""
+def step_of(ckpt: Path) -> int:
+    return int(ckpt.name[5:])
+
+
+def set_aside(ckpt: Path) -> Path:
+    """Rename a checkpoint that failed verification to `step_N.damaged` (kept for inspection): discovery,
+    resume and pruning never count it again."""
+    dest, n = ckpt.with_name(f"{ckpt.name}.damaged"), 1
+    while dest.exists():
+        n += 1
+        dest = ckpt.with_name(f"{ckpt.name}.damaged-{n}")
+    ckpt.rename(dest)
+    return dest
+
+
+def newest_valid(candidates: list[Path], say: Callable[[str], None] = warn, aside: bool = False) -> Path | None:
+    """The newest of `candidates` (oldest first) that passes the full check; one line for each skipped.
+    aside: the skipped ones are renamed `step_N.damaged` (this run's own checkpoints only)."""
     for ckpt in reversed(candidates):
         why = problem(ckpt, checksums=True)
         if why is None:
             return ckpt
-        older = [c for c in candidates if c != ckpt and int(c.name[5:]) < int(ckpt.name[5:])]
+        older = [c for c in candidates if step_of(c) < step_of(ckpt)]
         nxt = f"trying {older[-1].name}" if older else "no older checkpoint is left: starting from step 0"
-        say(f"checkpoint {ckpt} is not usable: {why}; it is not loaded, {nxt}")
+        kept = f", kept as {set_aside(ckpt).name}" if aside else ""
+        say(f"checkpoint {ckpt} is not usable: {why}; it is not loaded{kept}, {nxt}")
     return None
 
 
-def resolve_resume(resume: str, run_dir: Path, say: Callable[[str], None] = warn) -> Path | None:
-    """Checkpoint to resume from: 'auto' → the newest valid one in run_dir, 'never' → None, else a path
-    (a checkpoint dir, or a run dir whose newest valid checkpoint is taken)."""
+def resolve_resume(resume: str, run_dir: Path, say: Callable[[str], None] = warn, aside: bool = True) -> Path | None:
+    """Checkpoint to resume from: 'auto' → the newest valid one in run_dir (those that fail are set aside,
+    unless `aside` is False: a reader that does not hold the run's lock), 'never' → None, else a path (a
+    checkpoint dir, or a run dir whose newest valid checkpoint is taken; nothing of it is renamed)."""
     if resume == "never":
         return None
     if resume == "auto":
-        return newest_valid(_step_dirs(run_dir), say)
+        return newest_valid(_step_dirs(run_dir), say, aside=aside)
     path = Path(resume).expanduser()
     if (path / MANIFEST).is_file():
         why = problem(path, checksums=True)
@@ -168,7 +189,7 @@ def save_checkpoint(run_dir: Path, step: int, strategy: Any, trainer_state: dict
     if strategy.any_rank(err is not None):
         if strategy.is_main:
             shutil.rmtree(tmp, ignore_errors=True)
-        io = _io_error(err)
+        io = find_cause(err, (OSError,))
         said = strategy.gather_object(None if err is None else str(io or f"{type(err).__name__}: {err}"))
         if err is not None and io is None:
             raise err  # not a write error: a bug, with its traceback
@@ -194,30 +215,16 @@ def save_checkpoint(run_dir: Path, step: int, strategy: Any, trainer_state: dict
     return final
 
 
-def _io_error(err: BaseException | None) -> OSError | None:
-    """The OSError behind a failed save: itself, its cause, or one rank's failure inside DCP's wrapper."""
-    seen = 0
-    while err is not None and seen < 8:
-        if isinstance(err, OSError):
-            return err
-        failures = getattr(err, "failures", None)  # torch.distributed.checkpoint's CheckpointException
-        if isinstance(failures, dict):
-            values = [v[0] if isinstance(v, tuple) else v for v in failures.values()]  # (exception, traceback)
-            found = next((e for e in map(_io_error, values) if isinstance(e, OSError)), None)
-            if found is not None:
-                return found
-        err, seen = getattr(err, "__cause__", None) or getattr(err, "__context__", None), seen + 1
-    return None
-
-
 def prune(run_dir: Path, keep_last: int, newest: Path) -> None:
-    """Keep the `keep_last` newest complete checkpoints; never the one just written, nor the last valid."""
+    """Keep the `keep_last` newest complete checkpoints up to `newest` (the one just written, verified): older
+    ones go, and none newer than `newest` is ever removed (a run resumed from an earlier checkpoint)."""
     if keep_last <= 0:
         return
     complete = list_checkpoints(run_dir)
     if newest not in complete:  # the new one did not verify: keep everything older
         return
-    for stale in complete[:-keep_last]:
+    upto = [c for c in complete if step_of(c) <= step_of(newest)]
+    for stale in upto[:-keep_last]:
         shutil.rmtree(stale, ignore_errors=True)
 
 
@@ -233,7 +240,7 @@ def _load(path: Path, map_location: Any = "cpu") -> Any:
     try:
         return load_torch(path, map_location=map_location)
     except UnsafeFile as e:
-        raise ConfigError("trainer.resume", str(e)) from None
+        raise ConfigError("trainer.resume", e.message) from None
 
 
 def check_world_size(ckpt: Path, strategy: Any) -> None:
@@ -252,7 +259,7 @@ def load_checkpoint(ckpt: Path, strategy: Any) -> dict[str, Any]:
     try:
         strategy.load(ckpt)
     except UnsafeFile as e:
-        raise ConfigError("trainer.resume", str(e)) from None
+        raise ConfigError("trainer.resume", e.message) from None
     trainer_state = _load(ckpt / TRAINER_FILE)
     rng = ckpt / f"rng_rank{strategy.rank}.pt"
     if rng.is_file():

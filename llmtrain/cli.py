@@ -87,8 +87,33 @@ def run_app(app: Callable[[], Any]) -> Any:
         print("llmtrain: interrupted", file=sys.stderr, flush=True)
         sys.exit(EXIT_INTERRUPTED)
     except Exception as ex:
+        code, line = path_error(ex) if isinstance(ex, OSError) else (0, None)
+        if line is not None:
+            print(f"llmtrain: error: {line}", file=sys.stderr, flush=True)
+            sys.exit(code)
         err = ex if isinstance(ex, ConfigError) else hydra_error(ex)  # also from outside a run (a launcher)
         if err is None:
             raise
         print(f"llmtrain: error: {err}", file=sys.stderr, flush=True)
         sys.exit(EXIT_USAGE)
+
+
+def path_error(ex: OSError) -> tuple[int, str | None]:
+    """(exit code, one line) for an OSError on a path the user chose (a run dir Hydra cannot create: a name too
+    long for the file system, a file in the way; a read-only or full disk); (0, None) for any other OSError,
+    which keeps its traceback."""
+    import errno
+
+    if ex.filename is None:
+        return 0, None
+    where = f"{ex.filename}: {ex.strerror or type(ex).__name__}"
+    if ex.errno == errno.ENAMETOOLONG:
+        return EXIT_USAGE, (f"path: {where} (a file name holds at most 255 bytes); shorten name=... or "
+                            "hydra.run.dir=...")
+    if ex.errno in (errno.EEXIST, errno.ENOTDIR):
+        return EXIT_USAGE, f"path: {where} (a file stands where a dir is needed); give hydra.run.dir=<a dir>"
+    if ex.errno in (errno.EACCES, errno.EPERM, errno.EROFS, errno.EISDIR):
+        return EXIT_USAGE, f"path: {where}"
+    if ex.errno in (errno.ENOSPC, errno.EDQUOT, errno.EIO):
+        return 1, f"path: {where}"
+    return 0, None

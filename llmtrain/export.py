@@ -29,23 +29,69 @@ def quiet_transformers() -> None:
     hf_logging.set_verbosity_error()
 
 
-def read_export_step(out: Path) -> int | None:
-    """The training step an exported dir was written from (None: not an llmtrain export)."""
+def read_export_record(out: Path) -> dict[str, Any] | None:
+    """The record an export wrote into its dir (step, run dir, its files); None: not an llmtrain export."""
     try:
-        return int(json.loads((out / EXPORT_RECORD).read_text())["step"])
+        rec = json.loads((out / EXPORT_RECORD).read_text())
+        int(rec["step"])
     except (OSError, ValueError, KeyError, TypeError):
         return None
+    return rec if isinstance(rec, dict) else None
+
+
+def read_export_step(out: Path) -> int | None:
+    """The training step an exported dir was written from (None: not an llmtrain export)."""
+    rec = read_export_record(out)
+    return int(rec["step"]) if rec is not None else None
+
+
+def _files(root: Path) -> list[str]:
+    """Every file under root, relative, sorted."""
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*") if not p.is_dir())
+
+
+def check_target(out: Path, key: str, step: int | None = None, force: bool = True) -> None:
+    """Refuse (one line) an export target that holds anything an export did not write: a file, a run dir, a
+    foreign dir, or an export with files added to it. `step`: without `force`, an export of another step is
+    refused too."""
+    from llmtrain.errors import ConfigError
+
+    if out.exists() and not out.is_dir():
+        raise ConfigError(key, f"{out} is a file; give a dir for the export")
+    if not out.is_dir() or not any(out.iterdir()):
+        return
+    from llmtrain.rundir import is_run_dir
+
+    if is_run_dir(out):
+        raise ConfigError(key, f"{out} is a run dir (its checkpoints, config and metrics), which an export never "
+                               f"replaces; give a new or empty dir, e.g. {out / 'final'}")
+    rec = read_export_record(out)
+    present = _files(out)
+    if rec is None:
+        raise ConfigError(key, f"{out} holds files that no export wrote ({present[0]}, ...), which an export "
+                               "never replaces (not even with --force); give a new or empty dir")
+    listed = rec.get("files")
+    foreign = [f for f in present if f != EXPORT_RECORD and f not in listed] if isinstance(listed, list) else []
+    if foreign:
+        raise ConfigError(key, f"{out} holds {foreign[0]}, which its export did not write; move it out (an export "
+                               "replaces its dir whole, --force included) or give another dir")
+    held = int(rec["step"])
+    if step is not None and not force and held != step:
+        raise ConfigError(key, f"{out} holds the export of step {held}; pass --force to replace it, or --out <dir> "
+                               f"to write step {step} elsewhere")
 
 
 def write_final(spec: ModelSpec, model_cfg: Any, info: DataInfo, state: dict[str, torch.Tensor],
                 run_dir: Path, step: int, out: Path | None = None, record: dict[str, Any] | None = None) -> Path:
-    """Load `state` into a fresh plain model and export it atomically to `out` (default run_dir/final).
+    """Load `state` into a fresh plain model and export it atomically to `out` (default run_dir/final), which
+    must hold nothing but an earlier export (check_target).
 
     A LoRA model's state is merged into the plain model's weights, and its adapter also goes to adapter/."""
     from llmtrain.models import adapters
 
     quiet_transformers()
     final = out or run_dir / "final"
+    check_target(final, "export")
     tmp = final.with_name(f".{final.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     lora = adapters.lora_settings(model_cfg)
@@ -53,7 +99,7 @@ def write_final(spec: ModelSpec, model_cfg: Any, info: DataInfo, state: dict[str
         adapters.save_adapter(state, lora, tmp / "adapter", getattr(model_cfg, "pretrained", None))
     model = plain_model(spec, model_cfg, info, state)
     spec.export(model, model_cfg, info, tmp)
-    rec = {"step": step, "run_dir": str(run_dir.resolve()), **(record or {})}
+    rec = {"step": step, "run_dir": str(run_dir.resolve()), **(record or {}), "files": _files(tmp)}
     (tmp / EXPORT_RECORD).write_text(json.dumps(rec) + "\n")
     faults.point("export")
     replace_dir(tmp, final)
@@ -109,11 +155,16 @@ def complete_state(spec: ModelSpec, cfg: Any, info: DataInfo, state: dict[str, t
 
 def main(argv: list[str] | None = None) -> None:
     """llmtrain-export <run_dir> [<checkpoint dir>]: consolidate a checkpoint into <run_dir>/final (or --out)."""
+    from llmtrain.cli import run_app
+
+    run_app(lambda: _export(argv))
+
+
+def _export(argv: list[str] | None) -> None:
     import argparse
 
-    from omegaconf import OmegaConf
-
-    from llmtrain.errors import ConfigError, report_and_exit
+    from llmtrain.errors import ConfigError
+    from llmtrain.runlock import RunLock
 
     ap = argparse.ArgumentParser(prog="llmtrain-export", description=main.__doc__)
     ap.add_argument("run_dir", type=Path)
@@ -121,28 +172,26 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out", type=Path, help="where to write (default: <run_dir>/final)")
     ap.add_argument("--force", action="store_true", help="replace an export of another step")
     args = ap.parse_args(argv)
+    lock = RunLock(args.run_dir)
     try:
         from llmtrain import checkpoint as ckpt
+        from llmtrain.rundir import read_config
 
-        cfg_path = args.run_dir / "config.yaml"
-        if not cfg_path.is_file():
-            raise ConfigError("run_dir", f"{args.run_dir} has no config.yaml: not a llmtrain run dir")
-        cfg = OmegaConf.load(cfg_path)
-        ck = args.checkpoint or ckpt.resolve_resume("auto", args.run_dir)
+        cfg = read_config(args.run_dir, "run_dir")
+        out = args.out or args.run_dir / "final"
+        inside = out.resolve().is_relative_to(args.run_dir.resolve())
+        if inside:  # writing inside the run: not while it trains
+            lock.acquire(hint="wait for it to end (a run exports its own final/ when it ends), or export with "
+                              "--out <a dir outside the run>")
+        ck = args.checkpoint or ckpt.resolve_resume("auto", args.run_dir, aside=inside)
         if ck is None or not ckpt.is_complete(ck):
             raise ConfigError("checkpoint", f"no complete checkpoint in {args.run_dir}")
         step = int(ckpt.read_manifest(ck)["step"])
-        out = args.out or args.run_dir / "final"
-        if out.exists() and not args.force:
-            held = read_export_step(out)
-            if held is None and any(out.iterdir()) or held is not None and held != step:
-                what = f"the export of step {held}" if held is not None else "files that are not this export"
-                raise ConfigError("--out", f"{out} holds {what}; pass --force to replace it, or --out <dir> to "
-                                           f"write step {step} elsewhere")
+        check_target(out, "--out", step, args.force)
         spec, data, state = checkpoint_state(cfg, ck)
         final = write_final(spec, cfg.model, data.info, state, args.run_dir, step, out=out)
-    except ConfigError as err:
-        report_and_exit(err)
+    finally:
+        lock.release()
     print(f"exported {ck} (step {step}) → {final}", file=sys.stderr)
 
 

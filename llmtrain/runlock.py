@@ -30,9 +30,10 @@ class RunLock:
         self.path = run_dir / LOCK_FILE
         self._fd: int | None = None
 
-    def acquire(self) -> str | None:
-        """Take the lock, or raise ConfigError naming its holder; returns a note when a stale lock was
-        taken over (its holder is gone)."""
+    def acquire(self, hint: str = "wait for that run to end or stop it, or train into another dir (name=... or "
+                                  "hydra.run.dir=...)") -> str | None:
+        """Take the lock, or raise ConfigError naming its holder (and `hint`, what to do instead); returns a
+        note when a stale lock was taken over (its holder is gone)."""
         self.run_dir.mkdir(parents=True, exist_ok=True)
         for _ in range(5):  # the file may be unlinked by its holder between our open and our lock
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
@@ -41,9 +42,7 @@ class RunLock:
             except BlockingIOError:
                 holder = _read(fd)
                 os.close(fd)
-                raise ConfigError("run dir", f"{self.run_dir} is in use by {_who(holder)}; wait for that run to end "
-                                             "or stop it, or train into another dir (name=... or hydra.run.dir=...)"
-                                  ) from None
+                raise ConfigError("run dir", f"{self.run_dir} is in use by {_who(holder)}; {hint}") from None
             try:
                 same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
             except FileNotFoundError:

@@ -31,7 +31,7 @@ from llmtrain.distributed.env import (
     watch_launcher,
 )
 from llmtrain.errors import ConfigError, Stopped, user_errors_exit
-from llmtrain.export import export_final, read_export_step
+from llmtrain.export import check_target, export_final, read_export_step
 from llmtrain.generation.training import TrainingSampler, truncate_samples
 from llmtrain.models import adapters
 from llmtrain.models.base import DataInfo, ModelSpec, format_count, get_model_spec
@@ -102,6 +102,8 @@ def _fit(cfg: DictConfig, run_dir: Path, strategy: Strategy, device: torch.devic
             if cfg.trainer.resume == "never" and ckpt.list_checkpoints(where):
                 raise ConfigError("trainer.resume", f"never, but {where} already holds checkpoints; use "
                                                     "trainer.resume=auto to continue it or hydra.run.dir=<new dir>")
+            for sub in ("final", "best"):  # the run's exports replace these: they must hold nothing else
+                check_target(where / sub, "run dir")
             found = ckpt.resolve_resume(cfg.trainer.resume, where)
             if found is not None:
                 ckpt.check_world_size(found, strategy)
@@ -131,6 +133,8 @@ def _fit_locked(cfg: DictConfig, run_dir: Path, resume_from: Path | None, strate
                 print(f"llmtrain: {run_dir} is complete (step {done} of {t.max_steps}{how}, final model in "
                       f"{run_dir / 'final'}); nothing to do. Raise trainer.max_steps to train on, or give a new "
                       "name=... (or hydra.run.dir=...) for a new run", flush=True)
+                if rundir.read_run_record(run_dir).get("status") != "complete":  # killed after its export
+                    rundir.write_run_record(run_dir, status="complete")
             return rundir.last_metrics(run_dir)
     spec = get_model_spec(cfg.model.family)
     data = build_data(cfg.data, model_cfg=cfg.model, is_main=strategy.is_main, barrier=strategy.barrier)
@@ -157,8 +161,8 @@ def _fit_locked(cfg: DictConfig, run_dir: Path, resume_from: Path | None, strate
                       on_best=lambda step, loss: _export_best(spec, strategy, cfg, data.info, run_dir, step, loss))
     if resume_from is not None:
         trainer.resume(resume_from)  # before anything is written: a refused checkpoint leaves the run as it was
-        if strategy.is_main:
-            truncate_samples(run_dir, trainer.step)
+    if strategy.is_main:
+        truncate_samples(run_dir, trainer.step)  # samples of steps no checkpoint holds (a fresh start: all)
     started = time.time()
     if strategy.is_main:
         if resume_from is None:

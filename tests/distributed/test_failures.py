@@ -160,3 +160,17 @@ def test_one_writer_per_run_dir_and_no_orphans(tmp_path: Path) -> None:
     train_cli([*TINY_LM, "strategy=ddp", "trainer.max_steps=4", "trainer.eval_every=0"], run_dir,
               nproc=2, timeout=120)
     assert sorted(losses(run_dir)) == [1, 2, 3, 4]  # the dir is free again (a lock left behind is taken over)
+
+
+def test_a_refusal_at_start_is_one_line_on_two_ranks(tmp_path: Path) -> None:
+    """Rank 0 refuses the run dir (a file no export wrote sits in its final/) and every rank learns why: one
+    line for the job, exit 2, no traceback from the other rank, nothing of the user's touched."""
+    from helpers import train_cli
+
+    run_dir = tmp_path / "run"
+    (run_dir / "final").mkdir(parents=True)
+    (run_dir / "final" / "notes.txt").write_text("mine")
+    res = train_cli([*TINY_LM, "strategy=ddp", "trainer.max_steps=2"], run_dir, nproc=2, check=False, timeout=120)
+    err = [ln for ln in res.stderr.splitlines() if ln.strip()]
+    assert res.returncode == 2 and len(err) == 1 and "notes.txt" in err[0], res.stderr[-3000:]
+    assert (run_dir / "final" / "notes.txt").read_text() == "mine" and not (run_dir / "config.yaml").exists()
