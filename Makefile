@@ -12,7 +12,7 @@ export OMP_NUM_THREADS ?= 2
 export TOKENIZERS_PARALLELISM ?= false
 export HF_HUB_DISABLE_TELEMETRY ?= 1
 
-.PHONY: train test lint format bench dashboard clean venv dev
+.PHONY: train test lint format bench dashboard clean delete-results venv dev
 
 venv: $(VENV)/.installed
 dev: $(VENV)/.installed-dev
@@ -54,5 +54,16 @@ bench: dev
 dashboard: venv
 	$(PY) -m llmtrain.tracking.dashboard $(ARGS)
 
+## Build and cache files only: what you trained (runs/, multirun/) stays.
 clean:
-	rm -rf runs outputs multirun .pytest_cache .ruff_cache build dist *.egg-info
+	rm -rf .pytest_cache .ruff_cache build dist *.egg-info
+
+## Every training result here: runs/ and multirun/ (checkpoints, exports, metrics) and Hydra's outputs/.
+## Lists them and deletes nothing unless CONFIRM=yes:  make delete-results CONFIRM=yes
+RESULTS := runs multirun outputs
+delete-results:
+	@found="$$(for d in $(RESULTS); do [ -e "$$d" ] && echo "$$d"; done)"; \
+	if [ -z "$$found" ]; then echo "no results here ($(RESULTS))"; exit 0; fi; \
+	du -sh $$found; \
+	if [ "$(CONFIRM)" != "yes" ]; then echo "nothing deleted: run 'make delete-results CONFIRM=yes' to delete these"; exit 1; fi; \
+	rm -rf $$found && echo "deleted: $$found"
