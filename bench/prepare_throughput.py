@@ -52,7 +52,9 @@ def one(source: str, tokenizer: str, num_proc: int) -> None:
     """Child: prepare once into a fresh dir, print a JSON line of figures."""
     os.environ["LLMTRAIN_CACHE"] = str(WORK / "cache")
     sys.path.insert(0, str(REPO))
-    from llmtrain.data.prepare import prepare, read_meta, resolve_source
+    from llmtrain.data.prepared import prepare
+    from llmtrain.data.shards import read_meta
+    from llmtrain.data.sources import resolve_source
     from llmtrain.data.text import TextDataConfig
 
     out = WORK / f"prep-{os.getpid()}"

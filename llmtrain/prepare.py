@@ -14,8 +14,9 @@ import hydra
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig
 
+from llmtrain.cli import user_errors_exit
 from llmtrain.config import check_known_keys, conf_dir, register_configs
-from llmtrain.errors import ConfigError, user_errors_exit
+from llmtrain.errors import ConfigError
 
 
 @dataclass
@@ -29,7 +30,8 @@ class PrepareConfig:
 @user_errors_exit
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Prepare cfg.data; returns its meta.json."""
-    from llmtrain.data.prepare import prepare, read_meta
+    from llmtrain.data.prepared import prepare
+    from llmtrain.data.shards import read_meta
 
     check_known_keys(cfg)  # a misspelt `+key=value`
     if cfg.data.kind != "text":

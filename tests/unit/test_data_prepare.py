@@ -10,9 +10,11 @@ import numpy as np
 import pytest
 from helpers import SHARED_DATA
 
-from llmtrain.data import prepare as prep
-from llmtrain.data.prepare import ShardWriter, carve_tail, prepare, read_meta
+from llmtrain.data import encode, sources
+from llmtrain.data.prepared import cache_root, prepare
+from llmtrain.data.shards import ShardWriter, carve_tail, load_prepared, read_meta
 from llmtrain.data.text import TextDataConfig, TextDataModule, TokenBlocks
+from llmtrain.data.tokenizers import tokenizer_hash
 from llmtrain.errors import ConfigError
 
 GPT2_DIR = SHARED_DATA / "gpt2-tokenizer"
@@ -55,11 +57,11 @@ def expected_ids(tok, docs: list[str]) -> list[int]:
 @pytest.mark.parametrize("tokenizer", ["byte", "bpe"])
 def test_token_counts_equal_direct_tokenizer(tmp_path, monkeypatch, tokenizer):
     """Pieces are cut mid-document (tiny CHUNK_CHARS) yet ids equal tok(doc) + EOS per document."""
-    monkeypatch.setattr(prep, "CHUNK_CHARS", 97)
-    monkeypatch.setattr(prep, "BATCH_CHARS", 500)
+    monkeypatch.setattr(sources, "CHUNK_CHARS", 97)
+    monkeypatch.setattr(encode, "BATCH_CHARS", 500)
     docs = write_corpus(tmp_path / "src")
     out = prepare(cfg_for(tmp_path / "src", tmp_path / "out", tokenizer=tokenizer, vocab_size=300), quiet=True)
-    meta, tok = prep.load_prepared(out)
+    meta, tok = load_prepared(out)
     want = expected_ids(tok, docs)
     train, val = stream(out)
     assert np.array_equal(np.concatenate([train, val]), np.asarray(want))
@@ -68,7 +70,7 @@ def test_token_counts_equal_direct_tokenizer(tmp_path, monkeypatch, tokenizer):
     assert meta["documents"] == 4 and meta["vocab_size"] == len(tok) and meta["dtype"] == "uint16"
     assert {"train_tokens", "val_tokens", "vocab_size", "eos_token_id", "dtype", "tokenizer", "sources",
             "hash"} <= set(meta)
-    assert meta["tokenizer"]["hash"] == prep.toks.tokenizer_hash(tok)
+    assert meta["tokenizer"]["hash"] == tokenizer_hash(tok)
 
 
 @needs_shared
@@ -76,7 +78,7 @@ def test_gpt2_bpe_on_tinyshakespeare_matches_direct(tmp_path, monkeypatch):
     """GPT-2 BPE from a local vocab.json+merges.txt; 64k-char pieces; 1 MB of real text."""
     from transformers import GPT2TokenizerFast
 
-    monkeypatch.setattr(prep, "CHUNK_CHARS", 1 << 16)
+    monkeypatch.setattr(sources, "CHUNK_CHARS", 1 << 16)
     out = prepare(cfg_for(SHAKESPEARE, tmp_path / "ts", tokenizer=str(GPT2_DIR), val_fraction=0.1), quiet=True)
     tok = GPT2TokenizerFast.from_pretrained(str(GPT2_DIR))
     assert tok("Hello world")["input_ids"] == [15496, 995]
@@ -92,7 +94,7 @@ def test_shards_round_trip_and_blocks_span_shards(tmp_path):
     text = "".join(f"line {i} of a corpus long enough for several shards\n" for i in range(120))
     (tmp_path / "t.txt").write_text(text)
     out = prepare(cfg_for(tmp_path / "t.txt", tmp_path / "out", shard_tokens=1024, val_fraction=0.3), quiet=True)
-    meta, tok = prep.load_prepared(out)
+    meta, tok = load_prepared(out)
     want = np.asarray(expected_ids(tok, [text]))
     train, val = stream(out)
     assert len(meta["shards"]["train"]) >= 4 and len(meta["shards"]["val"]) >= 2
@@ -127,7 +129,7 @@ def test_reused_when_unchanged_rebuilt_when_changed(tmp_path):
     f.write_text("some words to tokenise\n" * 50)
     cfg = cfg_for(f)
     out = prepare(cfg, quiet=True)
-    assert out.parent.parent == prep.cache_root()  # cache dir keyed by the inputs' hash
+    assert out.parent.parent == cache_root()  # cache dir keyed by the inputs' hash
     stamp = (out / "meta.json").stat().st_mtime_ns
     assert prepare(cfg, quiet=True) == out and (out / "meta.json").stat().st_mtime_ns == stamp  # no-op
     f.write_text("other words entirely\n" * 60)
@@ -167,14 +169,14 @@ def test_bad_inputs_fail_with_one_line_and_leave_nothing(tmp_path):
 def test_non_utf8_bytes_are_replaced_and_counted(tmp_path):
     (tmp_path / "latin1.txt").write_bytes("caf\xe9 na\xefve ".encode("latin-1") * 10 + b"ok\n")
     out = prepare(cfg_for(tmp_path / "latin1.txt", tmp_path / "out"), quiet=True)
-    meta, tok = prep.load_prepared(out)
+    meta, tok = load_prepared(out)
     assert meta["replaced_bytes"] == 20
     train, val = stream(out)
     assert "\ufffd" in tok.decode(np.concatenate([train, val]).tolist())
 
 
 def test_datasets_map_num_proc_gives_the_same_tokens(tmp_path, monkeypatch):
-    monkeypatch.setattr(prep, "CHUNK_CHARS", 200)
+    monkeypatch.setattr(sources, "CHUNK_CHARS", 200)
     write_corpus(tmp_path / "src")
     a = prepare(cfg_for(tmp_path / "src", tmp_path / "a"), quiet=True)
     b = prepare(cfg_for(tmp_path / "src", tmp_path / "b", num_proc=2), quiet=True)
@@ -190,7 +192,7 @@ def test_hf_saved_dataset_source(tmp_path):
     docs = ["alpha beta gamma " * 20, "delta epsilon\n" * 15, "zeta"]
     datasets.DatasetDict({"train": datasets.Dataset.from_dict({"body": docs})}).save_to_disk(str(tmp_path / "hf"))
     out = prepare(cfg_for(tmp_path / "hf", tmp_path / "out", text_field="body"), quiet=True)
-    meta, tok = prep.load_prepared(out)
+    meta, tok = load_prepared(out)
     assert np.array_equal(np.concatenate(stream(out)), np.asarray(expected_ids(tok, docs)))
     with pytest.raises(ConfigError, match="data.hf_split"):
         prepare(cfg_for(tmp_path / "hf", tmp_path / "o2", text_field="body", hf_split="test"), quiet=True)

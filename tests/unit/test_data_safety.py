@@ -22,9 +22,11 @@ import numpy as np
 import pytest
 from helpers import TINY_LM, compose
 
-from llmtrain.data import prepare as prep
+from llmtrain.data import publish
 from llmtrain.data.base import build_data
 from llmtrain.data.images import ImageDataConfig
+from llmtrain.data.prepared import prepare
+from llmtrain.data.shards import VERIFIED, load_prepared, read_meta
 from llmtrain.data.text import TextDataConfig, TextDataModule
 from llmtrain.errors import ConfigError
 
@@ -252,7 +254,7 @@ def dataset(tmp_path: Path) -> tuple[Path, Path, Path]:
     """(a prepared dir, its source, another source)."""
     a = corpus(tmp_path / "a.txt", "the first corpus says this\n")
     b = corpus(tmp_path / "b.txt", "and the second one says something else\n")
-    return prep.prepare(cfg_for(a, tmp_path / "prepared"), quiet=True), a, b
+    return prepare(cfg_for(a, tmp_path / "prepared"), quiet=True), a, b
 
 
 def test_user_file_in_a_prepared_dir_is_never_deleted(dataset: tuple[Path, Path, Path],
@@ -299,7 +301,7 @@ def test_meta_without_shards_is_one_line(dataset: tuple[Path, Path, Path], capsy
     del meta["shards"]
     (out / "meta.json").write_text(json.dumps(meta))
     with pytest.raises(ConfigError) as e:
-        prep.load_prepared(out)
+        load_prepared(out)
     assert e.value.key == "data.source" and "it has no 'shards'" in e.value.message
     line = cli_error(capsys, f"data.source={out}")
     assert line.startswith(f"llmtrain: error: data.source: {out}/meta.json is not llmtrain's (it has no 'shards'")
@@ -334,7 +336,7 @@ def test_crafted_meta_is_one_line(dataset: tuple[Path, Path, Path], field: str, 
     else:
         meta[field] = value
     (out / "meta.json").write_text(json.dumps(meta))
-    for read in (prep.load_prepared, lambda d: TextDataModule(cfg_for(d, None))):
+    for read in (load_prepared, lambda d: TextDataModule(cfg_for(d, None))):
         with pytest.raises(ConfigError) as e:
             read(out)
         assert e.value.key == "data.source" and words in e.value.message and "\n" not in str(e.value), e.value
@@ -347,7 +349,7 @@ def test_shard_linked_outside_is_not_read(dataset: tuple[Path, Path, Path]) -> N
     (out / "train_000.bin").unlink()
     (out / "train_000.bin").symlink_to(outside)
     with pytest.raises(ConfigError) as e:
-        prep.load_prepared(out)
+        load_prepared(out)
     assert "train_000.bin is a link to a file outside" in e.value.message
 
 
@@ -376,20 +378,20 @@ def test_run_dir_is_refused_as_out_dir(tmp_path: Path, capsys: pytest.CaptureFix
 def test_own_prepared_dir_of_another_hash_is_replaced(dataset: tuple[Path, Path, Path],
                                                      capsys: pytest.CaptureFixture) -> None:
     out, a, b = dataset
-    old = prep.read_meta(out)
+    old = read_meta(out)
     os.utime(out / "train_000.bin", ns=(1, 1))  # its checksum is checked once, then recorded in .verified.json
-    prep.load_prepared(out)
+    load_prepared(out)
     (out / "..verified.json.tmp999").write_text("{}")  # a crashed write of it
-    assert (out / prep.VERIFIED).is_file()
+    assert (out / VERIFIED).is_file()
     meta = cli_ok(capsys, f"data.source={b}", f"data.out_dir={out}")
-    assert meta["hash"] != old["hash"] and prep.read_meta(out)["hash"] == meta["hash"]
+    assert meta["hash"] != old["hash"] and read_meta(out)["hash"] == meta["hash"]
     names = {s["file"] for split in ("train", "val") for s in meta["shards"][split]}
     assert {p.name for p in out.iterdir()} == {"meta.json", "tokenizer", *names}
-    _, tok = prep.load_prepared(out)
+    _, tok = load_prepared(out)
     text = tok.decode(np.fromfile(out / "train_000.bin", dtype=meta["dtype"])[:20].tolist())
     assert text.startswith("and the second one")
     again = cli_ok(capsys, f"data.source={b}", f"data.out_dir={out}", "force=true")  # rebuilt: its own files only
-    assert again["hash"] == meta["hash"] and prep.load_prepared(out)[0]["train_tokens"] == meta["train_tokens"]
+    assert again["hash"] == meta["hash"] and load_prepared(out)[0]["train_tokens"] == meta["train_tokens"]
     assert not list(out.parent.glob(".prepared.*"))
 
 
@@ -397,8 +399,8 @@ def test_publish_keeps_the_race_winner(tmp_path: Path, monkeypatch: pytest.Monke
     """Two processes preparing the same inputs: the second's copy is dropped, also when the first published
     between the second's check and its rename."""
     src = corpus(tmp_path / "a.txt", "words\n")
-    out = prep.prepare(cfg_for(src, tmp_path / "out"), quiet=True)
-    digest = prep.read_meta(out)["hash"]
+    out = prepare(cfg_for(src, tmp_path / "out"), quiet=True)
+    digest = read_meta(out)["hash"]
     before = snapshot(out)
 
     def twin() -> Path:
@@ -408,17 +410,17 @@ def test_publish_keeps_the_race_winner(tmp_path: Path, monkeypatch: pytest.Monke
         return tmp
 
     tmp = twin()
-    prep._publish(tmp, out, digest)
+    publish.publish(tmp, out, digest)
     assert not tmp.exists() and snapshot(out) == before
-    real, calls = prep.existing_output, []
+    real, calls = publish.existing_output, []
 
     def late(path: Path) -> dict[str, Any] | None:  # the winner was not there yet at the first look
         calls.append(path)
         return None if len(calls) == 1 else real(path)
 
-    monkeypatch.setattr(prep, "existing_output", late)
+    monkeypatch.setattr(publish, "existing_output", late)
     tmp = twin()
-    prep._publish(tmp, out, digest)
+    publish.publish(tmp, out, digest)
     assert not tmp.exists() and snapshot(out) == before and len(calls) == 2
 
 
