@@ -57,12 +57,12 @@ def main() -> None:
 
     from llmtrain.data.tokenizers import byte_tokenizer
     from llmtrain.generation import Generator
-    from llmtrain.generation.engine import inference_dtype
     from llmtrain.models.gpt2_native import GPT2, GPT2Dims, from_hf_state
+    from llmtrain.precision import resolve
 
     hf_logging.set_verbosity_error()
     device = torch.device(args.device)
-    dtype = inference_dtype(args.dtype, device)
+    dtype = resolve(args.dtype, device).dtype
     tok = byte_tokenizer()  # prompts only; the models' vocabularies are the table's
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
     print(f"device: {name}, dtype {str(dtype).removeprefix('torch.')}, torch {torch.__version__}, greedy, "

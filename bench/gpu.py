@@ -234,7 +234,7 @@ def corpus(root: Path, s: Setup) -> Path:
     """A prepared dataset of random GPT-2 token ids (uint16), as llmtrain-prepare writes it."""
     import numpy as np
 
-    from llmtrain.data import prepare as prep
+    from llmtrain.data.shards import FORMAT_VERSION
 
     out = root / "data"
     if (out / "meta.json").is_file():
@@ -252,7 +252,7 @@ def corpus(root: Path, s: Setup) -> Path:
 
     tok = toks.build_tokenizer(str(tok_dir) if tok_dir.is_dir() else "byte", 0)
     tok.save_pretrained(str(out / "tokenizer"))
-    meta = {"format": prep.FORMAT_VERSION, "hash": "random", "train_tokens": n_train, "val_tokens": n_val,
+    meta = {"format": FORMAT_VERSION, "hash": "random", "train_tokens": n_train, "val_tokens": n_val,
             "vocab_size": 50257, "max_token_id": 50256, "eos_token_id": 50256, "dtype": "uint16",
             "tokenizer": {"spec": "gpt2", "hash": toks.tokenizer_hash(tok), "dir": "tokenizer"},
             "sources": ["random"], "documents": 1, "characters": 0, "replaced_bytes": 0, "val_fraction": 0.0,

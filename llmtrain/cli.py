@@ -1,15 +1,57 @@
-"""What every llmtrain command shares: Hydra's own errors as one line, Ctrl-C without a traceback."""
+"""What every llmtrain command shares: its errors (llmtrain.errors, Hydra's own) as one line on stderr and an
+exit code (2 for a user's mistake), Ctrl-C without a traceback."""
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
 
-from llmtrain.errors import EXIT_USAGE, ConfigError, unknown_key
+from llmtrain.errors import EXIT_INTERRUPTED, EXIT_USAGE, ConfigError, RunFailed, Stopped, unknown_key
 
-EXIT_INTERRUPTED = 130  # the shell's code for a process ended by Ctrl-C
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def report_and_exit(err: ConfigError) -> None:
+    """`llmtrain: error: <key>: <message>` on stderr (unless another rank reports it), exit 2."""
+    if not getattr(err, "quiet", False):
+        print(f"llmtrain: error: {err}", file=sys.stderr, flush=True)
+    sys.exit(EXIT_USAGE)
+
+
+def user_errors_exit(fn: F) -> F:
+    """Decorator: a ConfigError raised by fn becomes one stderr line and exit 2; Stopped its own line and code.
+
+    So does a Hydra / OmegaConf error met while fn reads its config (a `???` left unset, a bad interpolation):
+    reported here, inside Hydra's job, it never reaches Hydra's job runner, which would first print
+    `Error executing job with overrides: [...]` on a line of its own."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except ConfigError as err:
+            report_and_exit(err)
+        except RunFailed as err:
+            if not err.quiet:
+                print(f"llmtrain: error: {err}", file=sys.stderr, flush=True)
+            sys.exit(err.code)
+        except Stopped as stop:
+            from llmtrain.interrupt import release_signals
+
+            if not stop.quiet:
+                print(f"llmtrain: {stop}", file=sys.stderr, flush=True)
+            release_signals()
+            sys.exit(stop.code)
+        except Exception as ex:
+            config_err = hydra_error(ex)
+            if config_err is None:
+                raise
+            report_and_exit(config_err)
+
+    return wrapper  # type: ignore[return-value]
 
 
 def hydra_error(ex: BaseException) -> ConfigError | None:

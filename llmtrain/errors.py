@@ -1,15 +1,12 @@
-"""User errors: one line on stderr naming the key and the fix, exit code 2, no traceback."""
+"""The errors a command ends with in one line, no traceback: a user's mistake (ConfigError, naming the key and
+the fix), a run that cannot go on (RunFailed), a stop on request (Stopped). `llmtrain.cli` reports them."""
 
 from __future__ import annotations
 
-import functools
-import sys
-from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any
 
-EXIT_USAGE = 2
-
-F = TypeVar("F", bound=Callable[..., Any])
+EXIT_USAGE = 2  # a user's mistake (ConfigError)
+EXIT_INTERRUPTED = 130  # the shell's code for a process ended by Ctrl-C
 
 
 class ConfigError(Exception):
@@ -63,44 +60,3 @@ def unknown_key(path: str, siblings: list[str]) -> ConfigError:
     hint = f"; did you mean {parent + '.' if parent else ''}{close[0]}?" if close else ""
     where = f"in {parent}" if parent else "at the top level"
     return ConfigError(path, f"no such key {where}{hint} (--help lists the config)")
-
-
-def report_and_exit(err: ConfigError) -> None:
-    if not getattr(err, "quiet", False):
-        print(f"llmtrain: error: {err}", file=sys.stderr, flush=True)
-    sys.exit(EXIT_USAGE)
-
-
-def user_errors_exit(fn: F) -> F:
-    """Decorator: a ConfigError raised by fn becomes one stderr line and exit 2; Stopped its own line and code.
-
-    So does a Hydra / OmegaConf error met while fn reads its config (a `???` left unset, a bad interpolation):
-    reported here, inside Hydra's job, it never reaches Hydra's job runner, which would first print
-    `Error executing job with overrides: [...]` on a line of its own."""
-
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return fn(*args, **kwargs)
-        except ConfigError as err:
-            report_and_exit(err)
-        except RunFailed as err:
-            if not err.quiet:
-                print(f"llmtrain: error: {err}", file=sys.stderr, flush=True)
-            sys.exit(err.code)
-        except Stopped as stop:
-            from llmtrain.interrupt import release_signals
-
-            if not stop.quiet:
-                print(f"llmtrain: {stop}", file=sys.stderr, flush=True)
-            release_signals()
-            sys.exit(stop.code)
-        except Exception as ex:
-            from llmtrain.cli import hydra_error
-
-            config_err = hydra_error(ex)
-            if config_err is None:
-                raise
-            report_and_exit(config_err)
-
-    return wrapper  # type: ignore[return-value]

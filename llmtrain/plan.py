@@ -30,17 +30,18 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 GIB = 2**30
-# name → (memory GiB, bf16 dense TFLOP/s, NVLink GB/s per GPU one way, inter-node GB/s per GPU)
-GPUS: dict[str, tuple[float, float, float, float]] = {
-    "h200": (141.0, 989.4, 450.0, 50.0),
-    "h100": (80.0, 989.4, 450.0, 50.0),
-    "h100-pcie": (80.0, 756.0, 64.0, 25.0),
-    "a100": (80.0, 312.0, 300.0, 25.0),
-    "a100-40gb": (40.0, 312.0, 300.0, 25.0),
-    "l40s": (48.0, 362.1, 32.0, 12.5),
-    "l4": (24.0, 121.0, 32.0, 12.5),
-    "a10g": (24.0, 70.0, 32.0, 12.5),
-    "rtx4090": (24.0, 165.2, 32.0, 12.5),
+# name → (device name, memory GiB, NVLink GB/s per GPU one way, inter-node GB/s per GPU); the peak TFLOP/s
+# come from MFU's table (llmtrain.tracking.flops.PEAK_TFLOPS) under the device name
+GPUS: dict[str, tuple[str, float, float, float]] = {
+    "h200": ("H200", 141.0, 450.0, 50.0),
+    "h100": ("H100", 80.0, 450.0, 50.0),
+    "h100-pcie": ("H100 PCIe", 80.0, 64.0, 25.0),
+    "a100": ("A100", 80.0, 300.0, 25.0),
+    "a100-40gb": ("A100", 40.0, 300.0, 25.0),
+    "l40s": ("L40S", 48.0, 32.0, 12.5),
+    "l4": ("L4", 24.0, 32.0, 12.5),
+    "a10g": ("A10G", 24.0, 32.0, 12.5),
+    "rtx4090": ("RTX 4090", 24.0, 32.0, 12.5),
 }
 OPT_STATE_BYTES = {"adamw": 8, "adam": 8, "adamw8bit": 2, "sgd": 0, "momentum": 4, "rmsprop": 4}
 CHUNK_ELEMENTS = 1 << 28  # the fused loss's logits chunk (llmtrain.models.gpt2_native._chunk_rows)
@@ -122,12 +123,25 @@ class Cluster:
         return self.nodes * self.gpus_per_node
 
     @property
-    def spec(self) -> tuple[float, float, float, float]:
+    def spec(self) -> tuple[str, float, float, float]:
         if self.gpu not in GPUS:
             from llmtrain.errors import ConfigError
 
             raise ConfigError("--gpu", f"unknown GPU {self.gpu!r}; choose one of {', '.join(GPUS)}")
         return GPUS[self.gpu]
+
+    @property
+    def memory_gib(self) -> float:
+        return self.spec[1]
+
+    def peak_flops(self, precision: str) -> float:
+        """Dense FLOP/s of one GPU at `precision` (fp32 runs as TF32), from MFU's table."""
+        from llmtrain.tracking.flops import lookup_peak_tflops
+
+        tflops = lookup_peak_tflops(self.spec[0], precision)
+        if tflops is None:
+            raise KeyError(f"no {precision} peak for {self.spec[0]} in llmtrain.tracking.flops.PEAK_TFLOPS")
+        return tflops * 1e12
 
     @property
     def bandwidth(self) -> float:
@@ -255,8 +269,7 @@ def row(s: Shape, label: str, cluster: Cluster, **kw: Any) -> Row:
     world = 1 if strategy == "single" else cluster.world
     m = memory(s, strategy, world, **kw)
     comm, wire = communication(s, strategy, world, kw.get("zero_stage", 2))
-    mem_gib, bf16_tflops, _, _ = cluster.spec
-    peak_flops = bf16_tflops * 1e12 * (0.5 if s.precision == "fp32" else 1.0)  # fp32 runs as TF32
+    peak_flops = cluster.peak_flops(s.precision)
     flops = s.flops_per_token * s.tokens * s.accum
     recompute = flops / 3 if s.checkpointing else 0.0  # one more forward pass
     t_compute = (flops + recompute) / (peak_flops * cluster.mfu_ceiling)
@@ -266,7 +279,7 @@ def row(s: Shape, label: str, cluster: Cluster, **kw: Any) -> Row:
     step = t_compute + max(0.0, t_comm - cluster.overlap * t_compute)
     r = Row(label, m, comm, wire, step, flops / (step * peak_flops), s.tokens * s.accum * world / step)
     total = peak(s, m)
-    r.fits = total <= mem_gib * GIB * 0.95  # the CUDA context and allocator slack take the rest
+    r.fits = total <= cluster.memory_gib * GIB * 0.95  # the CUDA context and allocator slack take the rest
     r.memory.buffers += total - m.total  # report the peak's phase: the difference sits in buffers
     return r
 
@@ -332,7 +345,7 @@ def _vocab(cfg: Any) -> int:
 
 # CLI ---------------------------------------------------------------------------------------------------------------
 def table(rows: list[Row], cluster: Cluster, s: Shape) -> str:
-    mem_gib = cluster.spec[0]
+    mem_gib = cluster.memory_gib
     head = (f"GPT-2 {s.n_params / 1e6:,.1f}M params ({s.n_trainable / 1e6:,.1f}M trainable), {s.n_layer} layers × "
             f"{s.n_embd}, micro-batch {s.micro_batch} × {s.seq_len} × accum {s.accum}, {s.precision}"
             f"{', checkpointing' if s.checkpointing else ''}, {s.optimizer}; {cluster.nodes} node(s) × "
@@ -352,7 +365,8 @@ def table(rows: list[Row], cluster: Cluster, s: Shape) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from llmtrain.errors import ConfigError, report_and_exit
+    from llmtrain.cli import report_and_exit
+    from llmtrain.errors import ConfigError
 
     ap = argparse.ArgumentParser(prog="llmtrain-plan", description=__doc__.split("\n\n")[0],
                                  epilog="Other arguments are config overrides, as for llmtrain-train.")

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import torch
 
+from llmtrain.errors import ConfigError
+
 
 class Precision(str, Enum):
     auto = "auto"  # bf16 on a GPU that has it, else fp16 on a GPU; fp32 on CPU
@@ -21,9 +23,17 @@ class Precision(str, Enum):
         return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[self.value]
 
 
+def parse_precision(value: Precision | str, key: str = "precision") -> Precision:
+    """`value` as a Precision; one line naming `key` when it is none of auto, fp32, bf16, fp16."""
+    try:
+        return Precision(value)
+    except ValueError:
+        raise ConfigError(key, f"must be auto, fp32, bf16 or fp16 (got {value!r})") from None
+
+
 def resolve(precision: Precision | str, device: torch.device) -> Precision:
-    """`auto` → what runs fastest and safely on `device`; anything else as asked."""
-    precision = Precision(precision)
+    """`auto` → what runs fastest and safely on `device`; anything else as asked (a string is parsed)."""
+    precision = parse_precision(precision)
     if precision != Precision.auto:
         return precision
     if device.type == "cuda":

@@ -20,11 +20,12 @@ import hydra
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig
 
-from llmtrain.cli import hydra_quote
+from llmtrain.cli import hydra_quote, user_errors_exit
 from llmtrain.config import check_known_keys, conf_dir
-from llmtrain.errors import ConfigError, require, user_errors_exit
+from llmtrain.device import check_device
+from llmtrain.errors import ConfigError, require
 from llmtrain.generation.engine import GenerationConfig, config_keys
-from llmtrain.generation.sampling import check_device
+from llmtrain.precision import parse_precision
 
 OUTPUTS = ("text", "jsonl")
 
@@ -66,8 +67,7 @@ def check(cfg: Any) -> GenerationConfig:
     gen.check()
     require(cfg.output in OUTPUTS, "output", f"must be one of {list(OUTPUTS)} (got {cfg.output!r})")
     require(not (cfg.stream and cfg.output == "jsonl"), "stream", "streams text only; use output=text")
-    require(cfg.precision in ("auto", "fp32", "bf16", "fp16"), "precision",
-            f"must be auto, fp32, bf16 or fp16 (got {cfg.precision!r})")
+    parse_precision(cfg.precision)
     check_device(cfg.device)
     if cfg.device.startswith("cuda"):
         import torch

@@ -21,9 +21,11 @@ from typing import Any
 
 import torch
 
+from llmtrain.device import pick_device
 from llmtrain.errors import ConfigError, require
 from llmtrain.generation.sampling import SamplingConfig, draw, process
 from llmtrain.models.gpt2_native import GPT2, GPT2Dims
+from llmtrain.precision import resolve
 
 OVERFLOW = ("error", "slide")
 
@@ -192,10 +194,10 @@ class Generator:
         or a hub name. The tokenizer comes with it."""
         from llmtrain.generation.sources import load_source
 
-        dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
-                           ("cpu" if device == "auto" else device))
+        dev = pick_device(device)
+        dtype = resolve(precision, dev).dtype  # auto: bf16 on GPUs that have it (else fp16), fp32 on CPU
         model, tok = load_source(str(source))
-        return cls(model, tok, dev, inference_dtype(precision, dev), compile=compile)
+        return cls(model, tok, dev, dtype, compile=compile)
 
     # public -----------------------------------------------------------------------------------------------
     def __call__(self, prompts: str | list[str], config: GenerationConfig | None = None,
@@ -361,18 +363,6 @@ class Generator:
         mask = cache.valid[:, None, None, :]  # [B, 1, 1, L]
         h = self.model.hidden(nxt[:, None], pos[:, None], cache.static_writers, mask, causal=False, lean=self.lean)
         return self.model.lm_head(h)[:, -1].float()
-
-
-def inference_dtype(precision: str, device: torch.device) -> torch.dtype:
-    """Weights and activations for generation: auto → bf16 on GPUs that have it (else fp16), fp32 on CPU."""
-    if precision == "auto":
-        if device.type != "cuda":
-            return torch.float32
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    table = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-    if precision not in table:
-        raise ConfigError("precision", f"must be auto, fp32, bf16 or fp16 (got {precision!r})")
-    return table[precision]
 
 
 def config_keys() -> set[str]:

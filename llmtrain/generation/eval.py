@@ -22,9 +22,10 @@ import numpy as np
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig
 
+from llmtrain.cli import user_errors_exit
 from llmtrain.config import check_known_keys, conf_dir, register_configs
-from llmtrain.errors import ConfigError, require, user_errors_exit
-from llmtrain.generation.sampling import check_device
+from llmtrain.device import check_device, pick_device
+from llmtrain.errors import ConfigError, require
 
 
 @dataclass
@@ -42,10 +43,12 @@ class EvalConfig:
 
 def tokenizer_dir(source: str) -> Path:
     """Where the source's tokenizer lives (a dir data preparation can take as data.tokenizer)."""
+    from llmtrain.generation.sources import final_export, is_run
+
     path = Path(source).expanduser()
-    if (path / "config.yaml").is_file() and not (path / "config.json").is_file():  # a run dir
-        if (path / "final" / "config.json").is_file():
-            return path / "final"
+    if is_run(path):
+        if (final := final_export(path)) is not None:
+            return final
         from llmtrain.data.base import build_data
         from llmtrain.rundir import read_config
 
@@ -62,9 +65,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
     from llmtrain.data.base import build_data
     from llmtrain.data.tokenizers import tokenizer_hash
-    from llmtrain.generation.engine import inference_dtype
     from llmtrain.generation.sources import load_source
-    from llmtrain.precision import autocast
+    from llmtrain.precision import autocast, resolve
 
     check_known_keys(cfg)  # a misspelt `+key=value`
     require(cfg.data.kind == "text", "data", f"evaluates text data (got data.kind={cfg.data.kind!r})")
@@ -72,9 +74,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     require(cfg.batch_size > 0, "batch_size", f"must be > 0 (got {cfg.batch_size})")
     require(cfg.batches >= 0, "batches", f"must be >= 0, 0 for all (got {cfg.batches})")
     check_device(cfg.device)
-    device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
-                          ("cpu" if cfg.device == "auto" else cfg.device))
-    dtype = inference_dtype(cfg.precision, device)
+    device = pick_device(cfg.device)
+    precision = resolve(cfg.precision, device)  # auto: bf16 on GPUs that have it (else fp16), fp32 on CPU
     model, tok = load_source(cfg.source)
     data_cfg = cfg.data.copy()
     data_cfg.tokenizer = str(tokenizer_dir(cfg.source))
@@ -95,7 +96,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         for start in range(0, blocks, cfg.batch_size):
             batch = ds.get(np.arange(start, min(start + cfg.batch_size, blocks)))
             batch = {k: v.to(device) for k, v in batch.items()}
-            with autocast(_precision(dtype), device):
+            with autocast(precision, device):
                 loss_sum, count = model(batch["input_ids"], labels=batch["labels"])
             total += torch.stack([loss_sum.double(), count.double()])
     mean, tokens = (total[0] / total[1]).item(), int(total[1].item())
@@ -106,14 +107,6 @@ def run(cfg: DictConfig) -> dict[str, Any]:
           file=sys.stderr)
     print(" ".join(f"{k}={v:.6g}" if isinstance(v, float) else f"{k}={v}" for k, v in out.items()), flush=True)
     return out
-
-
-def _precision(dtype: Any) -> Any:
-    import torch
-
-    from llmtrain.precision import Precision
-
-    return {torch.float32: Precision.fp32, torch.bfloat16: Precision.bf16, torch.float16: Precision.fp16}[dtype]
 
 
 def register() -> None:

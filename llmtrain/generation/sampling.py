@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-from llmtrain.errors import ConfigError, require
+from llmtrain.errors import require
 
 NEG_INF = float("-inf")
 
@@ -85,8 +85,3 @@ def draw(logits: torch.Tensor, cfg: SamplingConfig, generators: list[torch.Gener
     if generators is None:
         return torch.multinomial(probs, 1).squeeze(1)
     return torch.cat([torch.multinomial(probs[i], 1, generator=g) for i, g in enumerate(generators)])
-
-
-def check_device(device: str) -> None:
-    if device not in ("auto", "cpu", "cuda") and not device.startswith("cuda:"):
-        raise ConfigError("device", f"must be auto, cpu, cuda or cuda:N (got {device!r})")

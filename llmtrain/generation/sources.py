@@ -7,6 +7,18 @@ from typing import Any
 
 from llmtrain.errors import ConfigError
 from llmtrain.models.gpt2_native import GPT2, from_hf_state, load_hf
+from llmtrain.rundir import CONFIG_FILE
+
+
+def is_run(path: Path) -> bool:
+    """A training run's dir (its config.yaml), not a model dir (config.json)."""
+    return (path / CONFIG_FILE).is_file() and not (path / "config.json").is_file()
+
+
+def final_export(run_dir: Path) -> Path | None:
+    """The run's final/ export; None before the run has written one."""
+    final = run_dir / "final"
+    return final if (final / "config.json").is_file() else None
 
 
 def load_source(source: str) -> tuple[GPT2, Any]:
@@ -14,7 +26,7 @@ def load_source(source: str) -> tuple[GPT2, Any]:
     from llmtrain.data.tokenizers import Tokenizer
 
     path = Path(source).expanduser()
-    if (path / "config.yaml").is_file() and not (path / "config.json").is_file():
+    if is_run(path):
         return _from_run(path)
     from llmtrain.hub import hf_model_dir
 
@@ -30,8 +42,8 @@ def load_source(source: str) -> tuple[GPT2, Any]:
 
 def _from_run(run_dir: Path) -> tuple[GPT2, Any]:
     """A run's final/ export; else its newest checkpoint of any strategy, consolidated in memory."""
-    if (run_dir / "final" / "config.json").is_file():
-        return load_source(str(run_dir / "final"))
+    if (final := final_export(run_dir)) is not None:
+        return load_source(str(final))
     from llmtrain import checkpoint as ckpt
     from llmtrain.export import checkpoint_state, plain_model
     from llmtrain.rundir import read_config

@@ -212,9 +212,4 @@ def document_mask(doc_ids: torch.Tensor) -> torch.Tensor:
     return (doc_ids[:, None, :, None] == doc_ids[:, None, None, :]) & causal
 
 
-def model_dims(model: nn.Module) -> GPT2Dims | None:
-    """The dims of a native GPT-2 (inside any wrapper); None for other models."""
-    m = core(model)
-    return m.dims if isinstance(m, GPT2) else None
-
 register_model(GPT2Spec())

@@ -16,7 +16,8 @@ def logdir_spec(dirs: list[Path]) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from llmtrain.errors import ConfigError, report_and_exit
+    from llmtrain.cli import report_and_exit
+    from llmtrain.errors import ConfigError
 
     ap = argparse.ArgumentParser(prog="llmtrain-dashboard", description=__doc__.splitlines()[0])
     ap.add_argument("dirs", nargs="*", type=Path, help="dirs holding runs (default: runs and multirun)")

@@ -14,6 +14,7 @@ from typing import Any
 
 from llmtrain import faults
 from llmtrain.jsonl import read_jsonl
+from llmtrain.rundir import METRICS_FILE
 from llmtrain.tracking.progress import Progress
 
 
@@ -49,7 +50,7 @@ class MetricsLogger:
                  run_config: dict[str, Any] | None = None, group: str | None = None) -> None:
         self.cfg, self.enabled, self.run_dir = cfg, enabled, run_dir
         self.total_steps, self.run_config, self.group = total_steps, run_config, group
-        self.path = run_dir / "metrics.jsonl"
+        self.path = run_dir / METRICS_FILE
         self.progress = Progress(total_steps, 0, enabled=False)
         self._sinks: list[Any] = []
 

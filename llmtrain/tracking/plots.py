@@ -9,8 +9,9 @@ from typing import Any
 def _records(run_dir: Path) -> list[dict[str, Any]]:
     """The records of <run>/metrics.jsonl (a torn or garbled line dropped with a warning)."""
     from llmtrain.jsonl import read_jsonl
+    from llmtrain.rundir import METRICS_FILE
 
-    return read_jsonl(run_dir / "metrics.jsonl")
+    return read_jsonl(run_dir / METRICS_FILE)
 
 
 def _pyplot() -> Any:

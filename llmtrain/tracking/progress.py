@@ -1,7 +1,10 @@
-"""Progress on stderr: a tqdm bar on a terminal; elsewhere (CI, nohup, SLURM logs) one plain line per log step.
+"""Training progress: a tqdm bar on a terminal; elsewhere (CI, nohup, SLURM logs) one plain line per log step.
 
-A redirected tqdm bar writes a carriage-return update per step into the file (one line of hundreds of KB);
-plain lines read well in a log and carry the same figures: step, loss, lr, tokens/s, ETA.
+The bar and the plain lines go to the progress stream (stderr unless one is given). A redirected tqdm bar
+writes a carriage-return update per step into the file (one line of hundreds of KB); plain lines read well
+in a log and carry the same figures: step, loss, lr, tokens/s, ETA. A status (a phase that may take a while)
+is the bar's label on a terminal, else a line on stdout; `write` lines go to stdout (above the bar on a
+terminal).
 """
 
 from __future__ import annotations
@@ -21,6 +24,8 @@ def _rate(x: float) -> str:
 
 
 class Progress:
+    """The bar (or the plain lines) on `stream`, stderr by default; `status` lines and `write` on stdout."""
+
     def __init__(self, total: int, start: int, enabled: bool, stream: TextIO | None = None) -> None:
         self.stream = stream or sys.stderr
         self.total, self.start, self.step = total, start, start
@@ -42,7 +47,7 @@ class Progress:
             self._bar.update(n)
 
     def metrics(self, rec: dict[str, Any]) -> None:
-        """The figures of a train record: the bar's postfix, or one plain line."""
+        """The figures of a train record: the bar's postfix, or one plain line on the progress stream."""
         if "loss" not in rec or not self.enabled:
             return
         rate = rec.get("tokens_per_s", rec.get("samples_per_s"))
@@ -64,14 +69,15 @@ class Progress:
         print(" · ".join(parts), file=self.stream, flush=True)
 
     def status(self, msg: str) -> None:
-        """A phase that may take a while: the bar's label on a terminal, else a line on stdout."""
+        """A phase that may take a while: the bar's label on a terminal, else a line on stdout (also when the
+        progress display is off)."""
         if self._bar is not None:
             self._bar.set_description_str(msg, refresh=True)
         else:
             print(msg, flush=True)
 
     def write(self, msg: str) -> None:
-        """A line for stdout that does not break the bar."""
+        """A line on stdout that does not break the bar (printed above it on a terminal)."""
         if self._bar is not None:
             self._bar.write(msg, file=sys.stdout)
         else:

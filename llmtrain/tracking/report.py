@@ -22,10 +22,10 @@ CSV_COLUMNS = (*COLUMNS, "overrides")
 def trial_dirs(sweep_dir: Path) -> list[Path]:
     """Run dirs under the sweep dir (any depth): a config.yaml beside run.json or metrics.jsonl, and not inside
     a wandb/ dir (wandb keeps a config.yaml of its own in <run>/wandb/run-*/files/)."""
-    from llmtrain.rundir import METRICS_FILE, RECORD_FILE
+    from llmtrain.rundir import CONFIG_FILE, METRICS_FILE, RECORD_FILE
 
     dirs = []
-    for p in sweep_dir.rglob("config.yaml"):
+    for p in sweep_dir.rglob(CONFIG_FILE):
         d = p.parent
         if d == sweep_dir or "wandb" in d.relative_to(sweep_dir).parts:
             continue
@@ -94,7 +94,8 @@ def report(sweep_dir: Path) -> list[dict[str, Any]]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from llmtrain.errors import ConfigError, report_and_exit
+    from llmtrain.cli import report_and_exit
+    from llmtrain.errors import ConfigError
 
     ap = argparse.ArgumentParser(prog="llmtrain-report", description=__doc__.splitlines()[0])
     ap.add_argument("sweep_dir", type=Path, help="a sweep's dir, e.g. multirun/gpt2_tiny")

@@ -273,7 +273,8 @@ def test_eval_scores_every_block_in_any_batch_size(random_model: Path, tmp_path:
                                                    capsys: pytest.CaptureFixture) -> None:
     """93 val blocks in batches of 8 (the last one of 5) all count; a batch larger than the split is one
     batch; the mean equals the loss of all blocks at once; a prepared dir gives what its raw text gives."""
-    from llmtrain.data.prepare import prepare, read_meta
+    from llmtrain.data.prepared import prepare
+    from llmtrain.data.shards import read_meta
     from llmtrain.data.text import TextDataConfig, TokenBlocks
     from llmtrain.models.gpt2_native import load_hf
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 from helpers import compose
 
-from llmtrain.plan import GIB, Cluster, communication, memory, peak, plan, shape_of
+from llmtrain.plan import GIB, GPUS, Cluster, communication, memory, peak, plan, shape_of
 
 
 class _MallInfo2(ctypes.Structure):
@@ -44,7 +44,7 @@ def measure_step_peak(overrides: list[str]) -> tuple[float, object]:
     (allocator caches of the math libraries, filled on first use) is subtracted, as a GPU's
     max_memory_allocated would not count it."""
     from llmtrain.distributed import SetupArgs, StrategyConfig, build_strategy
-    from llmtrain.distributed.env import DistEnv
+    from llmtrain.distributed.dist import Dist
     from llmtrain.models import adapters
     from llmtrain.models.base import DataInfo, get_model_spec
     from llmtrain.optim import build_optimizer
@@ -60,7 +60,7 @@ def measure_step_peak(overrides: list[str]) -> tuple[float, object]:
     base = _in_use()
     torch.manual_seed(0)
     model = adapters.apply(spec.build(cfg.model, info), cfg.model)
-    s = build_strategy(StrategyConfig(), DistEnv(0, 0, 1), torch.device("cpu"))
+    s = build_strategy(StrategyConfig(), Dist(), torch.device("cpu"))
     s.setup(model, lambda m: build_optimizer(cfg.optim, m),
             SetupArgs(Precision.fp32, t.gradient_checkpointing, False, spec.block_classes(model), t.micro_batch_size,
                       t.grad_accum_steps, 1.0))
@@ -140,6 +140,18 @@ def test_what_fits_follows_the_memory() -> None:
     z2, z3 = memory(s, "deepspeed", 8, zero_stage=2), memory(s, "deepspeed", 8, zero_stage=3)
     assert z3.weights < z2.weights / 2 and z3.optimizer == z2.optimizer
     assert communication(s, "deepspeed", 8, zero_stage=3)[1] > communication(s, "deepspeed", 8, zero_stage=2)[1]
+
+
+def test_peaks_are_the_mfu_tables() -> None:
+    """Every GPU the plan knows has a peak per precision in MFU's table (llmtrain.tracking.flops), read under
+    the name torch reports for it."""
+    from llmtrain.tracking.flops import lookup_peak_tflops
+
+    for name, (device, *_) in GPUS.items():
+        for precision in ("bf16", "fp16", "fp32"):
+            tflops = lookup_peak_tflops(f"NVIDIA {device}", precision)
+            assert tflops is not None, (name, precision)
+            assert Cluster(gpu=name).peak_flops(precision) == tflops * 1e12, (name, precision)
 
 
 def test_cli_table_json_and_bad_input(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
