@@ -22,7 +22,9 @@ import numpy as np
 import torch
 
 from llmtrain import faults
+from llmtrain.distributed.dist import Dist
 from llmtrain.errors import ConfigError, RunFailed
+from llmtrain.rundir import CKPT_SUBDIR
 from llmtrain.safeio import (
     UnsafeFile,
     atomic_write_text,
@@ -34,7 +36,6 @@ from llmtrain.safeio import (
     verify_files,
 )
 
-CKPT_SUBDIR = "checkpoints"
 MANIFEST = "manifest.json"
 TRAINER_FILE = "trainer.pt"
 FORMAT = 2  # manifest "files": {name: {size, sha256}} (format 1: a list of names)
@@ -165,9 +166,10 @@ def resolve_resume(resume: str, run_dir: Path, say: Callable[[str], None] = warn
 
 
 # save / load ------------------------------------------------------------------------------------------
-def save_checkpoint(run_dir: Path, step: int, strategy: Any, trainer_state: dict[str, Any],
+def save_checkpoint(run_dir: Path, step: int, strategy: Any, dist: Dist, trainer_state: dict[str, Any],
                     keep_last: int) -> Path:
-    """Write checkpoint `step` atomically and with checksums; every rank calls this.
+    """Write checkpoint `step` atomically and with checksums; every rank calls this. `strategy.save(dir)` writes
+    the model and optimizer state (the backend's own collectives), `dist` agrees on the rest.
 
     A write error on any rank (a full disk, say) stops every rank with one line; the temp dir is removed and
     the previous checkpoints stay as they were."""
@@ -175,43 +177,43 @@ def save_checkpoint(run_dir: Path, step: int, strategy: Any, trainer_state: dict
     tmp = final.with_name(f".tmp-{final.name}")
     err: BaseException | None = None
     try:
-        if strategy.is_main:
+        if dist.is_main:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
-        strategy.barrier()
+        dist.barrier()
         strategy.save(tmp)
         faults.point("save")
-        save_torch(rng_state(), tmp / f"rng_rank{strategy.rank}.pt")
-        if strategy.is_main:
+        save_torch(rng_state(), tmp / f"rng_rank{dist.rank}.pt")
+        if dist.is_main:
             save_torch(trainer_state, tmp / TRAINER_FILE)
     except Exception as e:  # every rank must learn of it, or the others wait for this one forever
         err = e
-    if strategy.any_rank(err is not None):
-        if strategy.is_main:
+    if dist.any(err is not None):
+        if dist.is_main:
             shutil.rmtree(tmp, ignore_errors=True)
         io = find_cause(err, (OSError,))
-        said = strategy.gather_object(None if err is None else str(io or f"{type(err).__name__}: {err}"))
+        said = dist.gather(None if err is None else str(io or f"{type(err).__name__}: {err}"))
         if err is not None and io is None:
             raise err  # not a write error: a bug, with its traceback
         what = next((w for w in said or [] if w), "")
         prev = list_checkpoints(run_dir)
         keep = f"the newest good checkpoint stays {prev[-1]}" if prev else "no earlier checkpoint exists"
         raise RunFailed(f"checkpoint: cannot write step {step} to {final.parent} ({what}); {keep}",
-                        quiet=not strategy.is_main) from None
-    strategy.barrier()
-    names = strategy.broadcast_object(sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file())
-                                      if strategy.is_main else None)
-    mine = describe_files(tmp, names[strategy.rank::strategy.world_size])  # the ranks share the hashing
-    parts = strategy.gather_object(mine)
-    if strategy.is_main:
+                        quiet=not dist.is_main) from None
+    dist.barrier()
+    names = dist.broadcast(sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file())
+                           if dist.is_main else None)
+    mine = describe_files(tmp, names[dist.rank::dist.world_size])  # the ranks share the hashing
+    parts = dist.gather(mine)
+    if dist.is_main:
         files = {k: v for part in parts for k, v in part.items()}
-        manifest = {"format": FORMAT, "step": step, "world_size": strategy.world_size,
+        manifest = {"format": FORMAT, "step": step, "world_size": dist.world_size,
                     "strategy": type(strategy).__name__, "config": trainer_state.get("config"),
                     "early_stopped": bool(trainer_state.get("early_stopped", False)), "files": files}
         atomic_write_text(tmp / MANIFEST, json.dumps(manifest, indent=1))
         replace_dir(tmp, final)  # durable: it fsyncs the parent dir
         prune(run_dir, keep_last, newest=final)
-    strategy.barrier()
+    dist.barrier()
     return final
 
 
@@ -243,25 +245,25 @@ def _load(path: Path, map_location: Any = "cpu") -> Any:
         raise ConfigError("trainer.resume", e.message) from None
 
 
-def check_world_size(ckpt: Path, strategy: Any) -> None:
+def check_world_size(ckpt: Path, strategy: Any, dist: Dist) -> None:
     """One line when the checkpoint's world size differs and the strategy cannot reshard it."""
     saved = int(read_manifest(ckpt)["world_size"])
-    if saved != strategy.world_size and (why := strategy.reshard_refusal(saved, ckpt)) is not None:
+    if saved != dist.world_size and (why := strategy.reshard_refusal(saved, ckpt)) is not None:
         raise ConfigError("trainer.resume", why)
 
 
-def load_checkpoint(ckpt: Path, strategy: Any) -> dict[str, Any]:
+def load_checkpoint(ckpt: Path, strategy: Any, dist: Dist) -> dict[str, Any]:
     """Restore model/optimizer through the strategy, this rank's RNG, and return the trainer state.
 
-    A checkpoint of another world size loads where the strategy can reshard it (`strategy.reshards`);
-    RNG streams then start from the seed (rank r takes rank r's saved stream when there is one)."""
-    check_world_size(ckpt, strategy)
+    A checkpoint of another world size loads where the strategy can reshard it (`reshard_refusal` says why
+    not); RNG streams then start from the seed (rank r takes rank r's saved stream when there is one)."""
+    check_world_size(ckpt, strategy, dist)
     try:
         strategy.load(ckpt)
     except UnsafeFile as e:
         raise ConfigError("trainer.resume", e.message) from None
     trainer_state = _load(ckpt / TRAINER_FILE)
-    rng = ckpt / f"rng_rank{strategy.rank}.pt"
+    rng = ckpt / f"rng_rank{dist.rank}.pt"
     if rng.is_file():
         set_rng_state(_load(rng))
     return trainer_state

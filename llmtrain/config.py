@@ -65,13 +65,6 @@ def register_configs() -> None:
     from llmtrain.rundir import trial_name
 
     OmegaConf.register_new_resolver("llmtrain_trial", trial_name, replace=True)  # hydra.sweep.subdir
-    # hydra/launcher=torchrun (its config and class): registered here, as Hydra's plugin scan does not see
-    # modules of an editable install
-    from hydra.core.plugins import Plugins
-
-    from hydra_plugins.llmtrain_launcher.torchrun_launcher import TorchrunLauncher
-
-    Plugins.instance().register(TorchrunLauncher)
 
 
 def conf_dir() -> Path:
@@ -111,9 +104,36 @@ def check_known_keys(cfg: Any) -> None:
         raise unknown_key(path, siblings)
 
 
-def validate(cfg: Any) -> None:
-    """Cross-field and semantic checks; each component checks its own keys first."""
+def checked(cfg: Any) -> Config:
+    """A composed run config, checked (no undeclared key, every semantic check) and typed: `Config` holding
+    each group's dataclass (model and data: their registered schema's), what every component takes."""
     check_known_keys(cfg)
+    conf = typed(cfg)
+    validate(conf)
+    return conf
+
+
+def typed(cfg: Any) -> Config:
+    """A run config (composed by Hydra, or read from a run dir's config.yaml) as `Config` of dataclasses.
+    A config.yaml's model and data sections are typed by the schemas their family and kind name; a key no
+    schema declares, or a value of the wrong type, is one line."""
+    from omegaconf import DictConfig, OmegaConf
+
+    if isinstance(cfg, DictConfig) and OmegaConf.get_type(cfg) is Config:
+        return OmegaConf.to_object(cfg)  # composed: every node is typed already
+    sections = {}
+    for group, field_name in (("model", "family"), ("data", "kind")):
+        name = OmegaConf.select(cfg, f"{group}.{field_name}")
+        schema = SCHEMAS.get(f"schema_{group}_{name}")
+        if schema is None:
+            raise ConfigError(f"{group}.{field_name}", f"unknown {group} {field_name} {name!r}")
+        sections[group] = OmegaConf.structured(schema)
+    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Config), sections, cfg))
+
+
+def validate(cfg: Config) -> None:
+    """Cross-field and semantic checks of a typed config (checked() runs them); each component checks its own
+    keys first."""
     t = cfg.trainer
     require(t.max_steps > 0, "trainer.max_steps", f"must be > 0 (got {t.max_steps})")
     require(t.micro_batch_size > 0, "trainer.micro_batch_size", f"must be > 0 (got {t.micro_batch_size})")

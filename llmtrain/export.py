@@ -6,13 +6,17 @@ import json
 import shutil
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from llmtrain import faults
 from llmtrain.models.base import DataInfo, ModelSpec
 from llmtrain.safeio import replace_dir
+
+if TYPE_CHECKING:
+    from llmtrain.context import RunContext
+    from llmtrain.distributed.base import Strategy
 
 EXPORT_RECORD = "llmtrain_export.json"  # which checkpoint step an export holds
 
@@ -130,12 +134,14 @@ def checkpoint_state(cfg: Any, ck: Path) -> tuple[ModelSpec, Any, dict[str, torc
     return spec, data, complete_state(spec, cfg, data.info, consolidate(ck, cfg.strategy.name))
 
 
-def export_final(spec: ModelSpec, strategy: Any, model_cfg: Any, info: DataInfo, run_dir: Path,
-                 step: int, out: Path | None = None, record: dict[str, Any] | None = None) -> Path | None:
+def export_final(ctx: RunContext, strategy: Strategy, step: int, out: Path | None = None,
+                 record: dict[str, Any] | None = None) -> Path | None:
     """Gather the trained weights (rank 0) and write final/ (or `out`); every rank calls this."""
     state = strategy.full_state_dict()
-    final = write_final(spec, model_cfg, info, state, run_dir, step, out, record) if strategy.is_main else None
-    strategy.barrier()
+    final = None
+    if ctx.dist.is_main:
+        final = write_final(ctx.spec, ctx.cfg.model, ctx.data.info, state, ctx.run_dir, step, out, record)
+    ctx.dist.barrier()
     return final
 
 

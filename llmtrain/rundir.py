@@ -30,6 +30,8 @@ def fingerprint(cfg: Any) -> dict[str, Any]:
     """The parts of a run's config that a checkpoint is only valid for, as plain JSON-able values."""
     from omegaconf import OmegaConf
 
+    if not OmegaConf.is_config(cfg):  # a typed Config
+        cfg = OmegaConf.structured(cfg)
     out = {}
     for key in FINGERPRINT_KEYS:
         node = OmegaConf.select(cfg, key)
@@ -78,7 +80,8 @@ def check_resumable(ckpt: Path, saved: dict[str, Any] | None, current: dict[str,
     return f"llmtrain: resuming with {', '.join(changed)}" if changed else None
 
 
-RUN_FILES = (CONFIG_FILE, METRICS_FILE, RECORD_FILE, "checkpoints")  # what marks a dir as a run dir
+CKPT_SUBDIR = "checkpoints"  # <run>/checkpoints/step_N (checkpoint.py)
+RUN_FILES = (CONFIG_FILE, METRICS_FILE, RECORD_FILE, CKPT_SUBDIR)  # what marks a dir as a run dir
 
 
 def is_run_dir(path: Path) -> bool:
@@ -87,21 +90,25 @@ def is_run_dir(path: Path) -> bool:
 
 
 def read_config(run_dir: Path, key: str) -> Any:
-    """A run dir's config.yaml (a received run's too: YAML without tags or code); one line when there is none
-    or it cannot be read."""
+    """A run dir's config.yaml (a received run's too: YAML without tags or code), typed (`config.Config`); one
+    line when there is none, or it cannot be read, or it is not a config of this llmtrain."""
     from omegaconf import DictConfig, OmegaConf
+
+    from llmtrain.config import typed
 
     path = run_dir / CONFIG_FILE
     if not path.is_file():
         raise ConfigError(key, f"{run_dir} has no {CONFIG_FILE}: not a llmtrain run dir")
     try:
         cfg = OmegaConf.load(path)
-    except Exception as e:  # a YAML error, a tag the safe loader refuses, an unreadable file
+        if not isinstance(cfg, DictConfig) or "model" not in cfg or "data" not in cfg:
+            raise ValueError("it has no model and data sections")
+        return typed(cfg)
+    except ConfigError as e:
+        raise ConfigError(key, f"{path} is not a run config of this llmtrain ({e})") from None
+    except Exception as e:  # a YAML error, a tag the safe loader refuses, a key or type no schema has
         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
         raise ConfigError(key, f"{path} cannot be read as a run config ({first})") from None
-    if not isinstance(cfg, DictConfig) or "model" not in cfg or "data" not in cfg:
-        raise ConfigError(key, f"{path} is not a llmtrain run config (it has no model and data sections)")
-    return cfg
 
 
 def dir_fingerprint(run_dir: Path) -> dict[str, Any] | None:
@@ -147,6 +154,12 @@ def last_metrics(run_dir: Path) -> dict[str, Any]:
     return out
 
 
+def objective(metrics: dict[str, Any]) -> float | None:
+    """What a sweep minimises for a finished run: its last eval loss, else its last train loss."""
+    value = metrics.get("eval_loss", metrics.get("loss"))
+    return float(value) if value is not None else None
+
+
 def remove_if_empty(run_dir: Path) -> None:
     """Remove an empty run dir, and its empty parents inside the working dir (e.g. runs/)."""
     cwd = Path.cwd().resolve()
@@ -161,6 +174,14 @@ def remove_if_empty(run_dir: Path) -> None:
         path = path.parent
 
 
+def plain_config(cfg: Any) -> dict[str, Any]:
+    """A typed Config (or a DictConfig) as plain JSON-able containers (enums by name), e.g. for wandb."""
+    from omegaconf import OmegaConf
+
+    node = cfg if OmegaConf.is_config(cfg) else OmegaConf.structured(cfg)
+    return OmegaConf.to_container(node, resolve=True, enum_to_str=True)  # type: ignore[return-value]
+
+
 def write_config(run_dir: Path, cfg: Any) -> None:
     """The resolved config of the run, written once when a run starts."""
     from omegaconf import OmegaConf
@@ -168,7 +189,8 @@ def write_config(run_dir: Path, cfg: Any) -> None:
     from llmtrain.safeio import atomic_write_text
 
     run_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(run_dir / CONFIG_FILE, OmegaConf.to_yaml(cfg, resolve=True))
+    node = cfg if OmegaConf.is_config(cfg) else OmegaConf.structured(cfg)  # a typed Config
+    atomic_write_text(run_dir / CONFIG_FILE, OmegaConf.to_yaml(node, resolve=True))
 
 
 

@@ -18,10 +18,11 @@ from omegaconf import DictConfig
 
 from llmtrain import checkpoint as ckpt
 from llmtrain import faults, rundir
-from llmtrain.cli import run_app
-from llmtrain.config import conf_dir, register_configs, validate
+from llmtrain.cli import run_app, user_errors_exit
+from llmtrain.config import Config, checked, conf_dir, register_configs
+from llmtrain.context import RunContext
 from llmtrain.data.base import build_data
-from llmtrain.distributed import SetupArgs, Strategy, build_strategy, comm_stats
+from llmtrain.distributed import Dist, SetupArgs, Strategy, StrategyName, build_strategy, comm_stats
 from llmtrain.distributed.env import (
     destroy_process_group,
     init_process_group,
@@ -30,16 +31,15 @@ from llmtrain.distributed.env import (
     strip_local_rank_arg,
     watch_launcher,
 )
-from llmtrain.errors import ConfigError, Stopped, user_errors_exit
+from llmtrain.errors import ConfigError, Stopped
 from llmtrain.export import check_target, export_final, read_export_step
 from llmtrain.generation.training import TrainingSampler, truncate_samples
 from llmtrain.models import adapters
-from llmtrain.models.base import DataInfo, ModelSpec, format_count, get_model_spec
+from llmtrain.models.base import format_count, get_model_spec
 from llmtrain.optim import Scheduler, build_optimizer
 from llmtrain.precision import Precision, check_supported, resolve, slow_precision_warning
 from llmtrain.runlock import RunLock
 from llmtrain.tracking import MetricsLogger
-from llmtrain.tracking.flops import peak_flops
 from llmtrain.tracking.sinks import check_wandb, sweep_group
 from llmtrain.trainer import Trainer
 
@@ -56,27 +56,42 @@ def run(cfg: DictConfig, run_dir: Path, *, pick_dir: bool = False, overrides: li
     """Train one run into run_dir; returns the last metrics (train and eval). Every rank calls this.
 
     pick_dir: run_dir is a default, not the user's choice; when it holds a run of another configuration
-    the run goes to a free sibling instead (rundir.pick). overrides: the command line's, for run.json;
-    group: the sweep a trial belongs to (wandb's group)."""
+    (and trainer.resume=auto) the run goes to a free sibling instead (rundir.pick). overrides: the command
+    line's, for run.json; group: the sweep a trial belongs to (wandb's group)."""
     faults.reset()  # LLMTRAIN_FAULT is read afresh by every run (tests run several in one process)
-    validate(cfg)
-    check_wandb(cfg.logger)
-    env = read_env()
-    device = pick_device(cfg.trainer.device, env)
+    conf = checked(cfg)
+    check_wandb(conf.logger)
+    dist = read_env()
+    device = pick_device(conf.trainer.device, dist)
     if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = bool(cfg.trainer.tf32)
-    precision = resolve(cfg.trainer.precision, device)
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = conf.trainer.tf32
+    precision = resolve(conf.trainer.precision, device)
     if (why := check_supported(precision, device)) is not None:
         raise ConfigError("trainer.precision", why)
-    if env.is_main and (warning := slow_precision_warning(precision, device)):
+    if dist.is_main and (warning := slow_precision_warning(precision, device)):
         print(warning, file=sys.stderr, flush=True)
     if comm_stats.enabled():
         comm_stats.install()  # before any backend binds the collectives
-    init_process_group(env, device, cfg.strategy.backend, cfg.strategy.timeout_s)
+    init_process_group(dist, device, conf.strategy.backend, conf.strategy.timeout_s)
     strategy = None
     try:
-        strategy = build_strategy(cfg.strategy, env, device)
-        return _fit(cfg, run_dir, strategy, device, precision, pick_dir, overrides or [], group)
+        strategy = build_strategy(conf.strategy, dist, device)
+        fingerprint = rundir.fingerprint(conf)
+        held: list[RunLock] = []  # rank 0's lock on the run dir, for the whole run
+
+        def claim() -> tuple[str, Path | None]:
+            where, found, lock = _claim(conf, run_dir, pick_dir and conf.trainer.resume == "auto", fingerprint,
+                                        strategy, dist)
+            held.append(lock)
+            return where, found
+
+        where, resume_from = dist.on_main(claim)  # the ranks follow rank 0's dir and checkpoint
+        try:
+            return _fit(conf, Path(where), resume_from, strategy, dist, device, precision, fingerprint,
+                        overrides or [], group)
+        finally:
+            for lock in held:
+                lock.release()
     finally:
         if strategy is not None:
             strategy.close()
@@ -84,111 +99,96 @@ def run(cfg: DictConfig, run_dir: Path, *, pick_dir: bool = False, overrides: li
         destroy_process_group()
 
 
-def _fit(cfg: DictConfig, run_dir: Path, strategy: Strategy, device: torch.device, precision: Precision,
-         pick_dir: bool, overrides: list[str], group: str | None) -> dict[str, Any]:
-    """Pick and lock the run dir (rank 0), find the checkpoint to resume, then train."""
-    fingerprint = rundir.fingerprint(cfg)
-    lock = RunLock(run_dir)
-
-    def claim() -> tuple[str, Path | None]:  # rank 0: the run dir, locked, and the checkpoint to resume
-        nonlocal lock
-        where, note = rundir.pick(run_dir, fingerprint) if pick_dir else (run_dir, None)
-        if note:
-            print(note, file=sys.stderr, flush=True)
-        lock = RunLock(where)
-        if (took := lock.acquire()) is not None:
-            print(took, file=sys.stderr, flush=True)
-        try:
-            if cfg.trainer.resume == "never" and ckpt.list_checkpoints(where):
-                raise ConfigError("trainer.resume", f"never, but {where} already holds checkpoints; use "
-                                                    "trainer.resume=auto to continue it or hydra.run.dir=<new dir>")
-            for sub in ("final", "best"):  # the run's exports replace these: they must hold nothing else
-                check_target(where / sub, "run dir")
-            found = ckpt.resolve_resume(cfg.trainer.resume, where)
-            if found is not None:
-                ckpt.check_world_size(found, strategy)
-                if batch := rundir.check_resumable(found, ckpt.saved_fingerprint(found), fingerprint):
-                    print(batch, file=sys.stderr, flush=True)
-        except BaseException:
-            lock.release()
-            raise
-        return str(where), found
-
-    where, resume_from = strategy.on_main(claim)  # the ranks follow rank 0's dir and checkpoint
+def _claim(conf: Config, requested: Path, pick_dir: bool, fingerprint: dict[str, Any], strategy: Strategy,
+           dist: Dist) -> tuple[str, Path | None, RunLock]:
+    """Rank 0: the run dir (a free sibling when `pick_dir`), its lock (taken), and the checkpoint to resume."""
+    where, note = rundir.pick(requested, fingerprint) if pick_dir else (requested, None)
+    if note:
+        print(note, file=sys.stderr, flush=True)
+    lock = RunLock(where)
+    if (took := lock.acquire()) is not None:
+        print(took, file=sys.stderr, flush=True)
     try:
-        return _fit_locked(cfg, Path(where), resume_from, strategy, device, precision, fingerprint, overrides, group)
-    finally:
+        resume = conf.trainer.resume
+        if resume == "never" and ckpt.list_checkpoints(where):
+            raise ConfigError("trainer.resume", f"never, but {where} already holds checkpoints; use "
+                                                "trainer.resume=auto to continue it or hydra.run.dir=<new dir>")
+        for sub in ("final", "best"):  # the run's exports replace these: they must hold nothing else
+            check_target(where / sub, "run dir")
+        found = ckpt.resolve_resume(resume, where)
+        if found is not None:
+            ckpt.check_world_size(found, strategy, dist)
+            if batch := rundir.check_resumable(found, ckpt.saved_fingerprint(found), fingerprint):
+                print(batch, file=sys.stderr, flush=True)
+    except BaseException:
         lock.release()
+        raise
+    return str(where), found, lock
 
 
-def _fit_locked(cfg: DictConfig, run_dir: Path, resume_from: Path | None, strategy: Strategy, device: torch.device,
-                precision: Precision, fingerprint: dict[str, Any], overrides: list[str],
-                group: str | None) -> dict[str, Any]:
-    t = cfg.trainer
-    if resume_from is not None:
-        if _is_complete(run_dir, resume_from, t.max_steps):
-            if strategy.is_main:
-                done = int(ckpt.read_manifest(resume_from)["step"])
-                how = " (stopped early)" if done < t.max_steps else ""
-                print(f"llmtrain: {run_dir} is complete (step {done} of {t.max_steps}{how}, final model in "
-                      f"{run_dir / 'final'}); nothing to do. Raise trainer.max_steps to train on, or give a new "
-                      "name=... (or hydra.run.dir=...) for a new run", flush=True)
-                if rundir.read_run_record(run_dir).get("status") != "complete":  # killed after its export
-                    rundir.write_run_record(run_dir, status="complete")
-            return rundir.last_metrics(run_dir)
-    spec = get_model_spec(cfg.model.family)
-    data = build_data(cfg.data, model_cfg=cfg.model, is_main=strategy.is_main, barrier=strategy.barrier)
+def _fit(conf: Config, run_dir: Path, resume_from: Path | None, strategy: Strategy, dist: Dist,
+         device: torch.device, precision: Precision, fingerprint: dict[str, Any], overrides: list[str],
+         group: str | None) -> dict[str, Any]:
+    """Build the model, data and loop in the claimed run dir, then train, export and sample."""
+    t = conf.trainer
+    if resume_from is not None and _is_complete(run_dir, resume_from, t.max_steps):
+        if dist.is_main:
+            _say_complete(run_dir, resume_from, t.max_steps)
+        return rundir.last_metrics(run_dir)
+    spec = get_model_spec(conf.model.family)
+    data = build_data(conf.data, model_cfg=conf.model, dist=dist)
+    ctx = RunContext(conf, run_dir, dist, device, precision, spec, data, fingerprint)
     seed_everything(t.seed)
-    model = adapters.apply(spec.build(cfg.model, data.info), cfg.model)  # freezing, LoRA
-    partly_frozen = any(not p.requires_grad for p in model.parameters())
-    fused_ok = not (cfg.strategy.name.value == "fsdp" and precision == Precision.fp16)
-    strategy.setup(model, lambda m: build_optimizer(cfg.optim, m, fused_default=fused_ok),
+    model = adapters.apply(spec.build(conf.model, data.info), conf.model)  # freezing, LoRA
+    fused_ok = not (conf.strategy.name == StrategyName.fsdp and precision == Precision.fp16)
+    strategy.setup(model, lambda m: build_optimizer(conf.optim, m, fused_default=fused_ok),
                    SetupArgs(precision=precision, gradient_checkpointing=t.gradient_checkpointing, compile=t.compile,
                              block_classes=spec.block_classes(model), micro_batch_size=t.micro_batch_size,
                              grad_accum_steps=t.grad_accum_steps, grad_clip=t.grad_clip,
-                             trainable_only=partly_frozen))
-    scheduler = Scheduler(cfg.scheduler, strategy.optimizer, cfg.optim.lr, t.max_steps)
-    from omegaconf import OmegaConf
-
-    logger = MetricsLogger(cfg.logger, run_dir, enabled=strategy.is_main, total_steps=t.max_steps,
-                           run_config=OmegaConf.to_container(cfg, resolve=True), group=group)
-    sampler = TrainingSampler(t, spec, cfg.model, data.info, strategy, run_dir, logger.write)
-    seq_len = getattr(cfg.data, "seq_len", None)
-    trainer = Trainer(t, spec, strategy, data, scheduler, logger, run_dir, cfg.logger.log_every,
-                      fingerprint=fingerprint, sampler=sampler if sampler.enabled else None,
-                      flops_per_token=spec.flops_per_token(model, seq_len) if seq_len else None,
-                      peak_flops=peak_flops(device, precision.value, cfg.logger.peak_tflops),
-                      on_best=lambda step, loss: _export_best(spec, strategy, cfg, data.info, run_dir, step, loss))
+                             trainable_only=any(not p.requires_grad for p in model.parameters())))
+    scheduler = Scheduler(conf.scheduler, strategy.optimizer, conf.optim.lr, t.max_steps)
+    logger = MetricsLogger(conf.logger, run_dir, enabled=dist.is_main, total_steps=t.max_steps,
+                           run_config=rundir.plain_config(conf), group=group)
+    sampler = TrainingSampler(ctx, strategy, logger.write)
+    trainer = Trainer(ctx, strategy, scheduler, logger, sampler=sampler if sampler.enabled else None,
+                      on_best=lambda step, loss: _export_best(ctx, strategy, step, loss))
     if resume_from is not None:
         trainer.resume(resume_from)  # before anything is written: a refused checkpoint leaves the run as it was
-    if strategy.is_main:
-        truncate_samples(run_dir, trainer.step)  # samples of steps no checkpoint holds (a fresh start: all)
     started = time.time()
-    if strategy.is_main:
+    if dist.is_main:
+        truncate_samples(run_dir, trainer.step)  # samples of steps no checkpoint holds (a fresh start: all)
         if resume_from is None:
-            rundir.write_config(run_dir, cfg)
+            rundir.write_config(run_dir, conf)
         rundir.write_run_record(run_dir, status="running", overrides=overrides, started=started)
-    _announce(strategy, trainer, cfg, precision, resume_from)
+        _announce(ctx, strategy, trainer.step, resume_from)
     try:
         last = trainer.fit()
-        _finish(spec, strategy, cfg, data.info, run_dir, trainer.step, sampler)
+        _finish(ctx, strategy, trainer.step, sampler)
     except BaseException as e:
-        if strategy.is_main:
+        if dist.is_main:
             status = e.status if isinstance(e, Stopped) else f"failed: {type(e).__name__}: {str(e)[:200]}"
             _record_end(run_dir, started, status)
             with contextlib.suppress(Exception):  # a stopped or failed run has its loss plot too
-                _plot(run_dir, cfg)
+                _plot(ctx)
         raise
-    if strategy.is_main:
+    if dist.is_main:
         _record_end(run_dir, started, "complete")
     return last or rundir.last_metrics(run_dir)
 
 
-def _export_best(spec: ModelSpec, strategy: Strategy, cfg: DictConfig, info: DataInfo, run_dir: Path, step: int,
-                 loss: float) -> None:
+def _say_complete(run_dir: Path, resume_from: Path, max_steps: int) -> None:
+    done = int(ckpt.read_manifest(resume_from)["step"])
+    how = " (stopped early)" if done < max_steps else ""
+    print(f"llmtrain: {run_dir} is complete (step {done} of {max_steps}{how}, final model in "
+          f"{run_dir / 'final'}); nothing to do. Raise trainer.max_steps to train on, or give a new "
+          "name=... (or hydra.run.dir=...) for a new run", flush=True)
+    if rundir.read_run_record(run_dir).get("status") != "complete":  # killed after its export
+        rundir.write_run_record(run_dir, status="complete")
+
+
+def _export_best(ctx: RunContext, strategy: Strategy, step: int, loss: float) -> None:
     """keep_best: the weights of a new lowest eval loss go to best/ (every rank calls this)."""
-    best = export_final(spec, strategy, cfg.model, info, run_dir, step, out=run_dir / "best",
-                        record={"eval_loss": loss})
+    best = export_final(ctx, strategy, step, out=ctx.run_dir / "best", record={"eval_loss": loss})
     if best is not None:
         print(f"llmtrain: step {step}: new best eval_loss {loss:.4f}, exported to {best}", flush=True)
 
@@ -207,50 +207,46 @@ def _is_complete(run_dir: Path, resume_from: Path, max_steps: int) -> bool:
     return done and read_export_step(run_dir / "final") == step
 
 
-def _finish(spec: ModelSpec, strategy: Strategy, cfg: DictConfig, info: DataInfo, run_dir: Path, step: int,
-            sampler: TrainingSampler) -> None:
+def _finish(ctx: RunContext, strategy: Strategy, step: int, sampler: TrainingSampler) -> None:
     """Export final/, then the end-of-run sample and the model's own report (every rank takes part)."""
-    main = strategy.is_main
+    main, run_dir = ctx.dist.is_main, ctx.run_dir
     if main:
         print(f"llmtrain: exporting {run_dir / 'final'} ...", flush=True)
     t0 = time.perf_counter()
-    final = export_final(spec, strategy, cfg.model, info, run_dir, step)
+    final = export_final(ctx, strategy, step)
     if main:
         print(f"llmtrain: exported step {step} to {final} ({time.perf_counter() - t0:.1f}s)", flush=True)
     if sampler.enabled:
         if main:
-            print(f"llmtrain: sampling {cfg.trainer.sample_tokens} tokens ...", flush=True)
+            print(f"llmtrain: sampling {ctx.cfg.trainer.sample_tokens} tokens ...", flush=True)
         out = sampler(step)
         if main:
             (run_dir / "samples.txt").write_text("\n\n".join(c.text for c in out) + "\n")
     if main and final is not None:
-        for line in spec.report(cfg.model, info, final):
+        for line in ctx.spec.report(ctx.cfg.model, ctx.data.info, final):
             print(line, flush=True)
     if main:
-        _plot(run_dir, cfg)
+        _plot(ctx)
 
 
-def _plot(run_dir: Path, cfg: DictConfig) -> None:
+def _plot(ctx: RunContext) -> None:
     """<run>/plots/loss.png from metrics.jsonl (logger.plots)."""
-    if cfg.logger.plots:
+    if ctx.cfg.logger.plots:
         from llmtrain.tracking.plots import loss_plot
 
-        if (png := loss_plot(run_dir)) is not None:
+        if (png := loss_plot(ctx.run_dir)) is not None:
             print(f"llmtrain: plotted {png}", flush=True)
 
 
-def _announce(strategy: Strategy, trainer: Trainer, cfg: DictConfig, precision: Precision, resume_from: Any) -> None:
-    if not strategy.is_main:
-        return
-    t = cfg.trainer
-    gb = t.micro_batch_size * t.grad_accum_steps * strategy.world_size
-    where = f"resuming from {resume_from} at step {trainer.step}" if resume_from else "starting fresh"
+def _announce(ctx: RunContext, strategy: Strategy, step: int, resume_from: Path | None) -> None:
+    t, world = ctx.cfg.trainer, ctx.dist.world_size
+    gb = t.micro_batch_size * t.grad_accum_steps * world
+    where = f"resuming from {resume_from} at step {step}" if resume_from else "starting fresh"
     n, trainable = strategy.num_parameters(), sum(p.numel() for p in strategy.unwrap().parameters() if p.requires_grad)
     params = f"{format_count(n)} params" + (f", {format_count(trainable)} trainable" if trainable < n else "")
-    print(f"llmtrain: {cfg.model.family} ({params}) · strategy "
-          f"{cfg.strategy.name.value} × {strategy.world_size} on {strategy.device} · {precision.value} · global batch "
-          f"{gb} ({t.micro_batch_size}×{t.grad_accum_steps}×{strategy.world_size}) · {where} · run dir "
-          f"{trainer.run_dir}", flush=True)
+    print(f"llmtrain: {ctx.cfg.model.family} ({params}) · strategy {ctx.cfg.strategy.name.value} × {world} on "
+          f"{ctx.device} · {ctx.precision.value} · global batch {gb} ({t.micro_batch_size}×{t.grad_accum_steps}×"
+          f"{world}) · {where} · run dir {ctx.run_dir}", flush=True)
 
 
 def _explicit_dir() -> bool:
@@ -263,30 +259,33 @@ def _explicit_dir() -> bool:
     return hc.mode != RunMode.RUN or bool(keys & {"hydra.run.dir", "name"})
 
 
-register_configs()
+def register_train_app() -> None:
+    """The run's schemas, and hydra/launcher=torchrun (its config and class: Hydra's plugin scan does not see
+    the modules of an editable install)."""
+    from hydra.core.plugins import Plugins
+
+    from hydra_plugins.llmtrain_launcher.torchrun_launcher import TorchrunLauncher
+
+    register_configs()
+    Plugins.instance().register(TorchrunLauncher)
+
+
+register_train_app()
 
 
 @hydra.main(version_base=None, config_path=str(conf_dir()), config_name="config")
-@user_errors_exit
 def _hydra_main(cfg: DictConfig) -> float | None:
-    """The task function; returns the objective a Hydra sweeper minimises: the final eval loss (else the
-    last train loss)."""
+    """The task function; returns the objective a Hydra sweeper minimises (rundir.objective)."""
     from hydra.core.hydra_config import HydraConfig
 
     hc = HydraConfig.get()
     run_dir = Path(hc.runtime.output_dir)
-    group = sweep_group(hc)
     try:
-        last = run(cfg, run_dir, pick_dir=not _explicit_dir() and cfg.trainer.resume == "auto",
-                   overrides=list(hc.overrides.task), group=group)
+        last = run(cfg, run_dir, pick_dir=not _explicit_dir(), overrides=list(hc.overrides.task),
+                   group=sweep_group(hc))
     finally:
         rundir.remove_if_empty(run_dir)  # Hydra creates it before a run can refuse its config
-    return objective(last)
-
-
-def objective(metrics: dict[str, Any]) -> float | None:
-    value = metrics.get("eval_loss", metrics.get("loss"))
-    return float(value) if value is not None else None
+    return rundir.objective(last)
 
 
 def main() -> None:

@@ -14,18 +14,17 @@ import torch
 
 from llmtrain import checkpoint as ckpt
 from llmtrain import faults
-from llmtrain.data.base import DataModule, Loader
+from llmtrain.context import RunContext
+from llmtrain.data.base import Loader
 from llmtrain.distributed import comm_stats
 from llmtrain.distributed.base import Strategy
-from llmtrain.errors import RunFailed, Stopped
+from llmtrain.errors import EXIT_INTERRUPTED, RunFailed, Stopped
 from llmtrain.interrupt import StopRequest, hold_signals
-from llmtrain.models.base import Batch, ModelSpec
-from llmtrain.optim import Scheduler, plain
+from llmtrain.models.base import Batch
+from llmtrain.optim import Scheduler
 from llmtrain.precision import Precision
 from llmtrain.tracking import MetricsLogger
-from llmtrain.tracking.flops import mfu
-
-EXIT_SIGINT = 130
+from llmtrain.tracking.flops import mfu, peak_flops
 
 
 @dataclass
@@ -62,43 +61,42 @@ class TrainerConfig:
 class Trainer:
     """Runs optimizer steps with accumulation, logs, evaluates and checkpoints."""
 
-    def __init__(self, cfg: TrainerConfig, spec: ModelSpec, strategy: Strategy, data: DataModule,
-                 scheduler: Scheduler, logger: MetricsLogger, run_dir: Path, log_every: int,
-                 fingerprint: dict[str, Any] | None = None, stop: StopRequest | None = None,
-                 sampler: Callable[[int], Any] | None = None, flops_per_token: float | None = None,
-                 peak_flops: float | None = None, on_best: Callable[[int, float], Any] | None = None) -> None:
-        self.cfg, self.spec, self.strategy, self.data = plain(cfg), spec, strategy, data
+    def __init__(self, ctx: RunContext, strategy: Strategy, scheduler: Scheduler, logger: MetricsLogger, *,
+                 sampler: Callable[[int], Any] | None = None, on_best: Callable[[int, float], Any] | None = None,
+                 stop: StopRequest | None = None) -> None:
+        self.ctx, self.cfg, self.spec, self.data = ctx, ctx.cfg.trainer, ctx.spec, ctx.data
+        self.strategy, self.dist, self.run_dir = strategy, ctx.dist, ctx.run_dir
+        self.scheduler, self.logger, self.log_every = scheduler, logger, ctx.cfg.logger.log_every
         self.sampler = sampler  # samples from the current weights (a collective); see generation.training
-        self.flops_per_token, self.peak_flops = flops_per_token, peak_flops  # MFU when both are known
-        self.scheduler, self.logger, self.run_dir, self.log_every = scheduler, logger, run_dir, log_every
-        self.fingerprint = fingerprint  # config a checkpoint is valid for (stored in every checkpoint)
-        self.stop = stop or StopRequest(announce=strategy.is_main, grace_s=cfg.preempt_grace_s)
+        seq_len = getattr(ctx.cfg.data, "seq_len", None)
+        self.flops_per_token = ctx.spec.flops_per_token(strategy.unwrap(), seq_len) if seq_len else None
+        self.peak_flops = peak_flops(ctx.device, ctx.precision.value, ctx.cfg.logger.peak_tflops)  # MFU: both known
+        self.stop = stop or StopRequest(announce=self.dist.is_main, grace_s=self.cfg.preempt_grace_s)
         self.on_best = on_best  # keep_best: called (every rank) with (step, eval_loss) when eval loss improves
         self.best: dict[str, Any] = {"loss": math.inf, "step": None, "since": 0}  # since: evals without a new best
         self.early_stopped = False
         self.step = 0
         self.saved_step = -1  # step of the newest checkpoint this process wrote or resumed from
         # Per-step values stay on the device and are read on log steps (every step on CPU, where reading is
-        # free): no host sync in between. `_acc` sums them since the last read.
-        self._read_every_step = strategy.device.type == "cpu"
+        # free): no host sync in between.
+        self._read_every_step = ctx.device.type == "cpu"
         self._count_comm = comm_stats.enabled()
-        dev = strategy.device
         # non-finite steps on the device: in a row now, the longest run since the last read, in all
-        self._bad = {k: torch.zeros((), dtype=torch.int64, device=dev) for k in ("streak", "peak", "total")}
+        self._bad = {k: torch.zeros((), dtype=torch.int64, device=ctx.device) for k in ("streak", "peak", "total")}
         self._bad_seen = 0  # the total at the last read
         self._diverged: RunFailed | None = None  # max_bad_steps reached: raised once the step is logged
         self._since = {"t": time.perf_counter(), "steps": 0, "excluded_s": 0.0}  # the interval being timed
         self.train_loader = self._loader("train", shuffle=True)
         self._loader("val", shuffle=False)  # fail at start, not at the first eval, if val is too small
-        self.lm = data.info.task == "lm"
+        self.lm = self.data.info.task == "lm"
 
     def _loader(self, split: str, shuffle: bool) -> Loader:
-        s = self.strategy
+        d = self.dist
         batch = self.cfg.micro_batch_size
         if split == "val":  # a small eval set (a few fine-tuning examples) is evaluated in smaller batches
-            batch = max(1, min(batch, len(self.data.split("val")) // s.world_size))
+            batch = max(1, min(batch, len(self.data.split("val")) // d.world_size))
         return self.data.loader(split, batch, seed=self.cfg.seed, shuffle=shuffle,
-                                rank=s.rank, world_size=s.world_size, device=s.device)
+                                rank=d.rank, world_size=d.world_size, device=self.ctx.device)
 
     # public ----------------------------------------------------------------------------------------
     def fit(self) -> dict[str, Any]:
@@ -113,21 +111,21 @@ class Trainer:
             with self.stop.installed():
                 while self.step < self.cfg.max_steps and not self.early_stopped:
                     last = self._one_step() or last
-                    wanted = self.strategy.max_over_ranks(_stop_code(self.stop))  # every rank, after the same step
+                    wanted = self.dist.max(_stop_code(self.stop))  # every rank, after the same step
                     if wanted:
                         self._stop_here(preempted=wanted == _PREEMPT)
                 if self.early_stopped and self.saved_step != self.step:
                     self.save()  # the rerun finds the run complete
         except KeyboardInterrupt:  # a second Ctrl-C: the step in flight is abandoned
             hold_signals(self.stop.signals)
-            raise Stopped(f"aborted during step {self.step + 1}; {self._resume_hint()}", EXIT_SIGINT) from None
+            raise Stopped(f"aborted during step {self.step + 1}; {self._resume_hint()}", EXIT_INTERRUPTED) from None
         except Stopped:
             hold_signals(self.stop.signals)  # the run is ending: one more Ctrl-C changes nothing
             raise
         finally:
             self.logger.close()
             if self._count_comm:
-                comm_stats.dump(self.run_dir, self.strategy.rank, self.strategy.model)
+                comm_stats.dump(self.run_dir, self.dist.rank, self.strategy.model)
         return last
 
     def _stop_here(self, preempted: bool) -> None:
@@ -135,7 +133,7 @@ class Trainer:
             self.save()
         why = "preempted" if preempted else "stopped"
         raise Stopped(f"{why} at step {self.step} of {self.cfg.max_steps}; {self._resume_hint()}",
-                      0 if preempted else EXIT_SIGINT, status=why, quiet=not self.strategy.is_main)
+                      0 if preempted else EXIT_INTERRUPTED, status=why, quiet=not self.dist.is_main)
 
     def _resume_hint(self) -> str:
         ckpts = ckpt.list_checkpoints(self.run_dir)
@@ -174,15 +172,15 @@ class Trainer:
 
         Returns device tensors (loss, grad norm, counts, whether the update was applied) and host timings;
         nothing here waits for the device. A non-finite loss or grad norm skips the update (see _read)."""
-        s, k = self.strategy, self.cfg.grad_accum_steps
+        s, d, k, dev = self.strategy, self.dist, self.cfg.grad_accum_steps, self.ctx.device
         t0 = time.perf_counter()
         batches = [next(self.train_loader) for _ in range(k)]
         data_wait = time.perf_counter() - t0
-        counts = torch.stack([_as_tensor(sum(self.spec.count(b) for b in batches), s.device),
-                              _as_tensor(sum(_rows(b) for b in batches), s.device)])
-        s.all_reduce(counts)  # global targets, global samples
-        scale = (s.world_size / counts[0]).float()  # backends average gradients over ranks
-        loss_sum = torch.zeros((), dtype=torch.float64, device=s.device)
+        counts = torch.stack([_as_tensor(sum(self.spec.count(b) for b in batches), dev),
+                              _as_tensor(sum(_rows(b) for b in batches), dev)])
+        d.all_reduce(counts)  # global targets, global samples
+        scale = (d.world_size / counts[0]).float()  # backends average gradients over ranks
+        loss_sum = torch.zeros((), dtype=torch.float64, device=dev)
         for i, batch in enumerate(batches):
             with s.micro_step(sync_grads=(i == k - 1)):
                 with s.autocast():
@@ -192,7 +190,7 @@ class Trainer:
             loss_sum += part.detach().double()
         faults.point("step")
         grad_norm = s.clip_grad_norm(self.cfg.grad_clip)
-        s.all_reduce(loss_sum)
+        d.all_reduce(loss_sum)
         finite = torch.isfinite(loss_sum)
         if grad_norm is not None and not s.loss_scaling:  # fp16: the scaler skips overflowed gradients itself
             finite = finite & torch.isfinite(grad_norm)
@@ -200,7 +198,7 @@ class Trainer:
         stepped = s.step(finite)
         self.scheduler.step()
         if not s.loss_scaling:  # a backend that measures the norm in its step skips non-finite gradients there
-            finite = finite & torch.as_tensor(stepped, device=s.device)
+            finite = finite & torch.as_tensor(stepped, device=dev)
         bad, b = (~finite).long(), self._bad
         b["streak"] = (b["streak"] + 1) * bad
         b["peak"] = torch.maximum(b["peak"], b["streak"])
@@ -243,7 +241,7 @@ class Trainer:
             keep = f"the newest checkpoint, {ckpts[-1]}, is good" if ckpts else "no checkpoint was written"
             self._diverged = RunFailed(f"step {self.step}: the {what} was not finite for {peak} steps in a row "
                                        f"(trainer.max_bad_steps={limit}); stopping ({keep}: skipped steps change "
-                                       "no weight). Lower optim.lr or check the data", quiet=not self.strategy.is_main)
+                                       "no weight). Lower optim.lr or check the data", quiet=not self.dist.is_main)
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, Any]:
@@ -264,7 +262,7 @@ class Trainer:
                 faults.point("eval")
         s.model.train()
         keys = sorted(sums)
-        tot = s.all_reduce(torch.stack([sums[key] for key in keys]))
+        tot = self.dist.all_reduce(torch.stack([sums[key] for key in keys]))
         sums = dict(zip(keys, tot.tolist(), strict=True))
         rec: dict[str, Any] = {"step": self.step, "eval_loss": sums["loss"] / sums["count"]}
         if self.lm:
@@ -295,16 +293,16 @@ class Trainer:
     # checkpoints ---------------------------------------------------------------------------------------
     def save(self) -> Path:
         self.logger.status(f"step {self.step}: saving checkpoint")
-        state = {"step": self.step, "loader": self.train_loader.state_dict(), "config": self.fingerprint,
+        state = {"step": self.step, "loader": self.train_loader.state_dict(), "config": self.ctx.fingerprint,
                  "scheduler": self.scheduler.state_dict(), "best": dict(self.best),
                  "early_stopped": self.early_stopped}
-        path = ckpt.save_checkpoint(self.run_dir, self.step, self.strategy, state, self.cfg.keep_checkpoints)
+        path = ckpt.save_checkpoint(self.run_dir, self.step, self.strategy, self.dist, state, self.cfg.keep_checkpoints)
         self.saved_step = self.step
         return path
 
     def resume(self, path: Path) -> None:
         """Restore everything a checkpoint holds (its config was checked against this run's beforehand)."""
-        state = ckpt.load_checkpoint(path, self.strategy)
+        state = ckpt.load_checkpoint(path, self.strategy, self.dist)
         self.step = self.saved_step = int(state["step"])
         self.train_loader.load_state_dict(state["loader"])
         self.scheduler.load_state_dict(state["scheduler"])
@@ -335,9 +333,9 @@ class Trainer:
         if self.lm:
             out["tokens_per_s"] = m["targets"] / dt
             if self.flops_per_token and self.peak_flops:
-                out["mfu"] = mfu(self.flops_per_token, out["tokens_per_s"], self.peak_flops, self.strategy.world_size)
-        if self.strategy.device.type == "cuda":
-            out["peak_mem_gib"] = torch.cuda.max_memory_allocated(self.strategy.device) / 2**30
+                out["mfu"] = mfu(self.flops_per_token, out["tokens_per_s"], self.peak_flops, self.dist.world_size)
+        if self.ctx.device.type == "cuda":
+            out["peak_mem_gib"] = torch.cuda.max_memory_allocated(self.ctx.device) / 2**30
         return out
 
 

@@ -53,8 +53,8 @@ class TorchrunLauncher(Launcher):
 
     def launch(self, job_overrides: Any, initial_job_idx: int) -> list[JobReturn]:
         from llmtrain.cli import hydra_quote
-        from llmtrain.config import validate
-        from llmtrain.rundir import last_metrics
+        from llmtrain.config import checked
+        from llmtrain.rundir import last_metrics, objective
         from llmtrain.tracking.sinks import SWEEP_ENV
 
         setup_globals()
@@ -67,7 +67,7 @@ class TorchrunLauncher(Launcher):
             with open_dict(cfg):
                 cfg.hydra.job.id, cfg.hydra.job.num = f"{cfg.hydra.job.name}_{idx}", idx
                 task = {k: v for k, v in cfg.items() if k != "hydra"}
-            validate(OmegaConf.create(task))
+            checked(OmegaConf.create(task))
             trials.append((idx, list(overrides), cfg))
         runs = []
         for idx, overrides, cfg in trials:
@@ -86,9 +86,7 @@ class TorchrunLauncher(Launcher):
             ret = JobReturn(overrides=overrides, cfg=cfg, hydra_cfg=cfg, working_dir=os.getcwd(),
                             task_name=str(cfg.hydra.job.name))
             if code == 0:
-                metrics = last_metrics(run_dir)
-                value = metrics.get("eval_loss", metrics.get("loss"))
-                ret.status, ret.return_value = JobStatus.COMPLETED, float(value) if value is not None else None
+                ret.status, ret.return_value = JobStatus.COMPLETED, objective(last_metrics(run_dir))
             else:
                 ret.status, ret.return_value = JobStatus.FAILED, RuntimeError(f"trial #{idx} exited with {code}")
             runs.append(ret)

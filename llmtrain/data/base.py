@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from llmtrain.datainfo import Batch, DataInfo
+from llmtrain.distributed.dist import Dist
 
 
 class IndexedDataset(Protocol):
@@ -205,11 +206,11 @@ def register_data(name: str):
     return deco
 
 
-def build_data(cfg: Any, *, model_cfg: Any = None, is_main: bool = True, barrier=None) -> DataModule:
-    """Build the DataModule named by cfg.kind. `barrier` lets rank 0 prepare files first."""
+def build_data(cfg: Any, *, model_cfg: Any = None, dist: Dist | None = None) -> DataModule:
+    """Build the DataModule named by cfg.kind. `dist`: rank 0 prepares files first, the others wait for it."""
     from llmtrain.data import images, instruct, synthetic, text  # noqa: F401  (registration)
     from llmtrain.errors import ConfigError
 
     if cfg.kind not in _REGISTRY:
         raise ConfigError("data.kind", f"unknown data kind {cfg.kind!r}; choose one of {sorted(_REGISTRY)}")
-    return _REGISTRY[cfg.kind](cfg, model_cfg=model_cfg, is_main=is_main, barrier=barrier)
+    return _REGISTRY[cfg.kind](cfg, model_cfg=model_cfg, dist=dist or Dist())

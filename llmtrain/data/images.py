@@ -18,6 +18,7 @@ import torch
 from llmtrain.data.base import DataModule, register_data
 from llmtrain.data.synthetic import ArrayDataset
 from llmtrain.datainfo import Batch, DataInfo
+from llmtrain.distributed.dist import Dist
 from llmtrain.errors import ConfigError, require
 from llmtrain.safeio import UnsafeFile, safe_pickle_load
 
@@ -206,8 +207,7 @@ class ImageDataModule(DataModule):
     its class template shifted by up to 2 pixels plus pixel noise of std `noise_std`.
     """
 
-    def __init__(self, cfg: ImageDataConfig, *, model_cfg: Any = None, is_main: bool = True,
-                 barrier: Any = None) -> None:
+    def __init__(self, cfg: ImageDataConfig, *, model_cfg: Any = None, dist: Dist = Dist()) -> None:
         self.cfg = cfg
         require(cfg.num_classes >= 2, "data.num_classes", f"must be >= 2 (got {cfg.num_classes})")
         if cfg.path:

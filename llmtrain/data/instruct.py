@@ -28,6 +28,7 @@ import torch
 from llmtrain.data.base import DataModule, register_data
 from llmtrain.data.text import check_vocab
 from llmtrain.datainfo import IGNORE_INDEX, Batch, DataInfo
+from llmtrain.distributed.dist import Dist
 from llmtrain.errors import ConfigError
 from llmtrain.safeio import atomic_write, file_digest
 
@@ -166,7 +167,7 @@ def _load_cache(cache: Path) -> tuple[dict[str, np.ndarray] | None, str]:
 
 def encode_file(path: Path, cfg: InstructDataConfig, tok: Any, key: str) -> dict[str, np.ndarray]:
     """{"tokens": int32 [N], "offsets": [n+1], "prompt_lens": [n]} per example (EOS included), cached."""
-    from llmtrain.data.prepare import cache_root
+    from llmtrain.data.prepared import cache_root
 
     if not path.is_file():
         raise ConfigError(key, f"file not found: {path}")
@@ -271,19 +272,18 @@ class PackedExamples:
 class InstructDataModule(DataModule):
     """Tokenises (once, cached; rank 0 first) and serves prompt/completion examples."""
 
-    def __init__(self, cfg: InstructDataConfig, *, model_cfg: Any = None, is_main: bool = True, barrier=None) -> None:
+    def __init__(self, cfg: InstructDataConfig, *, model_cfg: Any = None, dist: Dist = Dist()) -> None:
         self.cfg = cfg
         check_config(cfg)
         tok = _tokenizer(cfg, model_cfg)
         src = Path(cfg.source).expanduser()
         val_src = Path(cfg.val_source).expanduser() if cfg.val_source else None
         encoded: dict[str, dict[str, np.ndarray]] = {}
-        if is_main:  # rank 0 writes the caches, the others read them
+        if dist.is_main:  # rank 0 writes the caches, the others read them
             encoded["train"] = encode_file(src, cfg, tok, "data.source")
             if val_src is not None:
                 encoded["val"] = encode_file(val_src, cfg, tok, "data.val_source")
-        if barrier is not None:
-            barrier()
+        dist.barrier()
         enc = encoded.get("train") or encode_file(src, cfg, tok, "data.source")
         n = len(enc["prompt_lens"])
         if val_src is not None:
@@ -312,7 +312,7 @@ class InstructDataModule(DataModule):
         self.info = DataInfo(task="lm", vocab_size=len(tok), eos_token_id=tok.eos_token_id, tokenizer=tok,
                              extra={"packed": cfg.packing, "needed_vocab": top + 1})
         check_vocab(top + 1, model_cfg)
-        if is_main:
+        if dist.is_main:
             print(self.describe(counts), flush=True)
 
     def describe(self, counts: dict[str, tuple[int, int, int, int]]) -> str:

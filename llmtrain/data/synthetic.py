@@ -14,6 +14,7 @@ import torch
 
 from llmtrain.data.base import DataModule, register_data
 from llmtrain.datainfo import Batch, DataInfo
+from llmtrain.distributed.dist import Dist
 from llmtrain.errors import ConfigError, require
 
 TARGETS = ("linear", "nonlinear")
@@ -56,8 +57,7 @@ class RegressionDataModule(DataModule):
     X u ~ N(0, 1): a smooth bump a linear model cannot fit but a small ReLU net can.
     """
 
-    def __init__(self, cfg: RegressionDataConfig, *, model_cfg: Any = None, is_main: bool = True,
-                 barrier: Any = None) -> None:
+    def __init__(self, cfg: RegressionDataConfig, *, model_cfg: Any = None, dist: Dist = Dist()) -> None:
         self.cfg = cfg
         for key in ("n_train", "n_val", "in_features", "out_features"):
             require(getattr(cfg, key) > 0, f"data.{key}", f"must be > 0 (got {getattr(cfg, key)})")

@@ -12,6 +12,7 @@ import torch
 
 from llmtrain.data.base import DataModule, register_data
 from llmtrain.datainfo import Batch, DataInfo
+from llmtrain.distributed.dist import Dist
 from llmtrain.errors import ConfigError
 
 
@@ -42,7 +43,7 @@ class TokenBlocks:
     """
 
     def __init__(self, paths: list[Path], dtype: str, seq_len: int) -> None:
-        from llmtrain.data.prepare import TOKEN_DTYPES
+        from llmtrain.data.shards import TOKEN_DTYPES
 
         if dtype not in TOKEN_DTYPES:  # token ids only: never an object (or any other) dtype from a meta.json
             raise ConfigError("data.source", f"token shards of dtype {str(dtype)[:40]!r} are not read; "
@@ -88,16 +89,16 @@ class TokenBlocks:
 class TextDataModule(DataModule):
     """Prepares (once, on rank 0) and memmaps a tokenised corpus; a prepared dir is used as is."""
 
-    def __init__(self, cfg: TextDataConfig, *, model_cfg: Any = None, is_main: bool = True, barrier=None) -> None:
-        from llmtrain.data.prepare import check_config, load_prepared, prepare
+    def __init__(self, cfg: TextDataConfig, *, model_cfg: Any = None, dist: Dist = Dist()) -> None:
+        from llmtrain.data.prepared import check_config, prepare
+        from llmtrain.data.shards import load_prepared
 
         self.cfg = cfg
         if cfg.seq_len <= 0:
             raise ConfigError("data.seq_len", f"must be > 0 (got {cfg.seq_len})")
         check_config(cfg)
-        out = prepare(cfg, quiet=not is_main) if is_main else None
-        if barrier is not None:
-            barrier()
+        out = prepare(cfg, quiet=False) if dist.is_main else None  # rank 0 first, the others find its dir
+        dist.barrier()
         out = out or prepare(cfg, quiet=True, only_locate=True)
         self.dir = out
         self.meta, tok = load_prepared(out)

@@ -5,26 +5,26 @@ from __future__ import annotations
 import torch
 
 from llmtrain.distributed.base import SetupArgs, Strategy, StrategyConfig, StrategyName
-from llmtrain.distributed.env import DistEnv
+from llmtrain.distributed.dist import Dist
 
 
-def build_strategy(cfg: StrategyConfig, env: DistEnv, device: torch.device) -> Strategy:
+def build_strategy(cfg: StrategyConfig, dist: Dist, device: torch.device) -> Strategy:
     name = StrategyName(cfg.name)
     if name == StrategyName.single:
         from llmtrain.distributed.single import SingleStrategy
 
-        return SingleStrategy(cfg, env, device)
+        return SingleStrategy(cfg, dist, device)
     if name == StrategyName.ddp:
         from llmtrain.distributed.ddp import DDPStrategy
 
-        return DDPStrategy(cfg, env, device)
+        return DDPStrategy(cfg, dist, device)
     if name == StrategyName.fsdp:
         from llmtrain.distributed.fsdp import FSDPStrategy
 
-        return FSDPStrategy(cfg, env, device)
+        return FSDPStrategy(cfg, dist, device)
     from llmtrain.distributed.deepspeed import DeepSpeedStrategy
 
-    return DeepSpeedStrategy(cfg, env, device)
+    return DeepSpeedStrategy(cfg, dist, device)
 
 
-__all__ = ["DistEnv", "SetupArgs", "Strategy", "StrategyConfig", "StrategyName", "build_strategy"]
+__all__ = ["Dist", "SetupArgs", "Strategy", "StrategyConfig", "StrategyName", "build_strategy"]

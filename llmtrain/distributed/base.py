@@ -14,10 +14,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
-from llmtrain.distributed.env import DistEnv
+from llmtrain.distributed.dist import Dist
 from llmtrain.precision import Precision
 
 OptimizerFactory = Callable[[nn.Module], torch.optim.Optimizer]
@@ -64,25 +63,13 @@ class SetupArgs:
 
 
 class Strategy(ABC):
-    """Owns the wrapped model and its optimizer; hides the backend from the loop."""
+    """Owns the wrapped model and its optimizer; hides the backend from the loop. Collectives that are not the
+    backend's own (the run dir, checkpoints' manifests, stop requests, loss sums) belong to `Dist`."""
 
-    def __init__(self, cfg: StrategyConfig, env: DistEnv, device: torch.device) -> None:
-        self.cfg, self.env, self.device = cfg, env, device
+    def __init__(self, cfg: StrategyConfig, dist: Dist, device: torch.device) -> None:
+        self.cfg, self.dist, self.device = cfg, dist, device
         self.model: nn.Module | None = None
         self.optimizer: torch.optim.Optimizer | None = None
-
-    # rank facts -------------------------------------------------------------------------------
-    @property
-    def is_main(self) -> bool:
-        return self.env.is_main
-
-    @property
-    def world_size(self) -> int:
-        return self.env.world_size
-
-    @property
-    def rank(self) -> int:
-        return self.env.rank
 
     def num_parameters(self) -> int:
         """Parameters of the whole model (all shards), counting tied tensors once."""
@@ -161,68 +148,11 @@ class Strategy(ABC):
         """The whole model with the current weights on rank 0, to sample from (None elsewhere); every rank
         calls this. Sharded backends gather into a fresh `build()` on this device."""
         state = self.full_state_dict()
-        if not self.is_main:
+        if not self.dist.is_main:
             return None
         model = build()
         model.load_state_dict(state)
         return model.to(self.device)
-
-    # collectives ------------------------------------------------------------------------------
-    def all_reduce(self, t: torch.Tensor, op: str = "sum") -> torch.Tensor:
-        if self.world_size > 1:
-            dist.all_reduce(t, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX)
-        return t
-
-    def any_rank(self, flag: bool) -> bool:
-        """True on every rank when `flag` is true on any rank (a CPU collective: no device sync)."""
-        return self.max_over_ranks(int(flag)) > 0
-
-    def max_over_ranks(self, value: int) -> int:
-        """The largest of every rank's `value`, on every rank (a CPU collective: no device sync)."""
-        if self.world_size == 1:
-            return value
-        from llmtrain.distributed.env import control_group
-
-        t = torch.tensor([value], dtype=torch.int64)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=control_group())
-        return int(t.item())
-
-    def barrier(self) -> None:
-        if self.world_size > 1:
-            dist.barrier()
-
-    def gather_object(self, obj: Any) -> list[Any] | None:
-        """Every rank's `obj`, in rank order, on rank 0 (None elsewhere); a collective."""
-        if self.world_size == 1:
-            return [obj]
-        from llmtrain.distributed.env import control_group
-
-        out: list[Any] = [None] * self.world_size if self.is_main else None
-        dist.gather_object(obj, out, dst=0, group=control_group())
-        return out
-
-    def on_main(self, fn: Callable[[], Any]) -> Any:
-        """fn() on rank 0, its result (or its ConfigError, raised on every rank) broadcast to all ranks."""
-        from llmtrain.errors import ConfigError
-
-        out: tuple[Any, ConfigError | None] = (None, None)
-        if self.is_main:
-            try:
-                out = (fn(), None)
-            except ConfigError as e:
-                out = (None, e)
-        result, err = self.broadcast_object(out)
-        if err is not None:
-            err.quiet = not self.is_main  # rank 0 says it for the job
-            raise err
-        return result
-
-    def broadcast_object(self, obj: Any) -> Any:
-        if self.world_size == 1:
-            return obj
-        box = [obj]
-        dist.broadcast_object_list(box, src=0)
-        return box[0]
 
 
 class TorchOptimizerStrategy(Strategy):

@@ -14,7 +14,7 @@ class DDPStrategy(SingleStrategy):
     """SingleStrategy's precision and checkpoints, plus DDP's gradient all-reduce."""
 
     def _wrap(self, model: nn.Module) -> nn.Module:
-        if self.world_size == 1:
+        if self.dist.world_size == 1:
             return model
         ids = [self.device.index] if self.device.type == "cuda" else None
         # gradient_as_bucket_view: the gradients are views into the all-reduce buckets, not a second copy

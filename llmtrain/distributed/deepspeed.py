@@ -168,9 +168,9 @@ class DeepSpeedStrategy(Strategy):
             raise ConfigError("trainer.precision", f"DeepSpeed has no fp16 on the {get_accelerator()._name} "
                                                    "accelerator; use bf16 or fp32")
         self._init_comm(deepspeed)
-        ds = build_ds_config(self.cfg, args, self.world_size, pin_memory=self.device.type == "cuda")
+        ds = build_ds_config(self.cfg, args, self.dist.world_size, pin_memory=self.device.type == "cuda")
         ds = deep_merge(ds, load_user_config(self.cfg.deepspeed_config))
-        _check_batch_keys(ds, args, self.world_size)
+        _check_batch_keys(ds, args, self.dist.world_size)
         self.ds_config = ds
         if args.gradient_checkpointing:
             apply_activation_checkpointing(model, args.block_classes)
@@ -189,7 +189,7 @@ class DeepSpeedStrategy(Strategy):
     def _init_comm(self, deepspeed: Any) -> None:
         """Reuse the torch process group (gloo on CPU); one process gets a private world of one."""
         init_single_process_group(self.device, self.cfg.backend)  # no-op when the launcher started a group
-        os.environ.setdefault("LOCAL_RANK", str(self.env.local_rank))  # the engine reads it from the environment
+        os.environ.setdefault("LOCAL_RANK", str(self.dist.local_rank))  # the engine reads it from the environment
         backend = self.cfg.backend or ("nccl" if self.device.type == "cuda" else "gloo")
         if self.device.type == "cpu":
             # On CPU the comm backend JIT-builds a shared-memory op that only inference all-reduce uses: a
@@ -255,7 +255,7 @@ class DeepSpeedStrategy(Strategy):
 
     def reshard_refusal(self, saved_world_size: int, ckpt_dir: Path) -> str | None:
         return (f"checkpoint {ckpt_dir} was written by {saved_world_size} DeepSpeed processes and this run has "
-                f"{self.world_size}; DeepSpeed resumes only on the world size that wrote its partitions: rerun on "
+                f"{self.dist.world_size}; DeepSpeed resumes only on the world size that wrote its partitions: rerun on "
                 f"{saved_world_size} processes, or start a new run from its weights (llmtrain-export {ckpt_dir.parent.parent} "
                 f"{ckpt_dir}, then model.pretrained=<run>/final)")
 
@@ -297,9 +297,9 @@ class DeepSpeedStrategy(Strategy):
                     value = p.detach().clone()
             elif value is None:
                 value = p.detach()
-            if self.is_main:
+            if self.dist.is_main:
                 full[id(p)] = value.detach().to("cpu", torch.float32).clone()
-        if not self.is_main:
+        if not self.dist.is_main:
             return None
         out: dict[str, torch.Tensor] = {}
         for key, t in self._plain.state_dict(keep_vars=True).items():

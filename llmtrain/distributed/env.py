@@ -3,27 +3,13 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
-
-@dataclass(frozen=True)
-class DistEnv:
-    rank: int
-    local_rank: int
-    world_size: int
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    @property
-    def distributed(self) -> bool:
-        return self.world_size > 1
+from llmtrain.distributed.dist import Dist
 
 
 def strip_local_rank_arg(argv: list[str]) -> list[str]:
@@ -50,7 +36,7 @@ def strip_local_rank_arg(argv: list[str]) -> list[str]:
     return out
 
 
-def read_env() -> DistEnv:
+def read_env() -> Dist:
     """Rank facts from torchrun / deepspeed / accelerate / SLURM variables (1 process if none)."""
     e = os.environ
     if "RANK" not in e and "SLURM_PROCID" in e and "WORLD_SIZE" not in e and "SLURM_NTASKS" in e:
@@ -64,7 +50,7 @@ def read_env() -> DistEnv:
     rank = int(e.get("RANK", "0"))
     world = int(e.get("WORLD_SIZE", "1"))
     local = int(e.get("LOCAL_RANK", "0"))
-    return DistEnv(rank=rank, local_rank=local, world_size=world)
+    return Dist(rank=rank, world_size=world, local_rank=local)
 
 
 def first_slurm_host(nodelist: str) -> str:
@@ -81,20 +67,17 @@ def first_slurm_host(nodelist: str) -> str:
     return (m.group(1) + (m.group(2) or "")) if m else "127.0.0.1"
 
 
-def pick_device(requested: str, env: DistEnv) -> torch.device:
+def pick_device(requested: str, env: Dist) -> torch.device:
     """'auto' → this rank's GPU when CUDA is present, else CPU."""
-    if requested == "auto":
-        requested = "cuda" if torch.cuda.is_available() else "cpu"
-    if requested == "cuda":
-        torch.cuda.set_device(env.local_rank)
-        return torch.device("cuda", env.local_rank)
-    return torch.device(requested)
+    from llmtrain.device import pick_device as pick
+
+    return pick(requested, env.local_rank)
 
 
 _CONTROL: list[Any] = []  # the gloo group for small CPU control messages (see control_group)
 
 
-def init_process_group(env: DistEnv, device: torch.device, backend: str | None = None,
+def init_process_group(env: Dist, device: torch.device, backend: str | None = None,
                        timeout_s: float = 600.0) -> None:
     """Start the default process group once (no-op for one process), and a gloo control group beside NCCL."""
     if not env.distributed or dist.is_initialized():

@@ -88,7 +88,7 @@ class FSDPStrategy(TorchOptimizerStrategy):
         out = ckpt_dir / DCP_SUBDIR
         out.mkdir(parents=True, exist_ok=True)
         dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(out))
-        if self.scaler is not None and self.is_main:  # the scale is the same on every rank
+        if self.scaler is not None and self.dist.is_main:  # the scale is the same on every rank
             save_torch(self.scaler.state_dict(), ckpt_dir / SCALER_FILE)
 
     def load(self, ckpt_dir: Path) -> None:
@@ -106,7 +106,7 @@ class FSDPStrategy(TorchOptimizerStrategy):
         """All-gather the full weights to CPU on rank 0 (a collective: every rank calls it)."""
         opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
         state = get_model_state_dict(self.model, options=opts)
-        return state if self.is_main else None
+        return state if self.dist.is_main else None
 
 
 # safe DCP loading: DCP unpickles its metadata and non-tensor values in full; these load only known types --------

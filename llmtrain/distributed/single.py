@@ -43,7 +43,7 @@ class SingleStrategy(TorchOptimizerStrategy):
 
     # checkpoints: rank 0 writes the full state (DDP replicas are identical) ------------------------
     def save(self, ckpt_dir: Path) -> None:
-        if self.is_main:
+        if self.dist.is_main:
             model = trainable_state(self._plain) if self.args.trainable_only else self._plain.state_dict()
             state = {"model": model, "optimizer": self.optimizer.state_dict()}
             if self.scaler is not None:
@@ -61,8 +61,8 @@ class SingleStrategy(TorchOptimizerStrategy):
             self.scaler.load_state_dict(state["scaler"])
 
     def full_state_dict(self) -> dict[str, torch.Tensor] | None:
-        return self._plain.state_dict() if self.is_main else None
+        return self._plain.state_dict() if self.dist.is_main else None
 
     def sampling_model(self, build: Callable[[], nn.Module]) -> nn.Module | None:
         """The trained module itself (no copy): replicas are whole on every rank."""
-        return self._plain if self.is_main else None
+        return self._plain if self.dist.is_main else None

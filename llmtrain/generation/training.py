@@ -10,22 +10,23 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 from llmtrain import faults
 from llmtrain.generation.engine import Completion, GenerationConfig
-from llmtrain.jsonl import read_jsonl
 from llmtrain.tracking.logger import truncate_after
+
+if TYPE_CHECKING:
+    from llmtrain.context import RunContext
+    from llmtrain.distributed.base import Strategy
 
 SAMPLES_FILE = "samples.jsonl"
 
 
 class TrainingSampler:
-    def __init__(self, t: Any, spec: Any, model_cfg: Any, info: Any, strategy: Any, run_dir: Path,
-                 write: Callable[[str], None]) -> None:
-        self.spec, self.model_cfg, self.info, self.strategy = spec, model_cfg, info, strategy
-        self.run_dir, self.write = run_dir, write
-        self._repaired = False  # samples.jsonl checked for a torn tail before this run's first append
+    def __init__(self, ctx: RunContext, strategy: Strategy, write: Callable[[str], None]) -> None:
+        self.ctx, self.strategy, self.write = ctx, strategy, write
+        t = ctx.cfg.trainer
         self.prompts = list(t.sample_prompts) or [t.sample_prompt]
         self.cfg = GenerationConfig(max_new_tokens=t.sample_tokens, do_sample=t.sample_temperature > 0,
                                     temperature=t.sample_temperature, top_k=t.sample_top_k, seed=t.seed,
@@ -33,36 +34,30 @@ class TrainingSampler:
 
     @property
     def enabled(self) -> bool:
-        return self.cfg.max_new_tokens > 0 and self.info.task == "lm"
+        return self.cfg.max_new_tokens > 0 and self.ctx.data.info.task == "lm"
 
     def __call__(self, step: int) -> list[Completion] | None:
         """Sample from the current weights (a collective); rank 0 returns the completions."""
-        s = self.strategy
-        model = s.sampling_model(lambda: self.spec.build(self.model_cfg, self.info))
+        ctx = self.ctx
+        info = ctx.data.info
+        model = self.strategy.sampling_model(lambda: ctx.spec.build(ctx.cfg.model, info))
         out = None
-        if s.is_main:
+        if ctx.dist.is_main:
             was_training = model.training
             try:
-                out = self.spec.generator(model, self.info, s.device)(self.prompts, self.cfg)
+                out = ctx.spec.generator(model, info, ctx.device)(self.prompts, self.cfg)
             finally:
                 model.train(was_training)
-            self._append("".join(json.dumps({"step": step, "prompt": c.prompt, "text": c.text}) + "\n"
-                                 for c in out))
+            with open(ctx.run_dir / SAMPLES_FILE, "a") as f:  # its torn tail was dropped at start (truncate_samples)
+                faults.torn_write(f, "".join(json.dumps({"step": step, "prompt": c.prompt, "text": c.text}) + "\n"
+                                             for c in out), "samples")
             for c in out:
                 self.write(f"--- sample at step {step} ({c.completion_tokens} tokens) ---\n{c.text}\n---")
-        s.barrier()
+        ctx.dist.barrier()
         return out
-
-    def _append(self, lines: str) -> None:
-        """Append to samples.jsonl; the first append of a run drops a torn tail first (see llmtrain.jsonl)."""
-        path = self.run_dir / SAMPLES_FILE
-        if not self._repaired:
-            read_jsonl(path, repair=True)
-            self._repaired = True
-        with open(path, "a") as f:
-            faults.torn_write(f, lines, "samples")
 
 
 def truncate_samples(run_dir: Path, step: int) -> None:
-    """Drop samples of steps after `step` (from a run that died after its last checkpoint)."""
+    """Drop samples of steps after `step` (from a run that died after its last checkpoint; a fresh start: all)
+    and a torn last line, so that the run's appends start on a line of their own."""
     truncate_after(run_dir / SAMPLES_FILE, step)

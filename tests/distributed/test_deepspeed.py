@@ -252,7 +252,7 @@ LR_SCRIPT = textwrap.dedent("""
     import sys, torch
     from llmtrain.distributed.base import SetupArgs, StrategyConfig
     from llmtrain.distributed.deepspeed import DeepSpeedStrategy
-    from llmtrain.distributed.env import DistEnv
+    from llmtrain.distributed.dist import Dist
     from llmtrain.optim import OptimConfig, Scheduler, SchedulerConfig, build_optimizer
     from llmtrain.precision import Precision
 
@@ -260,7 +260,7 @@ LR_SCRIPT = textwrap.dedent("""
                          (3, {"offload_params": True})]:
         torch.manual_seed(0)
         model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
-        s = DeepSpeedStrategy(StrategyConfig(name="deepspeed", zero_stage=stage, **extra), DistEnv(0, 0, 1),
+        s = DeepSpeedStrategy(StrategyConfig(name="deepspeed", zero_stage=stage, **extra), Dist(),
                               torch.device("cpu"))
         s.setup(model, lambda m: build_optimizer(OptimConfig(lr=1.0), m),
                 SetupArgs(Precision.fp32, False, False, (), 2, 1, 0.0))

@@ -10,7 +10,7 @@ from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 from omegaconf.errors import ConfigKeyError, ValidationError
 
-from llmtrain.config import conf_dir, validate
+from llmtrain.config import checked, conf_dir
 from llmtrain.errors import ConfigError
 
 GROUPS = ["model", "data", "optim", "scheduler", "strategy", "trainer", "logger", "experiment"]
@@ -27,7 +27,7 @@ def test_every_experiment_composes_typed(experiment: str) -> None:
     obj = OmegaConf.to_object(cfg)  # instantiates every dataclass: types and required keys hold
     assert obj.trainer.max_steps > 0
     if experiment.startswith("gpt2_"):
-        validate(cfg)  # presets pass the semantic checks as shipped
+        checked(cfg)  # presets pass the semantic checks as shipped
 
 
 @pytest.mark.parametrize("group", [g for g in GROUPS if g not in ("experiment", "model", "data")])
@@ -42,7 +42,7 @@ def test_every_model_option_composes(model: str) -> None:
     data = "text" if model.startswith("gpt2") else ("regression" if model in ("linear", "mlp") else "images")
     cfg = compose([f"model={model}", f"data={data}"])
     OmegaConf.to_object(cfg)
-    validate(cfg)
+    checked(cfg)
 
 
 def test_presets_set_gpt2_sizes() -> None:
@@ -78,7 +78,7 @@ def test_typos_and_wrong_types_fail_at_compose(override: str, exc: type) -> None
 def test_semantic_errors_name_the_key(override: str, key: str) -> None:
     cfg = compose([override])
     with pytest.raises(ConfigError) as ei:
-        validate(cfg)
+        checked(cfg)
     assert ei.value.key == key
     assert "\n" not in str(ei.value)
 

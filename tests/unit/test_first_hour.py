@@ -12,7 +12,7 @@ from helpers import TINY_LM, compose, losses
 
 from llmtrain import checkpoint as ckpt
 from llmtrain import rundir
-from llmtrain.config import validate
+from llmtrain.config import checked
 from llmtrain.errors import ConfigError
 from llmtrain.export import main as export_main
 from llmtrain.export import read_export_step
@@ -85,7 +85,7 @@ def test_unknown_keys_refused_in_every_group(override: str) -> None:
     """Hydra accepts `+key=value` on a typed node; the run must refuse it, naming the real key."""
     cfg = compose([override])
     with pytest.raises(ConfigError) as ei:
-        validate(cfg)
+        checked(cfg)
     key = override[1:].split("=")[0]
     assert ei.value.key == key and "no such key" in str(ei.value) and "\n" not in str(ei.value)
     suggestions = {"+trainer.max_step=5": "did you mean trainer.max_steps?", "+model.n_layr=3": "model.n_layer?",

@@ -13,7 +13,8 @@ import torch
 from torch import nn
 
 from llmtrain.distributed import SetupArgs, Strategy, StrategyConfig, build_strategy
-from llmtrain.distributed.env import DistEnv, destroy_process_group
+from llmtrain.distributed.dist import Dist
+from llmtrain.distributed.env import destroy_process_group
 from llmtrain.models.base import DataInfo, get_model_spec
 from llmtrain.models.gpt2 import GPT2ModelConfig
 from llmtrain.models.gpt2_native import Block
@@ -32,7 +33,7 @@ def strategy(name: str, precision: Precision = Precision.fp32, checkpointing: bo
     spec = get_model_spec("gpt2")
     torch.manual_seed(0)
     model = spec.build(GPT2ModelConfig(n_layer=2, n_head=2, n_embd=32, n_positions=32), INFO)
-    s = build_strategy(StrategyConfig(name=name, **cfg), DistEnv(0, 0, 1), CPU)
+    s = build_strategy(StrategyConfig(name=name, **cfg), Dist(), CPU)
     local_rank = os.environ.get("LOCAL_RANK")  # DeepSpeed's engine reads it; set for this process only
     try:
         fused = not (name == "fsdp" and precision == Precision.fp16)  # as train.py decides
@@ -102,7 +103,7 @@ def test_compile_runs_a_compiled_module() -> None:
     from llmtrain.models.regression import RegressionModelConfig
 
     model = spec.build(RegressionModelConfig(), DataInfo(task="regression", in_features=4, out_features=1))
-    s = build_strategy(StrategyConfig(), DistEnv(0, 0, 1), CPU)
+    s = build_strategy(StrategyConfig(), Dist(), CPU)
     s.setup(model, lambda m: build_optimizer(OptimConfig(), m), SetupArgs(Precision.fp32, False, True, (), 2, 1, 0.0))
     before = counters["stats"]["unique_graphs"]
     s.model(torch.randn(3, 4))

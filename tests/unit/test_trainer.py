@@ -12,9 +12,11 @@ import torch
 from helpers import SHARED_DATA, TINY_LM, compose, losses, read_metrics
 
 from llmtrain import checkpoint as ckpt
+from llmtrain.config import Config
+from llmtrain.context import RunContext
 from llmtrain.data.base import DataModule
 from llmtrain.distributed import SetupArgs, StrategyConfig, build_strategy
-from llmtrain.distributed.env import DistEnv
+from llmtrain.distributed.dist import Dist
 from llmtrain.models.base import DataInfo, get_model_spec
 from llmtrain.models.gpt2 import GPT2ModelConfig
 from llmtrain.optim import OptimConfig, Scheduler, SchedulerConfig, build_optimizer
@@ -52,15 +54,18 @@ class PaddedData(DataModule):
 def _one_step_params(micro: int, accum: int, optim: str) -> dict[str, torch.Tensor]:
     spec = get_model_spec("gpt2")
     torch.manual_seed(0)
-    model = spec.build(GPT2ModelConfig(n_layer=2, n_head=2, n_embd=16, n_positions=16), PaddedData.info)
-    strategy = build_strategy(StrategyConfig(), DistEnv(0, 0, 1), torch.device("cpu"))
+    mcfg = GPT2ModelConfig(n_layer=2, n_head=2, n_embd=16, n_positions=16)
+    model = spec.build(mcfg, PaddedData.info)
+    strategy = build_strategy(StrategyConfig(), Dist(), torch.device("cpu"))
     tcfg = TrainerConfig(max_steps=1, micro_batch_size=micro, grad_accum_steps=accum, grad_clip=0.0,
                          eval_every=0, ckpt_every=0)
     strategy.setup(model, lambda m: build_optimizer(OptimConfig(name=optim, lr=0.1), m),
                    SetupArgs(Precision.fp32, False, False, (), micro, accum, 0.0))
     sched = Scheduler(SchedulerConfig(name="constant"), strategy.optimizer, 0.1, 1)
     logger = MetricsLogger(LoggerConfig(progress=False), Path("/nonexistent"), enabled=False, total_steps=1)
-    trainer = Trainer(tcfg, spec, strategy, PaddedData(), sched, logger, Path("/nonexistent"), 1)
+    conf = Config(model=mcfg, data=None, trainer=tcfg, logger=LoggerConfig(progress=False, log_every=1))
+    ctx = RunContext(conf, Path("/nonexistent"), Dist(), torch.device("cpu"), Precision.fp32, spec, PaddedData(), {})
+    trainer = Trainer(ctx, strategy, sched, logger)
     trainer.train_step()
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
