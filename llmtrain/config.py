@@ -1,6 +1,7 @@
 """Root config: the typed schema of every group, registered in Hydra's ConfigStore, plus checks.
 
-Each component's dataclass lives next to its code; this module only assembles and validates.
+Each component's dataclass lives next to its code; this module only assembles and validates. The schemas, tasks
+and presets of the model families and data kinds come from their registries (llmtrain.registry).
 Typos and wrong types fail in Hydra's compose; semantic checks raise ConfigError (exit 2).
 """
 
@@ -11,19 +12,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
-from llmtrain.data.images import ImageDataConfig
-from llmtrain.data.instruct import InstructDataConfig
-from llmtrain.data.synthetic import RegressionDataConfig
-from llmtrain.data.text import TextDataConfig
+from llmtrain.data.base import DATA
 from llmtrain.distributed.base import StrategyConfig
 from llmtrain.errors import ConfigError, require, unknown_key
-from llmtrain.models.gpt2 import GPT2ModelConfig
-from llmtrain.models.regression import RegressionModelConfig
-from llmtrain.models.vision import VisionModelConfig
+from llmtrain.models.base import MODELS
 from llmtrain.optim import OptimConfig, SchedulerConfig
+from llmtrain.registry import discover, store_once
 from llmtrain.tracking import LoggerConfig
 from llmtrain.trainer import TrainerConfig
 
@@ -42,24 +38,21 @@ class Config:
     logger: LoggerConfig = field(default_factory=LoggerConfig)
 
 
-# Schemas a group option extends with `defaults: [/schema_<group>_<name>@_here_, _self_]`. They are stored
-# at the root of the ConfigStore, not in a group, so `--help` lists only the groups a user picks from.
-SCHEMAS: dict[str, type] = {
-    "schema_model_gpt2": GPT2ModelConfig,
-    "schema_model_regression": RegressionModelConfig,
-    "schema_model_vision": VisionModelConfig,
-    "schema_data_text": TextDataConfig,
-    "schema_data_regression": RegressionDataConfig,
-    "schema_data_images": ImageDataConfig,
-    "schema_data_instruct": InstructDataConfig,
-}
+REGISTRIES = (MODELS, DATA)  # the groups whose options a family or kind brings, typed by its registered schema
 
 
 def register_configs() -> None:
-    cs = ConfigStore.instance()
-    cs.store(name="base_config", node=Config)
-    for name, node in SCHEMAS.items():
-        cs.store(name=name, node=node)
+    """The root schema, every registered family's and kind's schema and the presets of plugins into Hydra's
+    ConfigStore (a plugin that cannot be loaded: one line on stderr, exit 2)."""
+    store_once(None, "base_config", Config, __name__)
+    try:
+        discover(*REGISTRIES)
+        for registry in REGISTRIES:
+            registry.store(conf_dir())
+    except ConfigError as err:
+        from llmtrain.cli import report_and_exit
+
+        report_and_exit(err)
     from omegaconf import OmegaConf
 
     from llmtrain.rundir import trial_name
@@ -122,12 +115,9 @@ def typed(cfg: Any) -> Config:
     if isinstance(cfg, DictConfig) and OmegaConf.get_type(cfg) is Config:
         return OmegaConf.to_object(cfg)  # composed: every node is typed already
     sections = {}
-    for group, field_name in (("model", "family"), ("data", "kind")):
-        name = OmegaConf.select(cfg, f"{group}.{field_name}")
-        schema = SCHEMAS.get(f"schema_{group}_{name}")
-        if schema is None:
-            raise ConfigError(f"{group}.{field_name}", f"unknown {group} {field_name} {name!r}")
-        sections[group] = OmegaConf.structured(schema)
+    for registry in REGISTRIES:
+        name = OmegaConf.select(cfg, registry.key)
+        sections[registry.group] = OmegaConf.structured(registry.get(str(name)).config)
     return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Config), sections, cfg))
 
 
@@ -147,6 +137,8 @@ def validate(cfg: Config) -> None:
             f"must be >= 0, 0 for greedy (got {t.sample_temperature})")
     require(t.preempt_grace_s > 0, "trainer.preempt_grace_s", f"must be > 0 seconds (got {t.preempt_grace_s})")
     require(t.device in ("auto", "cpu", "cuda"), "trainer.device", f"must be auto, cpu or cuda (got {t.device!r})")
+    require(t.dropout_rng in ("rank", "global"), "trainer.dropout_rng",
+            f"must be rank or global (got {t.dropout_rng!r})")
     if t.device == "cuda":
         import torch
 
@@ -186,19 +178,17 @@ def validate(cfg: Config) -> None:
 
 
 def _check_model_data(cfg: Any) -> None:
-    """The model family and data kind must fit together."""
-    from llmtrain.models.base import get_model_spec
-
-    spec = get_model_spec(cfg.model.family)
+    """The model family and data kind must be registered and share a task."""
+    model, data = MODELS.get(cfg.model.family), DATA.get(cfg.data.kind)
+    spec = model.target
     spec.check_config(cfg.model)
-    task = {"text": "lm", "instruct": "lm", "regression": "regression", "images": "classification"}.get(cfg.data.kind)
-    if task is None:
-        raise ConfigError("data.kind", f"unknown data kind {cfg.data.kind!r}; choose text, instruct, regression or "
-                                       "images")
-    require(spec.task == task, "model", f"model family {spec.name!r} trains on {spec.task} data, but data.kind is "
-                                        f"{cfg.data.kind!r}; pick a matching model= and data= pair or an experiment=")
-    ctx = spec.context_length(cfg.model)
-    if ctx is not None and task == "lm":
+    if model.task != data.task:
+        fits = [f"data={o}" for e in DATA.entries() if e.task == model.task for o in e.options]
+        raise ConfigError("model", f"model family {model.name!r} trains on {model.task} data, but data.kind "
+                                   f"{data.name!r} is {data.task} data; pick {' or '.join(fits) or 'another model='} "
+                                   "or an experiment=")
+    ctx, seq_len = spec.context_length(cfg.model), getattr(cfg.data, "seq_len", None)
+    if ctx is not None and seq_len is not None:
         require(cfg.data.seq_len <= ctx, "data.seq_len",
                 f"{cfg.data.seq_len} exceeds the model context of {ctx}; set data.seq_len<={ctx} "
                 f"or model.n_positions>={cfg.data.seq_len}")

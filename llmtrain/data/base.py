@@ -10,14 +10,15 @@ import queue
 import threading
 import weakref
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
-from typing import Any, Protocol
+from collections.abc import Callable, Iterator
+from typing import Any, Protocol, TypeVar
 
 import numpy as np
 import torch
 
 from llmtrain.datainfo import Batch, DataInfo
 from llmtrain.distributed.dist import Dist
+from llmtrain.registry import Presets, Registry
 
 
 class IndexedDataset(Protocol):
@@ -100,6 +101,10 @@ class Loader:
         return self
 
     def __next__(self) -> Batch:
+        return self.to_device(self.next_host())
+
+    def next_host(self) -> Batch:
+        """The next micro-batch in host memory (pinned on CUDA): what can be counted without a device sync."""
         if self.prefetch > 0:
             if self._worker is None:
                 self._worker = _Prefetcher(self.dataset, self.sampler, self._pin, self.prefetch)
@@ -109,6 +114,10 @@ class Loader:
             batch = self.dataset.get(self.sampler.next_indices())
             if self._pin:
                 batch = {k: v.pin_memory() for k, v in batch.items()}
+        return batch
+
+    def to_device(self, batch: Batch) -> Batch:
+        """A host batch copied to the loader's device (asynchronously from pinned memory)."""
         return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
 
     def state_dict(self) -> dict[str, Any]:
@@ -193,14 +202,18 @@ class DataModule(ABC):
         return Loader(ds, sampler, device, prefetch=prefetch)
 
 
-_REGISTRY: dict[str, type] = {}
+DATA = Registry("data", "kind", "llmtrain.data", "register_data")
+DataModuleT = TypeVar("DataModuleT", bound=DataModule)
 
 
-def register_data(name: str):
-    """Class decorator: register a DataModule under `name` (cfg.data.kind)."""
+def register_data(name: str, *, config: type, task: str,
+                  presets: Presets) -> Callable[[type[DataModuleT]], type[DataModuleT]]:
+    """Class decorator: register a DataModule as data kind `name` (cfg.data.kind), with its schema (`config`, a
+    dataclass whose `kind` defaults to `name`), its task (what its DataInfo.task says) and its YAML presets (see
+    llmtrain.registry). The class is built as `cls(cfg, model_cfg=..., dist=...)`."""
 
-    def deco(cls: type) -> type:
-        _REGISTRY[name] = cls
+    def deco(cls: type[DataModuleT]) -> type[DataModuleT]:
+        DATA.add(name, cls, config=config, task=task, presets=presets, module=cls.__module__)
         return cls
 
     return deco
@@ -208,9 +221,11 @@ def register_data(name: str):
 
 def build_data(cfg: Any, *, model_cfg: Any = None, dist: Dist | None = None) -> DataModule:
     """Build the DataModule named by cfg.kind. `dist`: rank 0 prepares files first, the others wait for it."""
-    from llmtrain.data import images, instruct, synthetic, text  # noqa: F401  (registration)
     from llmtrain.errors import ConfigError
 
-    if cfg.kind not in _REGISTRY:
-        raise ConfigError("data.kind", f"unknown data kind {cfg.kind!r}; choose one of {sorted(_REGISTRY)}")
-    return _REGISTRY[cfg.kind](cfg, model_cfg=model_cfg, dist=dist or Dist())
+    entry = DATA.get(cfg.kind)
+    data = entry.target(cfg, model_cfg=model_cfg, dist=dist or Dist())
+    if data.info.task != entry.task:
+        raise ConfigError("data.kind", f"data kind {cfg.kind!r} is registered with task {entry.task!r} but its "
+                                       f"DataInfo says {data.info.task!r} ({entry.module})")
+    return data

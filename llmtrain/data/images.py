@@ -199,7 +199,7 @@ def read_cifar10(path: str | Path) -> dict[str, Any]:
     return {"train": stack(CIFAR_TRAIN), "val": stack((CIFAR_VAL,)), "classes": classes}
 
 
-@register_data("images")
+@register_data("images", config=ImageDataConfig, task="classification", presets=("images.yaml",))
 class ImageDataModule(DataModule):
     """CIFAR-10 when data.path is set, else a deterministic synthetic problem drawn from data.seed.
 

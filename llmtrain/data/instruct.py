@@ -268,7 +268,7 @@ class PackedExamples:
         return {k: torch.from_numpy(v[idx]) for k, v in self.arrays.items()}  # each [B, seq_len]
 
 
-@register_data("instruct")
+@register_data("instruct", config=InstructDataConfig, task="lm", presets=("instruct.yaml",))
 class InstructDataModule(DataModule):
     """Tokenises (once, cached; rank 0 first) and serves prompt/completion examples."""
 

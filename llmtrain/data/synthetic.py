@@ -49,7 +49,7 @@ class ArrayDataset:
         return {"x": self.x[idx], "y": self.y[idx]}
 
 
-@register_data("regression")
+@register_data("regression", config=RegressionDataConfig, task="regression", presets=("regression.yaml",))
 class RegressionDataModule(DataModule):
     """Draws w [F, out], b [out] and both splits; `true_w` / `true_b` are what a linear fit should recover.
 

@@ -85,7 +85,7 @@ class TokenBlocks:
         return {"input_ids": block[:, :-1].contiguous(), "labels": block[:, 1:].contiguous()}
 
 
-@register_data("text")
+@register_data("text", config=TextDataConfig, task="lm", presets=("text.yaml",))
 class TextDataModule(DataModule):
     """Prepares (once, on rank 0) and memmaps a tokenised corpus; a prepared dir is used as is."""
 

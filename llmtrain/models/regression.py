@@ -37,11 +37,9 @@ class MLP(nn.Sequential):
         super().__init__(nn.Linear(in_features, hidden), nn.ReLU(), nn.Linear(hidden, out_features))
 
 
+@register_model("regression", config=RegressionModelConfig, task="regression",
+                presets=("linear.yaml", "mlp.yaml"))
 class RegressionSpec(PlainModuleSpec):
-    config_cls = RegressionModelConfig
-    name = "regression"
-    task = "regression"
-
     def build(self, cfg: RegressionModelConfig, info: DataInfo) -> nn.Module:
         if info.in_features is None or info.out_features is None:
             raise ConfigError("data.kind", "regression models need in_features/out_features from the data")
@@ -77,5 +75,3 @@ class RegressionSpec(PlainModuleSpec):
         per_sample = (pred.float() - y.float()).pow(2).mean(dim=1)  # [B]
         return per_sample.sum(), torch.tensor(y.shape[0], device=y.device)
 
-
-register_model(RegressionSpec())

@@ -94,11 +94,9 @@ class LeNet(nn.Module):
         return self.fc3(x)
 
 
+@register_model("vision", config=VisionModelConfig, task="classification",
+                presets=("cnn.yaml", "resnet.yaml"))
 class VisionSpec(PlainModuleSpec):
-    config_cls = VisionModelConfig
-    name = "vision"
-    task = "classification"
-
     def build(self, cfg: VisionModelConfig, info: DataInfo) -> nn.Module:
         if info.num_classes is None:
             raise ConfigError("data.kind", "vision models need num_classes from the data")
@@ -130,5 +128,3 @@ class VisionSpec(PlainModuleSpec):
         return {"loss": F.cross_entropy(logits, y, reduction="sum"), "count": torch.tensor(y.shape[0], device=y.device),
                 "correct": (logits.argmax(dim=1) == y).sum()}
 
-
-register_model(VisionSpec())
