@@ -12,6 +12,7 @@ import torch
 
 from llmtrain import faults
 from llmtrain.models.base import DataInfo, ModelSpec
+from llmtrain.restore import checkpoint_state, plain_model
 from llmtrain.safeio import replace_dir
 
 if TYPE_CHECKING:
@@ -110,30 +111,6 @@ def write_final(spec: ModelSpec, model_cfg: Any, info: DataInfo, state: dict[str
     return final
 
 
-def plain_model(spec: ModelSpec, model_cfg: Any, info: DataInfo, state: dict[str, torch.Tensor]) -> torch.nn.Module:
-    """A fresh plain model (no adapters) holding the whole `state`: a LoRA model's is merged into the weights."""
-    from llmtrain.models import adapters
-
-    lora = adapters.lora_settings(model_cfg)
-    if lora is not None:
-        state = adapters.merged_state(state, lora, fan_in_fan_out=getattr(model_cfg, "impl", "native") == "hf")
-    model = spec.build(model_cfg, info)
-    model.load_state_dict(state)
-    return model
-
-
-def checkpoint_state(cfg: Any, ck: Path) -> tuple[ModelSpec, Any, dict[str, torch.Tensor]]:
-    """(model spec, data module, whole model state) of a run from its checkpoint `ck` of any strategy,
-    consolidated in memory; the weights a partly frozen or LoRA run leaves out of its checkpoints rebuilt."""
-    from llmtrain.data.base import build_data
-    from llmtrain.distributed.consolidate import consolidate
-    from llmtrain.models.base import get_model_spec
-
-    spec = get_model_spec(cfg.model.family)
-    data = build_data(cfg.data, model_cfg=cfg.model)
-    return spec, data, complete_state(spec, cfg, data.info, consolidate(ck, cfg.strategy.name))
-
-
 def export_final(ctx: RunContext, strategy: Strategy, step: int, out: Path | None = None,
                  record: dict[str, Any] | None = None) -> Path | None:
     """Gather the trained weights (rank 0) and write final/ (or `out`); every rank calls this."""
@@ -143,20 +120,6 @@ def export_final(ctx: RunContext, strategy: Strategy, step: int, out: Path | Non
         final = write_final(ctx.spec, ctx.cfg.model, ctx.data.info, state, ctx.run_dir, step, out, record)
     ctx.dist.barrier()
     return final
-
-
-def complete_state(spec: ModelSpec, cfg: Any, info: DataInfo, state: dict[str, torch.Tensor]
-                   ) -> dict[str, torch.Tensor]:
-    """A checkpoint of a partly frozen model holds its trainable parameters only: add the frozen ones, rebuilt
-    as the run built them (pretrained dir or seeded init, then the adapters)."""
-    from llmtrain.models import adapters
-
-    if adapters.lora_settings(cfg.model) is None and not list(getattr(cfg.model, "freeze", None) or []):
-        return state
-    torch.manual_seed(cfg.trainer.seed)
-    model = adapters.apply(spec.build(cfg.model, info), cfg.model)
-    adapters.load_trainable_state(model, state)
-    return model.state_dict()
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,19 +1,19 @@
-"""Generator: a GPT-2 from any source, decoded in batches with a preallocated KV cache.
+"""Generator: any causal LM (models/protocol.py), decoded in batches with a cache the model allocates.
 
     gen = Generator.from_pretrained("runs/gpt2_tiny")            # a run, an export, a HF dir or a hub name
     gen(["def main(", "class "], max_new_tokens=64, do_sample=False)   # → list[Completion]
     for piece in gen.stream("import ", max_new_tokens=32): print(piece, end="")
+    Generator(model, tokenizer)                                  # any model that meets the protocol
 
 Prompts of different lengths share a batch left-padded: every row's real tokens sit at the end of the
-prompt slots, its position ids count its own tokens only, and an attention mask hides the padding. The
-cache holds every layer's keys and values for the whole batch ([n_layer, B, n_head, L, head_dim]), written
-in place; the next token is chosen on the device, and the host reads tokens only to stream, to find stop
-strings, or every few steps to notice that every row has ended.
+prompt slots, its positions count its own tokens only, and a mask of the slots that hold a real token hides
+the padding. The model's cache is preallocated for the whole batch and written in place; the next token is
+chosen on the device, and the host reads tokens only to stream, to find stop strings, or every few steps to
+notice that every row has ended.
 """
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
@@ -24,7 +24,7 @@ import torch
 from llmtrain.device import pick_device
 from llmtrain.errors import ConfigError, require
 from llmtrain.generation.sampling import SamplingConfig, draw, process
-from llmtrain.models.gpt2_native import GPT2, GPT2Dims
+from llmtrain.models.protocol import Cache, CausalLM
 from llmtrain.precision import resolve
 
 OVERFLOW = ("error", "slide")
@@ -66,44 +66,6 @@ class Completion:
     @property
     def text(self) -> str:
         return self.prompt + self.completion
-
-
-class KVCache:
-    """Keys and values of every layer, [n_layer, 2, B, n_head, L, head_dim], which slots hold a real token
-    ([B, L]), and the slot written next.
-
-    `writers` append a chunk at `pos` and return the keys/values up to it (eager decoding: attention spans
-    only the filled part). `static_writers` write one token at the tensor `slot` and return the whole cache,
-    so every decode step has the same shapes (compiled decoding: one graph, CUDA graphs on GPU)."""
-
-    def __init__(self, d: GPT2Dims, batch: int, length: int, dtype: torch.dtype, device: torch.device,
-                 static: bool = False) -> None:
-        shape = (d.n_layer, 2, batch, d.n_head, length, d.n_embd // d.n_head)
-        self.kv = torch.zeros(shape, dtype=dtype, device=device)
-        self.valid = torch.zeros(batch, length, dtype=torch.bool, device=device)
-        self.slot = torch.zeros(1, dtype=torch.long, device=device)
-        self.length, self.pos = length, 0
-        layers = self.kv.unbind(0)
-        self.writers = [functools.partial(self._write, layer) for layer in layers]
-        self.static_writers = [functools.partial(self._write_at_slot, layer) for layer in layers]
-        if static and device.type == "cuda":  # in-place updates inside CUDA graphs
-            for t in (self.kv, self.valid, self.slot):
-                torch._dynamo.mark_static_address(t)
-
-    def reset(self) -> None:
-        self.pos = 0
-        self.valid.zero_()
-
-    def _write(self, layer: torch.Tensor, kv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        s, t = self.pos, kv.shape[3]  # layer [2, B, nh, L, hd], kv [2, B, nh, T, hd]: one copy for both
-        layer.narrow(3, s, t).copy_(kv)
-        k, v = layer.narrow(3, 0, s + t).unbind(0)
-        return k, v
-
-    def _write_at_slot(self, layer: torch.Tensor, kv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        layer.index_copy_(3, self.slot, kv)  # kv [2, B, nh, 1, hd]
-        k, v = layer.unbind(0)
-        return k, v
 
 
 class _Rows:
@@ -172,16 +134,17 @@ class _Rows:
 
 
 class Generator:
-    """Load once, call many times: `gen(prompts, **options)` → list[Completion]."""
+    """Load once, call many times: `gen(prompts, **options)` → list[Completion]. `model`: a causal LM
+    (models/protocol.py), moved to `device` and `dtype`, in eval mode."""
 
-    def __init__(self, model: GPT2, tokenizer: Any, device: torch.device | str = "cpu",
+    def __init__(self, model: CausalLM, tokenizer: Any, device: torch.device | str = "cpu",
                  dtype: torch.dtype = torch.float32, compile: bool = False) -> None:
         self.device = torch.device(device)
         self.model = model.to(device=self.device, dtype=dtype).eval()
-        self.tok, self.dtype, self.dims = tokenizer, dtype, model.dims
+        self.tok, self.dtype = tokenizer, dtype
         self.eos = tokenizer.eos_token_id
-        self.lean = model.lean_ops()  # None: a block holds adapters or wrappers, run as modules
-        self._static: dict[int, KVCache] = {}  # compile: one full-length cache per batch size, reused
+        self.context, self.vocab = model.max_positions, model.vocab_size
+        self._static: dict[int, tuple[Cache, torch.Tensor]] = {}  # compile: one full-context cache per batch size
         self._compiled = None
         if compile:
             mode = "reduce-overhead" if self.device.type == "cuda" else None  # CUDA graphs on GPU
@@ -257,7 +220,7 @@ class Generator:
     def _encode(self, prompt: str, cfg: GenerationConfig) -> list[int]:
         ids = self.tok.encode(prompt) if prompt else []
         ids = ids or [self.eos]  # an empty prompt starts from end-of-text, as a document would
-        ctx = self.dims.n_positions
+        ctx = self.context
         if len(ids) + cfg.max_new_tokens > ctx:
             if cfg.overflow == "error" and len(ids) >= ctx:  # no room for one new token: the prompt's fault
                 raise ConfigError("prompt", f"the prompt ({len(ids)} tokens) leaves no room in the model's context "
@@ -279,8 +242,7 @@ class Generator:
     @torch.no_grad()
     def _generate(self, prompts: list[list[int]], cfg: GenerationConfig, gens: list[torch.Generator] | None,
                   emit: Callable[[int, str | None], None] | None) -> list[tuple[str, int, str]]:
-        B, P, dev = len(prompts), max(map(len, prompts)), self.device
-        ctx = self.dims.n_positions
+        B, P, dev, ctx = len(prompts), max(map(len, prompts)), self.device, self.context
         L = min(ctx, P + cfg.max_new_tokens)
         hist = torch.full((B, P + cfg.max_new_tokens), self.eos, dtype=torch.long, device=dev)  # every slot's token
         valid = torch.zeros(B, hist.shape[1], dtype=torch.bool, device=dev)  # slots that hold a real token
@@ -290,11 +252,11 @@ class Generator:
         padded = not bool(valid[:, :P].all())
         seen = None
         if cfg.repetition_penalty != 1.0:
-            seen = torch.zeros(B, self.dims.vocab_size, dtype=torch.bool, device=dev)
+            seen = torch.zeros(B, self.vocab, dtype=torch.bool, device=dev)
             seen.scatter_(1, hist[:, :P], valid[:, :P])
         rows = _Rows(self.tok, B, cfg, emit)
-        cache = self._cache(B, L)
-        logits, pos = self._prefill(cache, hist, valid, 0, P, padded)  # logits [B, V], pos [B]
+        cache, live = self._cache(B, L)  # live [B, cache.length]: the cache slots that hold a real token
+        logits, pos = self._prefill(cache, live, hist, valid, 0, P, padded)  # logits [B, V], pos [B]
         sync_every = 1 if (cfg.stop or emit is not None or dev.type == "cpu") else 8
         pending: list[torch.Tensor] = []
         for t in range(cfg.max_new_tokens):
@@ -312,57 +274,49 @@ class Generator:
                 break
             if seen is not None:
                 seen[torch.arange(B, device=dev), nxt] = True
-            if cache.pos == min(cache.length, self.dims.n_positions):  # context full (slide): keep the newest half
-                keep = self.dims.n_positions // 2
-                logits, pos = self._prefill(cache, hist, valid, slot + 1 - keep, slot + 1, True)
+            if cache.pos == min(cache.length, ctx):  # context full (slide): keep the newest half
+                logits, pos = self._prefill(cache, live, hist, valid, slot + 1 - ctx // 2, slot + 1, True)
                 continue
             pos = pos + 1
-            cache.valid[:, cache.pos] = True  # the slot this token's keys/values go to
+            live[:, cache.pos] = True  # the slot this token's keys/values go to
             if self._compiled is not None:
                 cache.slot.fill_(cache.pos)
-                logits = self._compiled(nxt, pos, cache)
+                logits = self._compiled(nxt, pos, cache, live)
+                cache.pos += 1  # a static step leaves the count to its caller
             else:
-                mask = cache.valid[:, None, None, :cache.pos + 1] if padded else None  # [B, 1, 1, S]
-                logits = self._decode_step(nxt, pos, cache, mask)
-            cache.pos += 1
+                mask = live[:, :cache.pos + 1] if padded else None  # [B, S]
+                logits = self.model.logits(nxt[:, None], pos[:, None], cache, mask)[:, -1].float()
         return rows.results()
 
-    def _cache(self, batch: int, length: int) -> KVCache:
+    def _cache(self, batch: int, length: int) -> tuple[Cache, torch.Tensor]:
+        """An empty cache of `length` slots and its slots' mask; compiled: the full-context one of this batch
+        size, reused (every shape fixed)."""
         if self._compiled is None:
-            return KVCache(self.dims, batch, length, self.dtype, self.device)
+            cache = self.model.allocate_cache(batch, length, self.dtype, self.device)
+            return cache, torch.zeros(batch, cache.length, dtype=torch.bool, device=self.device)
         if batch not in self._static:
-            self._static[batch] = KVCache(self.dims, batch, self.dims.n_positions, self.dtype, self.device, static=True)
+            cache = self.model.allocate_cache(batch, self.context, self.dtype, self.device, static=True)
+            live = torch.zeros(batch, cache.length, dtype=torch.bool, device=self.device)
+            if self.device.type == "cuda":  # written in place inside CUDA graphs
+                torch._dynamo.mark_static_address(live)
+            self._static[batch] = cache, live
         return self._static[batch]
 
-    def _prefill(self, cache: KVCache, hist: torch.Tensor, valid: torch.Tensor, lo: int, hi: int,
-                 padded: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        """Run slots [lo, hi) through the model into the emptied cache: (last logits [B, V], last position [B])."""
+    def _prefill(self, cache: Cache, live: torch.Tensor, hist: torch.Tensor, valid: torch.Tensor, lo: int,
+                 hi: int, padded: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """Run slots [lo, hi) of the history into the emptied cache: (last logits [B, V], last position [B])."""
         ids, ok = hist[:, lo:hi], valid[:, lo:hi]  # [B, T]
         cache.reset()
-        cache.valid[:, :ids.shape[1]] = ok
+        live.zero_()
+        live[:, :ids.shape[1]] = ok
         pos = (ok.long().cumsum(1) - 1).clamp(min=0)  # each row counts its own tokens
-        mask = None
-        if padded:
-            T = ids.shape[1]
-            causal = torch.ones(T, T, dtype=torch.bool, device=ids.device).tril()
-            eye = torch.eye(T, dtype=torch.bool, device=ids.device)  # a padding query attends to itself
-            mask = (ok[:, None, None, :] & causal) | eye  # [B, 1, T, T]
-        h = self.model.hidden(ids, pos, cache.writers, mask, causal=True, lean=self.lean)
-        cache.pos = ids.shape[1]
-        return self.model.lm_head(h[:, -1:])[:, 0].float(), pos[:, -1]
+        logits = self.model.logits(ids, pos, cache, ok if padded else None, last_only=True)  # [B, 1, V]
+        return logits[:, -1].float(), pos[:, -1]
 
-    def _decode_step(self, nxt: torch.Tensor, pos: torch.Tensor, cache: KVCache,
-                     mask: torch.Tensor | None) -> torch.Tensor:
-        """One token per row: its keys/values go to the cache's next slot; logits [B, V]."""
-        h = self.model.hidden(nxt[:, None], pos[:, None], cache.writers, mask, causal=False, lean=self.lean)
-        return self.model.lm_head(h)[:, -1].float()
-
-    def _static_step(self, nxt: torch.Tensor, pos: torch.Tensor, cache: KVCache) -> torch.Tensor:
-        """_decode_step with every shape fixed: the write lands at `cache.slot`, attention spans the whole
-        cache with empty slots masked (what torch.compile turns into one graph)."""
-        mask = cache.valid[:, None, None, :]  # [B, 1, 1, L]
-        h = self.model.hidden(nxt[:, None], pos[:, None], cache.static_writers, mask, causal=False, lean=self.lean)
-        return self.model.lm_head(h)[:, -1].float()
+    def _static_step(self, nxt: torch.Tensor, pos: torch.Tensor, cache: Cache, live: torch.Tensor) -> torch.Tensor:
+        """One token per row with every shape fixed: written at `cache.slot`, attention over the whole cache
+        with its empty slots masked (what torch.compile turns into one graph); logits [B, V]."""
+        return self.model.logits(nxt[:, None], pos[:, None], cache, live, static=True)[:, -1].float()
 
 
 def config_keys() -> set[str]:

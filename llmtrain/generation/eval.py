@@ -1,4 +1,4 @@
-"""`llmtrain-eval`: mean loss and perplexity of a GPT-2 on text.
+"""`llmtrain-eval`: mean loss and perplexity of a causal LM (models/protocol.py: its `nll`) on text.
 
     llmtrain-eval source=runs/gpt2_tiny/final data.source=corpus.txt
     llmtrain-eval source=gpt2 data.source=data/corpus-gpt2 split=val batch_size=16
@@ -15,7 +15,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import hydra
 import numpy as np
@@ -26,6 +26,12 @@ from llmtrain.cli import user_errors_exit
 from llmtrain.config import check_known_keys, conf_dir, register_configs
 from llmtrain.device import check_device, pick_device
 from llmtrain.errors import ConfigError, require
+
+if TYPE_CHECKING:
+    import torch
+
+    from llmtrain.models.protocol import CausalLM
+    from llmtrain.precision import Precision
 
 
 @dataclass
@@ -59,14 +65,31 @@ def tokenizer_dir(source: str) -> Path:
     return hf_model_dir(source, "source")
 
 
-@user_errors_exit
-def run(cfg: DictConfig) -> dict[str, Any]:
+def score(lm: CausalLM, ds: Any, blocks: int, batch_size: int, precision: Precision, device: torch.device
+          ) -> tuple[float, int]:
+    """(mean loss per target, number of targets) of the causal LM `lm` over blocks 0 .. blocks - 1 of `ds`
+    (its `get(indices)` → input_ids, labels [B, T]), in batches of `batch_size`, sums in fp64."""
     import torch
 
+    from llmtrain.precision import autocast
+
+    total = torch.zeros(2, dtype=torch.float64, device=device)
+    with torch.no_grad():
+        for start in range(0, blocks, batch_size):
+            batch = ds.get(np.arange(start, min(start + batch_size, blocks)))
+            batch = {k: v.to(device) for k, v in batch.items()}
+            with autocast(precision, device):
+                loss_sum, count = lm.nll(batch["input_ids"], batch["labels"])
+            total += torch.stack([loss_sum.double(), count.double()])
+    return (total[0] / total[1]).item(), int(total[1].item())
+
+
+@user_errors_exit
+def run(cfg: DictConfig) -> dict[str, Any]:
     from llmtrain.data.base import build_data
     from llmtrain.data.tokenizers import tokenizer_hash
     from llmtrain.generation.sources import load_source
-    from llmtrain.precision import autocast, resolve
+    from llmtrain.precision import resolve
 
     check_known_keys(cfg)  # a misspelt `+key=value`
     require(cfg.data.kind == "text", "data", f"evaluates text data (got data.kind={cfg.data.kind!r})")
@@ -76,30 +99,22 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     check_device(cfg.device)
     device = pick_device(cfg.device)
     precision = resolve(cfg.precision, device)  # auto: bf16 on GPUs that have it (else fp16), fp32 on CPU
-    model, tok = load_source(cfg.source)
+    lm, tok = load_source(cfg.source)  # a causal LM (models/protocol.py)
     data_cfg = cfg.data.copy()
     data_cfg.tokenizer = str(tokenizer_dir(cfg.source))
     data = build_data(data_cfg)
     if tokenizer_hash(data.info.tokenizer) != tokenizer_hash(tok):
         raise ConfigError("data.source", f"{data_cfg.source} was prepared with another tokenizer than "
                                          f"{cfg.source}'s; give the raw text or re-prepare it with that tokenizer")
-    require(data.info.extra["needed_vocab"] <= model.dims.vocab_size, "data.source",
+    require(data.info.extra["needed_vocab"] <= lm.vocab_size, "data.source",
             f"token ids reach {data.info.extra['needed_vocab'] - 1}, beyond the model's vocabulary")
-    require(data_cfg.seq_len <= model.dims.n_positions, "data.seq_len",
-            f"{data_cfg.seq_len} exceeds the model's context of {model.dims.n_positions}")
-    model = model.to(device).eval()
+    require(data_cfg.seq_len <= lm.max_positions, "data.seq_len",
+            f"{data_cfg.seq_len} exceeds the model's context of {lm.max_positions}")
+    lm = lm.to(device).eval()
     ds = data.split(cfg.split)  # every block in order, the last batch as full as the split allows
     blocks = len(ds) if cfg.batches == 0 else min(cfg.batches * cfg.batch_size, len(ds))
     t0 = time.perf_counter()
-    total = torch.zeros(2, dtype=torch.float64, device=device)
-    with torch.no_grad():
-        for start in range(0, blocks, cfg.batch_size):
-            batch = ds.get(np.arange(start, min(start + cfg.batch_size, blocks)))
-            batch = {k: v.to(device) for k, v in batch.items()}
-            with autocast(precision, device):
-                loss_sum, count = model(batch["input_ids"], labels=batch["labels"])
-            total += torch.stack([loss_sum.double(), count.double()])
-    mean, tokens = (total[0] / total[1]).item(), int(total[1].item())
+    mean, tokens = score(lm, ds, blocks, cfg.batch_size, precision, device)
     out = {"eval_loss": mean, "perplexity": math.exp(mean), "tokens": tokens, "blocks": blocks}
     n = -(-blocks // cfg.batch_size)
     print(f"llmtrain: {cfg.split} split of {data.dir}: {blocks} blocks of {data_cfg.seq_len} tokens in {n} "

@@ -1,4 +1,7 @@
-"""Where a model to generate from comes from: a run dir, an exported / Hugging Face GPT-2 dir, a hub name."""
+"""Where a model to generate from comes from: a run dir, an exported / Hugging Face GPT-2 dir, a hub name.
+
+Every source gives a causal LM (models/protocol.py) and its tokenizer: a model dir through `load_hf` (native
+GPT-2), a run's checkpoint through its family's `ModelSpec.causal_lm`."""
 
 from __future__ import annotations
 
@@ -6,7 +9,8 @@ from pathlib import Path
 from typing import Any
 
 from llmtrain.errors import ConfigError
-from llmtrain.models.gpt2_native import GPT2, from_hf_state, load_hf
+from llmtrain.models.gpt2_native import load_hf
+from llmtrain.models.protocol import CausalLM
 from llmtrain.rundir import CONFIG_FILE
 
 
@@ -21,8 +25,8 @@ def final_export(run_dir: Path) -> Path | None:
     return final if (final / "config.json").is_file() else None
 
 
-def load_source(source: str) -> tuple[GPT2, Any]:
-    """(native GPT-2 in eval mode, its tokenizer) for `source`; one-line ConfigError("source") otherwise."""
+def load_source(source: str) -> tuple[CausalLM, Any]:
+    """(causal LM in eval mode, its tokenizer) for `source`; one-line ConfigError("source") otherwise."""
     from llmtrain.data.tokenizers import Tokenizer
 
     path = Path(source).expanduser()
@@ -40,27 +44,23 @@ def load_source(source: str) -> tuple[GPT2, Any]:
     return model.eval(), Tokenizer.from_dir(path)
 
 
-def _from_run(run_dir: Path) -> tuple[GPT2, Any]:
+def _from_run(run_dir: Path) -> tuple[CausalLM, Any]:
     """A run's final/ export; else its newest checkpoint of any strategy, consolidated in memory."""
     if (final := final_export(run_dir)) is not None:
         return load_source(str(final))
     from llmtrain import checkpoint as ckpt
-    from llmtrain.export import checkpoint_state, plain_model
+    from llmtrain.models.base import get_model_spec
+    from llmtrain.restore import checkpoint_state, plain_model
     from llmtrain.rundir import read_config
 
     cfg = read_config(run_dir, "source")
-    if cfg.model.family != "gpt2":
+    if get_model_spec(cfg.model.family).task != "lm":
         raise ConfigError("source", f"{run_dir} trains a {cfg.model.family} model, not a language model")
     ck = ckpt.resolve_resume("auto", run_dir, aside=False)
     if ck is None:
         raise ConfigError("source", f"{run_dir} has neither final/ nor a complete checkpoint yet")
     spec, data, state = checkpoint_state(cfg, ck)  # a frozen or LoRA run's checkpoint made whole
-    model = plain_model(spec, cfg.model, data.info, state)  # LoRA merged, as in final/
-    if not isinstance(model, GPT2):  # model.impl=hf: transformers' layout, converted
-        from llmtrain.models.gpt2_native import dims_from_hf_config
-
-        d = dims_from_hf_config(model.config.to_dict())
-        state = model.state_dict()
-        model = GPT2(d)
-        model.load_state_dict(from_hf_state(state, d))
-    return model.eval(), data.info.tokenizer
+    lm = spec.causal_lm(plain_model(spec, cfg.model, data.info, state))  # LoRA merged, as in final/
+    if lm is None:
+        raise ConfigError("source", f"{run_dir}'s {cfg.model.family} model cannot generate text")
+    return lm.eval(), data.info.tokenizer

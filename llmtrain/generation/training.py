@@ -1,8 +1,9 @@
 """Samples while training (`trainer.sample_every`) and at the end of a run, from the weights being trained.
 
 Every rank calls the sampler: sharded strategies gather the whole model for rank 0 (the strategy's
-`sampling_model`), rank 0 generates with the same engine as `llmtrain-generate`, appends one JSON object per
-sample to `<run>/samples.jsonl` (step, prompt, text) and shows the samples in the progress output.
+`sampling_model`), rank 0 generates with the same engine as `llmtrain-generate` over the family's view of the
+model as a causal LM (`ModelSpec.causal_lm`), appends one JSON object per sample to `<run>/samples.jsonl`
+(step, prompt, text) and shows the samples in the progress output.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from llmtrain import faults
-from llmtrain.generation.engine import Completion, GenerationConfig
+from llmtrain.generation.engine import Completion, GenerationConfig, Generator
 from llmtrain.tracking.logger import truncate_after
 
 if TYPE_CHECKING:
@@ -45,7 +46,9 @@ class TrainingSampler:
         if ctx.dist.is_main:
             was_training = model.training
             try:
-                out = ctx.spec.generator(model, info, ctx.device)(self.prompts, self.cfg)
+                lm = ctx.spec.causal_lm(model)  # the weights being trained, seen through the protocol
+                gen = Generator(lm, info.tokenizer, ctx.device, dtype=next(lm.parameters()).dtype)
+                out = gen(self.prompts, self.cfg)
             finally:
                 model.train(was_training)
             with open(ctx.run_dir / SAMPLES_FILE, "a") as f:  # its torn tail was dropped at start (truncate_samples)

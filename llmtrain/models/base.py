@@ -7,13 +7,18 @@ which block class to shard and checkpoint.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 from torch import nn
 
 from llmtrain.datainfo import Batch, DataInfo  # noqa: F401  (re-exported)
+from llmtrain.registry import Presets, Registry
+
+if TYPE_CHECKING:
+    from llmtrain.models.protocol import CausalLM
 
 
 class ModelSpec(ABC):
@@ -49,7 +54,7 @@ class ModelSpec(ABC):
 
     @abstractmethod
     def count(self, batch: Batch) -> int:
-        """Number of targets in a batch (known before the forward pass)."""
+        """Number of targets in a host batch (known before the forward pass, read without a device sync)."""
 
     def context_length(self, cfg: Any) -> int | None:
         """Longest input the model accepts (None: unbounded)."""
@@ -67,8 +72,10 @@ class ModelSpec(ABC):
         """Training FLOPs (forward + backward) per token of a `seq_len` block, for MFU; None when unknown."""
         return None
 
-    def generator(self, model: nn.Module, info: DataInfo, device: torch.device) -> Any:
-        """A text Generator over `model` (language models only; None otherwise)."""
+    def causal_lm(self, model: nn.Module) -> CausalLM | None:
+        """`model` (as built or trained, inside any wrapper) seen as a causal LM (models/protocol.py), for
+        generation and evaluation: the module itself where it meets the protocol, else a conversion or an
+        adapter over it; None: not a language model."""
         return None
 
     def report(self, cfg: Any, info: DataInfo, path: Path) -> list[str]:
@@ -84,22 +91,24 @@ def format_count(n: int) -> str:
     return str(n)
 
 
-_REGISTRY: dict[str, ModelSpec] = {}
+MODELS = Registry("model", "family", "llmtrain.models", "register_model")
+ModelSpecT = TypeVar("ModelSpecT", bound=ModelSpec)
 
 
-def register_model(spec: ModelSpec) -> ModelSpec:
-    _REGISTRY[spec.name] = spec
-    return spec
+def register_model(name: str, *, config: type, task: str,
+                   presets: Presets) -> Callable[[type[ModelSpecT]], type[ModelSpecT]]:
+    """Class decorator: register a ModelSpec (one instance of it) as model family `name` (cfg.model.family), with
+    its schema (`config`, a dataclass whose `family` defaults to `name`), the task of the data it trains on and
+    its YAML presets (see llmtrain.registry). Sets the class's `name`, `task` and `config_cls`."""
+
+    def deco(cls: type[ModelSpecT]) -> type[ModelSpecT]:
+        cls.name, cls.task, cls.config_cls = name, task, config  # type: ignore[attr-defined]
+        MODELS.add(name, cls(), config=config, task=task, presets=presets, module=cls.__module__)
+        return cls
+
+    return deco
 
 
 def get_model_spec(name: str) -> ModelSpec:
-    from llmtrain.errors import ConfigError
-
-    _import_builtin_models()
-    if name not in _REGISTRY:
-        raise ConfigError("model.family", f"unknown model family {name!r}; choose one of {sorted(_REGISTRY)}")
-    return _REGISTRY[name]
-
-
-def _import_builtin_models() -> None:
-    from llmtrain.models import gpt2, regression, vision  # noqa: F401
+    """The spec of model family `name`; one line naming the registered families when there is none."""
+    return MODELS.get(name).target

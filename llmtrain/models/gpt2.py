@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -18,7 +18,7 @@ from torch import nn
 from llmtrain.errors import ConfigError
 from llmtrain.models.adapters import LoraConfig
 from llmtrain.models.base import Batch, DataInfo, ModelSpec, register_model
-from llmtrain.models.gpt2_native import GPT2, IGNORE_INDEX, Block, GPT2Dims, load_hf, save_hf
+from llmtrain.models.gpt2_native import GPT2, IGNORE_INDEX, Block, GPT2Dims, from_hf, load_hf, save_hf
 
 IMPLS = ("native", "hf")
 
@@ -86,10 +86,9 @@ def core(model: nn.Module) -> nn.Module:
         model = inner
 
 
+@register_model("gpt2", config=GPT2ModelConfig, task="lm",
+                presets=("gpt2_tiny.yaml", "gpt2_small.yaml", "gpt2_medium.yaml", "gpt2_large.yaml", "gpt2_xl.yaml"))
 class GPT2Spec(ModelSpec):
-    name = "gpt2"
-    task = "lm"
-
     def check_config(self, cfg: GPT2ModelConfig) -> None:
         check_config(cfg)
 
@@ -149,7 +148,8 @@ class GPT2Spec(ModelSpec):
         return loss_sum, (labels != IGNORE_INDEX).sum()
 
     def count(self, batch: Batch) -> int:
-        return int((batch["labels"] != IGNORE_INDEX).sum())
+        """Targets of a host batch (numpy: never a device read; a device tensor is refused)."""
+        return int(np.count_nonzero(batch["labels"].numpy() != IGNORE_INDEX))
 
     def flops_per_token(self, model: nn.Module, seq_len: int) -> float | None:
         m = core(model)
@@ -159,20 +159,13 @@ class GPT2Spec(ModelSpec):
 
         return dims_from_hf_config(m.config.to_dict()).flops_per_token(seq_len)
 
-    def generator(self, model: nn.Module, info: DataInfo, device: torch.device) -> Any:
-        """Generation over the model itself when it is native (its current weights, no copy), else over a
-        native copy of transformers' weights."""
-        from llmtrain.generation import Generator
-
+    def causal_lm(self, model: nn.Module) -> GPT2:
+        """The native model itself (its current weights, no copy); transformers' GPT-2 converted to it
+        (`from_hf`: its tensors shared where the layouts agree)."""
         m = core(model)
-        if not isinstance(m, GPT2):
-            from llmtrain.models.gpt2_native import dims_from_hf_config, from_hf_state
-
-            d = dims_from_hf_config(m.config.to_dict())
-            native = GPT2(d)
-            native.load_state_dict(from_hf_state(m.state_dict(), d))
-            m = native
-        return Generator(m, info.tokenizer, device, dtype=next(m.parameters()).dtype)
+        if isinstance(m, GPT2):
+            return m
+        return from_hf(m.config.to_dict(), m.state_dict())
 
     def export(self, model: nn.Module, cfg: GPT2ModelConfig, info: DataInfo, out_dir: Path) -> None:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -211,5 +204,3 @@ def document_mask(doc_ids: torch.Tensor) -> torch.Tensor:
     causal = torch.ones(T, T, dtype=torch.bool, device=doc_ids.device).tril()
     return (doc_ids[:, None, :, None] == doc_ids[:, None, None, :]) & causal
 
-
-register_model(GPT2Spec())
