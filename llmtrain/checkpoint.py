@@ -38,7 +38,7 @@ from llmtrain.safeio import (
 
 MANIFEST = "manifest.json"
 TRAINER_FILE = "trainer.pt"
-FORMAT = 2  # manifest "files": {name: {size, sha256}} (format 1: a list of names)
+FORMAT = 3  # 3: "layout" (dcp | deepspeed); 2: "files" as {name: {size, sha256}}; 1: a list of names
 
 
 # RNG --------------------------------------------------------------------------------------------------
@@ -207,7 +207,7 @@ def save_checkpoint(run_dir: Path, step: int, strategy: Any, dist: Dist, trainer
     parts = dist.gather(mine)
     if dist.is_main:
         files = {k: v for part in parts for k, v in part.items()}
-        manifest = {"format": FORMAT, "step": step, "world_size": dist.world_size,
+        manifest = {"format": FORMAT, "step": step, "world_size": dist.world_size, "layout": strategy.layout,
                     "strategy": type(strategy).__name__, "config": trainer_state.get("config"),
                     "early_stopped": bool(trainer_state.get("early_stopped", False)), "files": files}
         atomic_write_text(tmp / MANIFEST, json.dumps(manifest, indent=1))
@@ -245,10 +245,26 @@ def _load(path: Path, map_location: Any = "cpu") -> Any:
         raise ConfigError("trainer.resume", e.message) from None
 
 
-def check_world_size(ckpt: Path, strategy: Any, dist: Dist) -> None:
-    """One line when the checkpoint's world size differs and the strategy cannot reshard it."""
-    saved = int(read_manifest(ckpt)["world_size"])
-    if saved != dist.world_size and (why := strategy.reshard_refusal(saved, ckpt)) is not None:
+def check_compatible(ckpt: Path, strategy: Any, dist: Dist) -> None:
+    """One line when this strategy cannot resume `ckpt`: another checkpoint layout (DeepSpeed's own against the
+    one single, ddp and fsdp share, or llmtrain's earlier single/ddp format), or a world size it cannot reshard."""
+    from llmtrain.distributed.consolidate import layout
+
+    manifest = read_manifest(ckpt)
+    saved = layout(ckpt)  # what its files are (the manifest of an earlier llmtrain names no layout)
+    if saved != strategy.layout:
+        run = ckpt.parent.parent
+        way_out = (f"or start a new run from its weights: llmtrain-export {run} {ckpt} --out <dir>, then "
+                   "model.pretrained=<dir>")
+        if saved == "legacy":
+            why = f"is in the format of an earlier llmtrain (model_optim.pt), which no strategy resumes now; {way_out}"
+        else:
+            fits = "strategy=deepspeed" if saved == "deepspeed" else "strategy=single, ddp or fsdp"
+            why = f"was written in the {saved} layout, which {type(strategy).__name__} does not read; resume it with " \
+                  f"{fits}, {way_out}"
+        raise ConfigError("trainer.resume", f"checkpoint {ckpt} {why}")
+    saved_world = int(manifest["world_size"])
+    if saved_world != dist.world_size and (why := strategy.reshard_refusal(saved_world, ckpt)) is not None:
         raise ConfigError("trainer.resume", why)
 
 
@@ -257,7 +273,7 @@ def load_checkpoint(ckpt: Path, strategy: Any, dist: Dist) -> dict[str, Any]:
 
     A checkpoint of another world size loads where the strategy can reshard it (`reshard_refusal` says why
     not); RNG streams then start from the seed (rank r takes rank r's saved stream when there is one)."""
-    check_world_size(ckpt, strategy, dist)
+    check_compatible(ckpt, strategy, dist)
     try:
         strategy.load(ckpt)
     except UnsafeFile as e:

@@ -18,28 +18,42 @@ from llmtrain.jsonl import read_jsonl, warn
 CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.jsonl"
 RECORD_FILE = "run.json"  # status (running | complete | stopped | failed), overrides, times
-# what must not change between a checkpoint and the run resuming it (max_steps, lr, cadences may)
-RESUME_KEYS = ("model", "data", "strategy.name", "optim.name")
+# what must not change between a checkpoint and the run resuming it (max_steps, lr, cadences, the strategy
+# and the world size may: single, ddp and fsdp share one checkpoint format)
+RESUME_KEYS = ("model", "data", "optim.name")
 # what a resume may change, with a note (the global batch: e.g. accumulation doubled on half the processes)
 BATCH_KEYS = ("trainer.micro_batch_size", "trainer.grad_accum_steps")
-FINGERPRINT_KEYS = RESUME_KEYS + BATCH_KEYS  # a default run dir holds runs of one fingerprint
+LAYOUT_KEY = "checkpoint layout"  # from strategy.name: deepspeed keeps its own format, the others share dcp
+GLOBAL_BATCH_KEY = "global batch"  # micro-batch × accumulation × world size
+# a default run dir holds the runs of one configuration: what they resume, their global batch, their layout
+# (so a run moved to more processes with its global batch kept finds its run dir again)
+FINGERPRINT_KEYS = RESUME_KEYS + (GLOBAL_BATCH_KEY, LAYOUT_KEY)
 NOT_FINGERPRINTED = ("num_proc", "out_dir", "prefetch")  # how data is read or prepared, not what it is
 
 
-def fingerprint(cfg: Any) -> dict[str, Any]:
-    """The parts of a run's config that a checkpoint is only valid for, as plain JSON-able values."""
+def fingerprint(cfg: Any, world_size: int = 1) -> dict[str, Any]:
+    """The parts of a run's config that a checkpoint is only valid for, and its batch shape on `world_size`
+    processes, as plain JSON-able values."""
     from omegaconf import OmegaConf
 
     if not OmegaConf.is_config(cfg):  # a typed Config
         cfg = OmegaConf.structured(cfg)
     out = {}
-    for key in FINGERPRINT_KEYS:
+    for key in RESUME_KEYS + BATCH_KEYS:
         node = OmegaConf.select(cfg, key)
         out[key] = OmegaConf.to_container(node, resolve=True, enum_to_str=True) if OmegaConf.is_config(node) \
             else getattr(node, "value", node)
     for k in NOT_FINGERPRINTED:
         out["data"].pop(k, None)
+    out[GLOBAL_BATCH_KEY] = out[BATCH_KEYS[0]] * out[BATCH_KEYS[1]] * world_size
+    name = OmegaConf.select(cfg, "strategy.name")
+    out[LAYOUT_KEY] = checkpoint_layout(str(getattr(name, "value", name)))
     return out
+
+
+def checkpoint_layout(strategy: str) -> str:
+    """The checkpoint format a strategy writes and reads: deepspeed's own, or the one the others share."""
+    return "deepspeed" if strategy == "deepspeed" else "dcp"
 
 
 def first_difference(saved: dict[str, Any], current: dict[str, Any],
@@ -57,21 +71,12 @@ def first_difference(saved: dict[str, Any], current: dict[str, Any],
     return None
 
 
-CHECKPOINT_FORMATS = {"single": "full state", "ddp": "full state"}  # strategies that read each other's checkpoints
-
-
-def _by_format(fp: dict[str, Any]) -> dict[str, Any]:
-    """A fingerprint whose strategy is named by its checkpoint format (single and ddp resume each other)."""
-    name = fp.get("strategy.name")
-    return {**fp, "strategy.name": CHECKPOINT_FORMATS.get(name, name)}
-
-
 def check_resumable(ckpt: Path, saved: dict[str, Any] | None, current: dict[str, Any]) -> str | None:
     """One-line error when the checkpoint was written by an incompatible config; a note when the batch
     shape changed (allowed: the data position carries over, the global batch is the new one)."""
     if saved is None:
         return None
-    diff = first_difference(_by_format(saved), _by_format(current), RESUME_KEYS)
+    diff = first_difference(saved, current, RESUME_KEYS)
     if diff is not None:
         key, a, b = diff
         raise ConfigError(key, f"is {b!r} but checkpoint {ckpt} was trained with {a!r}; use a new "
@@ -112,14 +117,15 @@ def read_config(run_dir: Path, key: str) -> Any:
 
 
 def dir_fingerprint(run_dir: Path) -> dict[str, Any] | None:
-    """The fingerprint of the run a dir holds (from its config.yaml); None when it holds none."""
+    """The fingerprint of the run a dir holds (its config.yaml, on the world size its run.json records); None
+    when it holds none."""
     from omegaconf import OmegaConf
 
     path = run_dir / CONFIG_FILE
     if not path.is_file():
         return None
     try:
-        return fingerprint(OmegaConf.load(path))
+        return fingerprint(OmegaConf.load(path), int(read_run_record(run_dir).get("world_size", 1)))
     except Exception:  # an unreadable or foreign config.yaml: not a run of ours
         return {}
 

@@ -76,7 +76,7 @@ def run(cfg: DictConfig, run_dir: Path, *, pick_dir: bool = False, overrides: li
     strategy = None
     try:
         strategy = build_strategy(conf.strategy, dist, device)
-        fingerprint = rundir.fingerprint(conf)
+        fingerprint = rundir.fingerprint(conf, dist.world_size)
         held: list[RunLock] = []  # rank 0's lock on the run dir, for the whole run
 
         def claim() -> tuple[str, Path | None]:
@@ -117,7 +117,7 @@ def _claim(conf: Config, requested: Path, pick_dir: bool, fingerprint: dict[str,
             check_target(where / sub, "run dir")
         found = ckpt.resolve_resume(resume, where)
         if found is not None:
-            ckpt.check_world_size(found, strategy, dist)
+            ckpt.check_compatible(found, strategy, dist)
             if batch := rundir.check_resumable(found, ckpt.saved_fingerprint(found), fingerprint):
                 print(batch, file=sys.stderr, flush=True)
     except BaseException:
@@ -159,7 +159,8 @@ def _fit(conf: Config, run_dir: Path, resume_from: Path | None, strategy: Strate
         truncate_samples(run_dir, trainer.step)  # samples of steps no checkpoint holds (a fresh start: all)
         if resume_from is None:
             rundir.write_config(run_dir, conf)
-        rundir.write_run_record(run_dir, status="running", overrides=overrides, started=started)
+        rundir.write_run_record(run_dir, status="running", overrides=overrides, started=started,
+                                world_size=dist.world_size)
         _announce(ctx, strategy, trainer.step, resume_from)
     try:
         last = trainer.fit()
@@ -293,6 +294,7 @@ def main() -> None:
     watch_launcher()  # a worker whose launcher died exits instead of training on, orphaned
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # DeepSpeed (also imported by transformers) on CPU
+    register_train_app()  # again: the plugins this process's environment names (a forked one's may differ)
     run_app(_hydra_main)
 
 

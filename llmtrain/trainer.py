@@ -20,6 +20,7 @@ from llmtrain.distributed import comm_stats
 from llmtrain.distributed.base import Strategy
 from llmtrain.errors import EXIT_INTERRUPTED, RunFailed, Stopped
 from llmtrain.interrupt import StopRequest, hold_signals
+from llmtrain.models import dropout
 from llmtrain.models.base import Batch
 from llmtrain.optim import Scheduler
 from llmtrain.precision import Precision
@@ -55,11 +56,16 @@ class TrainerConfig:
     early_stop_patience: int = 0  # stop after this many evaluations without a lower eval loss; 0: never
     tf32: bool = True  # CUDA: fp32 matmuls and convolutions on TF32 tensor cores (bf16/fp16 runs are unaffected)
     max_bad_steps: int = 5  # a non-finite loss or grad norm skips the update; this many in a row stop the run
+    # dropout masks: rank (each process's generator; exact resume on the same world size) | global (from each
+    # sample's row in the global micro-batch: every strategy and world size draws the same; models/dropout.py)
+    dropout_rng: str = "rank"
     preempt_grace_s: float = 120.0  # SIGTERM/SIGUSR1: finish the step and checkpoint within this, else exit 143
 
 
 class Trainer:
     """Runs optimizer steps with accumulation, logs, evaluates and checkpoints."""
+
+    read_every_step_on_cpu = True  # False: a GPU's cadence (reads on log steps only), e.g. to test for syncs
 
     def __init__(self, ctx: RunContext, strategy: Strategy, scheduler: Scheduler, logger: MetricsLogger, *,
                  sampler: Callable[[int], Any] | None = None, on_best: Callable[[int, float], Any] | None = None,
@@ -79,13 +85,16 @@ class Trainer:
         self.saved_step = -1  # step of the newest checkpoint this process wrote or resumed from
         # Per-step values stay on the device and are read on log steps (every step on CPU, where reading is
         # free): no host sync in between.
-        self._read_every_step = ctx.device.type == "cpu"
+        self._read_every_step = ctx.device.type == "cpu" and self.read_every_step_on_cpu
         self._count_comm = comm_stats.enabled()
         # non-finite steps on the device: in a row now, the longest run since the last read, in all
         self._bad = {k: torch.zeros((), dtype=torch.int64, device=ctx.device) for k in ("streak", "peak", "total")}
         self._bad_seen = 0  # the total at the last read
         self._diverged: RunFailed | None = None  # max_bad_steps reached: raised once the step is logged
         self._since = {"t": time.perf_counter(), "steps": 0, "excluded_s": 0.0}  # the interval being timed
+        # dropout_rng=global: the micro-step's mask key, on the device, rewritten in place (models/dropout.py)
+        self._mask_key = torch.zeros((), dtype=torch.int64, device=ctx.device) \
+            if self.cfg.dropout_rng == "global" else None
         self.train_loader = self._loader("train", shuffle=True)
         self._loader("val", shuffle=False)  # fail at start, not at the first eval, if val is too small
         self.lm = self.data.info.task == "lm"
@@ -174,15 +183,17 @@ class Trainer:
         nothing here waits for the device. A non-finite loss or grad norm skips the update (see _read)."""
         s, d, k, dev = self.strategy, self.dist, self.cfg.grad_accum_steps, self.ctx.device
         t0 = time.perf_counter()
-        batches = [next(self.train_loader) for _ in range(k)]
+        hosts = [self.train_loader.next_host() for _ in range(k)]
         data_wait = time.perf_counter() - t0
-        counts = torch.stack([_as_tensor(sum(self.spec.count(b) for b in batches), dev),
-                              _as_tensor(sum(_rows(b) for b in batches), dev)])
+        counts = torch.tensor([sum(self.spec.count(b) for b in hosts), sum(_rows(b) for b in hosts)],
+                              dtype=torch.float64)  # targets, samples: counted on the host
+        counts = (counts.pin_memory() if dev.type == "cuda" else counts).to(dev, non_blocking=True)
+        batches = [self.train_loader.to_device(b) for b in hosts]
         d.all_reduce(counts)  # global targets, global samples
         scale = (d.world_size / counts[0]).float()  # backends average gradients over ranks
         loss_sum = torch.zeros((), dtype=torch.float64, device=dev)
         for i, batch in enumerate(batches):
-            with s.micro_step(sync_grads=(i == k - 1)):
+            with s.micro_step(sync_grads=(i == k - 1)), self._masks(i):
                 with s.autocast():
                     part, _ = self.spec.loss(s.model, batch)
                 part = faults.poison("loss", part)
@@ -205,6 +216,13 @@ class Trainer:
         b["total"] = b["total"] + bad
         return {"loss_sum": loss_sum, "counts": counts, "grad_norm": grad_norm, "finite": finite,
                 "stepped": stepped, "lr": lr, "data_wait_s": data_wait}
+
+    def _masks(self, micro: int) -> contextlib.AbstractContextManager:
+        """dropout_rng=global: micro-step `micro`'s masks, this rank's rows placed in the global micro-batch."""
+        if self._mask_key is None:
+            return contextlib.nullcontext()
+        self._mask_key.fill_(dropout.step_key(self.cfg.seed, self.step, micro))
+        return dropout.masks(self._mask_key, row0=self.dist.rank * self.cfg.micro_batch_size)
 
     def _read(self, p: dict[str, Any]) -> dict[str, Any]:
         """The step's record (a host sync), the interval's rates, and the non-finite guard."""
@@ -344,11 +362,6 @@ _PREEMPT = 2  # stop codes agreed over ranks: 0 none, 1 Ctrl-C, 2 preemption (it
 
 def _stop_code(stop: StopRequest) -> int:
     return 0 if not stop.requested else _PREEMPT if stop.preempted else 1
-
-
-def _as_tensor(n: int | torch.Tensor, device: torch.device) -> torch.Tensor:
-    return n.to(device, torch.float64) if isinstance(n, torch.Tensor) else torch.tensor(float(n), device=device,
-                                                                                          dtype=torch.float64)
 
 
 def _rows(batch: Batch) -> int:

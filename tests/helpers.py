@@ -121,11 +121,13 @@ def _fork_ctx() -> Any:
 
 
 def _forked_main(module: str, argv: list[str], env: dict[str, str], cwd: str, out: str, err: str) -> None:
-    """In the forked child: the environment, fds 1/2 to files, then `module.main()` (SystemExit → exit code)."""
+    """In the forked child: the environment (PYTHONPATH's entries on sys.path, as a new interpreter has them),
+    fds 1/2 to files, then `module.main()` (SystemExit → exit code)."""
     import importlib
 
     os.environ.clear()
     os.environ.update(env)
+    sys.path[:0] = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p and p not in sys.path]
     os.chdir(cwd)
     for fd, path in ((1, out), (2, err)):
         f = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
@@ -200,6 +202,14 @@ def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
 
 def losses(run_dir: Path) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in read_metrics(run_dir) if "loss" in r}
+
+
+def ckpt_state(ck: Path) -> dict[str, Any]:
+    """A checkpoint's model and optimizer state ({"model": {name: tensor}, "optim": {"state": {name: ...},
+    "param_groups": ...}}), its DCP files read whole in this process."""
+    from llmtrain.distributed.dcp import read_dcp
+
+    return read_dcp(ck, ("model", "optim"))
 
 
 def compose(overrides: list[str], config_name: str = "config") -> Any:

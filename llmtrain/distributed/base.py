@@ -128,6 +128,8 @@ class Strategy(ABC):
         return False
 
     # checkpoints --------------------------------------------------------------------------------
+    layout: str  # the checkpoint format it writes and reads (manifest "layout"): dcp | deepspeed
+
     @abstractmethod
     def save(self, ckpt_dir: Path) -> None:
         """Write model + optimizer (+scaler) state into ckpt_dir; every rank calls it."""
@@ -137,7 +139,8 @@ class Strategy(ABC):
         """Inverse of save; on another world size too, unless reshard_refusal() said why not."""
 
     def reshard_refusal(self, saved_world_size: int, ckpt_dir: Path) -> str | None:
-        """Why a checkpoint written by `saved_world_size` processes cannot load here (None: it can)."""
+        """Why a checkpoint of this layout written by `saved_world_size` processes cannot load here (None:
+        it can)."""
         return None
 
     @abstractmethod
@@ -156,9 +159,27 @@ class Strategy(ABC):
 
 
 class TorchOptimizerStrategy(Strategy):
-    """Backends that step a torch optimizer in this process (single, DDP, FSDP2), fp16 via a loss scaler."""
+    """Backends that step a torch optimizer in this process (single, DDP, FSDP2), fp16 via a loss scaler; they
+    share one checkpoint format (distributed/dcp.py), so each resumes the others' checkpoints."""
 
     scaler: Any = None  # GradScaler / ShardedGradScaler for fp16, else None
+    layout = "dcp"
+
+    def state_module(self) -> nn.Module:
+        """The module whose state dict is the checkpoint's (names as in the plain model)."""
+        return self.unwrap()
+
+    def save(self, ckpt_dir: Path) -> None:
+        from llmtrain.distributed.dcp import save_state
+
+        save_state(self.state_module(), self.optimizer, ckpt_dir, trainable_only=self.args.trainable_only,
+                   scaler=self.scaler, is_main=self.dist.is_main)
+
+    def load(self, ckpt_dir: Path) -> None:
+        from llmtrain.distributed.dcp import load_state
+
+        load_state(self.state_module(), self.optimizer, ckpt_dir, trainable_only=self.args.trainable_only,
+                   scaler=self.scaler)
 
     def backward(self, loss: torch.Tensor) -> None:
         (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
@@ -205,6 +226,19 @@ class TorchOptimizerStrategy(Strategy):
 def _takes_found_inf(opt: torch.optim.Optimizer) -> bool:
     """Fused Adam/AdamW/SGD read `found_inf` and skip their update on the device when it is set."""
     return bool(getattr(opt, "_step_supports_amp_scaling", False)) and any(g.get("fused") for g in opt.param_groups)
+
+
+# Prefixes that wrappers add to parameter names but not to the plain model's state_dict keys.
+_WRAPPER_PREFIXES = ("_checkpoint_wrapped_module.", "_orig_mod.")
+
+
+def clean_key(name: str) -> str:
+    """A parameter name without wrapper prefixes (activation checkpointing, compile, engine)."""
+    for prefix in _WRAPPER_PREFIXES:
+        if name.startswith(prefix):
+            name = name[len(prefix):]
+        name = name.replace("." + prefix, ".")
+    return name
 
 
 def apply_activation_checkpointing(model: nn.Module, block_classes: tuple[type[nn.Module], ...]) -> None:

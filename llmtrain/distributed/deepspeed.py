@@ -27,14 +27,18 @@ from typing import Any
 import torch
 from torch import nn
 
-from llmtrain.distributed.base import OptimizerFactory, SetupArgs, Strategy, apply_activation_checkpointing
+from llmtrain.distributed.base import (
+    OptimizerFactory,
+    SetupArgs,
+    Strategy,
+    apply_activation_checkpointing,
+    clean_key,
+)
 from llmtrain.distributed.env import init_single_process_group
 from llmtrain.errors import ConfigError
 from llmtrain.precision import Precision
 
 TAG = "deepspeed"  # sub-directory of a llmtrain checkpoint holding DeepSpeed's files
-# Prefixes that wrappers add to parameter names but not to the plain model's state_dict keys.
-_WRAPPER_PREFIXES = ("_checkpoint_wrapped_module.", "_orig_mod.")
 
 
 def _import_deepspeed(device: torch.device | None = None) -> Any:
@@ -141,19 +145,11 @@ def _check_batch_keys(ds: dict[str, Any], args: SetupArgs, world_size: int) -> N
                                                            "set trainer.micro_batch_size / grad_accum_steps instead")
 
 
-def clean_key(name: str) -> str:
-    """A parameter name without wrapper prefixes (activation checkpointing, compile, engine)."""
-    for prefix in _WRAPPER_PREFIXES:
-        if name.startswith(prefix):
-            name = name[len(prefix):]
-        name = name.replace("." + prefix, ".")
-    return name
-
-
 class DeepSpeedStrategy(Strategy):
-    """The DeepSpeed engine behind the Strategy interface."""
+    """The DeepSpeed engine behind the Strategy interface; checkpoints in DeepSpeed's own format."""
 
     engine: Any
+    layout = "deepspeed"
 
     def setup(self, model: nn.Module, make_optimizer: OptimizerFactory, args: SetupArgs) -> None:
         deepspeed = _import_deepspeed(self.device)

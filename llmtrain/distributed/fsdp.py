@@ -4,29 +4,18 @@ Setup order: activation checkpointing on the blocks → torch.compile (per block
 keys stay plain) → `fully_shard` on every block, then on the root. The root group holds the rest of the
 parameters, including tied ones (GPT-2's `lm_head.weight` is `transformer.wte.weight`), so a tie stays a
 single sharded parameter. Mixed precision is FSDP's `MixedPrecisionPolicy` (compute in bf16/fp16, reduce
-and keep the master weights in fp32), not autocast. Checkpoints are `torch.distributed.checkpoint`
-(DCP) directories: every rank writes its own shard, nothing is gathered.
+and keep the master weights in fp32), not autocast. Checkpoints are the torch strategies' one format
+(distributed/dcp.py): every rank writes its own shard, nothing is gathered.
 """
 
 from __future__ import annotations
 
 import contextlib
-import pickle
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed.checkpoint as dcp
 from torch import nn
-from torch.distributed.checkpoint import FileSystemReader
-from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
-from torch.distributed.checkpoint.state_dict import (
-    StateDictOptions,
-    get_model_state_dict,
-    get_state_dict,
-    set_state_dict,
-)
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
 from llmtrain.distributed.base import (
@@ -37,10 +26,6 @@ from llmtrain.distributed.base import (
 )
 from llmtrain.distributed.env import init_single_process_group
 from llmtrain.precision import Precision, make_grad_scaler
-from llmtrain.safeio import UnsafeFile, culprit, find_cause, load_torch, safe_pickle_load, save_torch
-
-DCP_SUBDIR = "dcp"  # <ckpt>/dcp/{.metadata, __<rank>_0.distcp}
-SCALER_FILE = "scaler.pt"
 
 
 class FSDPStrategy(TorchOptimizerStrategy):
@@ -75,6 +60,9 @@ class FSDPStrategy(TorchOptimizerStrategy):
         """The module itself (its parameters are DTensor shards; use full_state_dict() for weights)."""
         return self.model
 
+    def state_module(self) -> nn.Module:
+        return self.model
+
     # one step ---------------------------------------------------------------------------------------
     def micro_step(self, sync_grads: bool) -> contextlib.AbstractContextManager:
         """Skip the reduce-scatter on non-final micro-steps (gradients accumulate unsharded)."""
@@ -82,90 +70,11 @@ class FSDPStrategy(TorchOptimizerStrategy):
         self.model.set_requires_gradient_sync(sync_grads)
         return contextlib.nullcontext()
 
-    # checkpoints: DCP, one shard file per rank ----------------------------------------------------------
-    def save(self, ckpt_dir: Path) -> None:
-        model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
-        out = ckpt_dir / DCP_SUBDIR
-        out.mkdir(parents=True, exist_ok=True)
-        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(out))
-        if self.scaler is not None and self.dist.is_main:  # the scale is the same on every rank
-            save_torch(self.scaler.state_dict(), ckpt_dir / SCALER_FILE)
-
-    def load(self, ckpt_dir: Path) -> None:
-        """DCP reshards: a checkpoint of any world size loads onto this one."""
-        model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
-        state = {"model": model_sd, "optim": optim_sd}
-        with refusing_unsafe(ckpt_dir / DCP_SUBDIR):
-            dcp.load(state, storage_reader=SafeReader(str(ckpt_dir / DCP_SUBDIR)), planner=SafePlanner())
-        set_state_dict(self.model, self.optimizer, model_state_dict=state["model"],
-                       optim_state_dict=state["optim"])
-        if self.scaler is not None and (ckpt_dir / SCALER_FILE).is_file():
-            self.scaler.load_state_dict(load_torch(ckpt_dir / SCALER_FILE))
-
     def full_state_dict(self) -> dict[str, torch.Tensor] | None:
         """All-gather the full weights to CPU on rank 0 (a collective: every rank calls it)."""
         opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
         state = get_model_state_dict(self.model, options=opts)
         return state if self.dist.is_main else None
-
-
-# safe DCP loading: DCP unpickles its metadata and non-tensor values in full; these load only known types --------
-_DCP_META = "torch.distributed.checkpoint.metadata."
-DCP_METADATA_GLOBALS = {
-    *(_DCP_META + n for n in ("Metadata", "TensorStorageMetadata", "BytesStorageMetadata", "ChunkStorageMetadata",
-                             "TensorProperties", "MetadataIndex", "StorageMeta", "_MEM_FORMAT_ENCODING")),
-    "torch.distributed.checkpoint.filesystem._StorageInfo", "torch.Size", "torch.serialization._get_layout",
-    "pathlib.PosixPath", "pathlib.WindowsPath", "pathlib.PurePosixPath", "collections.OrderedDict",
-    *(f"torch.{d}" for d in ("float32", "float64", "float16", "bfloat16", "int64", "int32", "int16", "int8", "uint8",
-                             "bool", "complex64", "float8_e4m3fn", "float8_e5m2")),
-}
-
-
-class SafeReader(FileSystemReader):
-    """FileSystemReader whose metadata is unpickled with an allow-list (safeio.SafeUnpickler)."""
-
-    def read_metadata(self, *args: Any, **kwargs: Any) -> Any:
-        from torch.distributed.checkpoint.metadata import StorageMeta
-
-        metadata = safe_pickle_load(Path(self._get_metadata_path(kwargs.get("rank"))), DCP_METADATA_GLOBALS)
-        if getattr(metadata, "storage_meta", None) is None:
-            metadata.storage_meta = StorageMeta()
-        metadata.storage_meta.load_id = self.load_id
-        return metadata
-
-
-@contextlib.contextmanager
-def refusing_unsafe(dcp_dir: Path) -> Iterator[None]:
-    """A DCP load whose reads refused a pickle (weights_only: a tensor or value of a crafted checkpoint; DCP
-    wraps it in its own exception on every rank) ends in UnsafeFile: one line."""
-    safe_pickle_load(dcp_dir / ".metadata", DCP_METADATA_GLOBALS)  # first: DCP turns a refusal here into text
-    try:
-        yield
-    except UnsafeFile:
-        raise
-    except BaseException as e:  # DCP's CheckpointException is a BaseException
-        if isinstance(e, (KeyboardInterrupt, SystemExit)):
-            raise
-        refused = find_cause(e, (pickle.UnpicklingError, UnsafeFile))
-        if refused is None:
-            raise
-        if isinstance(refused, UnsafeFile):
-            raise UnsafeFile(refused.message) from None
-        raise UnsafeFile(f"{dcp_dir} is refused: an item of it names {culprit(refused)}, which could run code when "
-                         "loaded (only tensors, containers and numbers are loaded)") from None
-
-
-class SafePlanner(DefaultLoadPlanner):
-    """DefaultLoadPlanner that loads non-tensor values with weights_only=True."""
-
-    def load_bytes(self, read_item: Any, value: Any) -> None:
-        obj = torch.load(value, weights_only=True)
-        if getattr(self, "flatten_state_dict", False) and hasattr(self, "mappings"):
-            from torch.distributed.checkpoint._traverse import set_element
-
-            set_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn], obj)
-        else:
-            self.state_dict[read_item.dest_index.fqn] = obj
 
 
 def _outermost(model: nn.Module, classes: tuple[type[nn.Module], ...]) -> list[nn.Module]:
@@ -189,19 +98,3 @@ def _outermost(model: nn.Module, classes: tuple[type[nn.Module], ...]) -> list[n
 
     visit(model)
     return found
-
-
-def consolidate_fsdp(ckpt_dir: Path) -> dict[str, torch.Tensor]:
-    """The plain model state dict from an FSDP (DCP) checkpoint, in one process without a process group."""
-    from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
-    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
-
-    class Planner(_EmptyStateDictLoadPlanner):
-        load_bytes = SafePlanner.load_bytes
-
-    state: dict[str, Any] = {}
-    # What format_utils.dcp_to_torch_save does, minus the optimizer state and the temporary file.
-    with refusing_unsafe(Path(ckpt_dir) / DCP_SUBDIR):
-        _load_state_dict(state, storage_reader=SafeReader(str(Path(ckpt_dir) / DCP_SUBDIR)),
-                         planner=Planner(keys={"model"}), no_dist=True)
-    return {k: v.detach().cpu() if isinstance(v, torch.Tensor) else v for k, v in state["model"].items()}

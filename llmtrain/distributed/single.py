@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
 from torch import nn
@@ -15,9 +14,7 @@ from llmtrain.distributed.base import (
     TorchOptimizerStrategy,
     apply_activation_checkpointing,
 )
-from llmtrain.models.adapters import load_trainable_state, trainable_state
 from llmtrain.precision import autocast, make_grad_scaler
-from llmtrain.safeio import load_torch, save_torch
 
 
 class SingleStrategy(TorchOptimizerStrategy):
@@ -40,25 +37,6 @@ class SingleStrategy(TorchOptimizerStrategy):
 
     def autocast(self) -> contextlib.AbstractContextManager:
         return autocast(self.args.precision, self.device)
-
-    # checkpoints: rank 0 writes the full state (DDP replicas are identical) ------------------------
-    def save(self, ckpt_dir: Path) -> None:
-        if self.dist.is_main:
-            model = trainable_state(self._plain) if self.args.trainable_only else self._plain.state_dict()
-            state = {"model": model, "optimizer": self.optimizer.state_dict()}
-            if self.scaler is not None:
-                state["scaler"] = self.scaler.state_dict()
-            save_torch(state, ckpt_dir / "model_optim.pt")
-
-    def load(self, ckpt_dir: Path) -> None:
-        state = load_torch(ckpt_dir / "model_optim.pt", map_location=self.device)
-        if self.args.trainable_only:
-            load_trainable_state(self._plain, state["model"])
-        else:
-            self._plain.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        if self.scaler is not None and "scaler" in state:
-            self.scaler.load_state_dict(state["scaler"])
 
     def full_state_dict(self) -> dict[str, torch.Tensor] | None:
         return self._plain.state_dict() if self.dist.is_main else None

@@ -3,9 +3,13 @@ to a multiple of 64, a loss that never holds the full fp32 logits, and a KV-cach
 
 Parameter names follow Hugging Face's `GPT2LMHeadModel` (`transformer.h.0.attn.c_attn.weight`, …) so that
 checkpoints read like HF ones; the four projection weights per block are `nn.Linear` ([out, in]), where
-HF's `Conv1D` stores [in, out]. `to_hf_state` / `from_hf_state` convert, and `save_hf` / `load_hf` write
-and read the Hugging Face directory format (config.json + model.safetensors) without importing
+HF's `Conv1D` stores [in, out]. `to_hf_state` / `from_hf_state` convert the weights, `from_hf` makes a native
+model of a Hugging Face GPT-2 (the one conversion training, export and generation use), and `save_hf` /
+`load_hf` write and read the Hugging Face directory format (config.json + model.safetensors) without importing
 transformers, so an export loads with `GPT2LMHeadModel.from_pretrained`.
+
+`GPT2` meets the causal-LM protocol (models/protocol.py): `allocate_cache` gives a `GPT2Cache`, and `logits`
+runs new tokens against it with the blocks as plain functions (`lean_ops`) where it can.
 """
 
 from __future__ import annotations
@@ -23,6 +27,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from llmtrain.datainfo import IGNORE_INDEX
+from llmtrain.models import dropout as masks
+from llmtrain.models.protocol import Cache, attention_mask
 
 VOCAB_MULTIPLE = 64  # matmul-friendly vocabulary size (50257 → 50304)
 _CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
@@ -73,27 +79,42 @@ class BlockOps(NamedTuple):
 
 def block_forward(x: torch.Tensor, ops: BlockOps, n_head: int, dropout: float, training: bool,
                   kv: KVUpdate | None = None, attn_mask: torch.Tensor | None = None,
-                  causal: bool = True) -> torch.Tensor:
+                  causal: bool = True, layer: int = 0) -> torch.Tensor:
     """Pre-norm block: x + attn(ln_1(x)), then x + mlp(ln_2(x)); x [B, T, C].
 
     Training: causal attention over x. Decoding: `kv` appends this step's keys/values ([2, B, nh, T, hd]) to a
     cache and returns all cached ones; then `attn_mask` ([B, 1, T, L] bool, True: may attend) or, without
-    one, `causal` (queries and cached keys aligned at the start) or no mask (every cached key visible)."""
+    one, `causal` (queries and cached keys aligned at the start) or no mask (every cached key visible).
+    `layer` tells this block's dropout masks from the others' (models/dropout.py)."""
     B, T, C = x.shape
     qkv = ops.c_attn(ops.ln_1(x)).view(B, T, 3, n_head, C // n_head).permute(2, 0, 3, 1, 4)  # [3, B, nh, T, hd]
     q, k, v = qkv.unbind(0)
     if kv is not None:
         k, v = kv(qkv[1:])  # [B, nh, L, hd] each
     p = dropout if training else 0.0
-    y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=p, is_causal=causal and attn_mask is None)
-    x = x + _dropout(ops.attn_proj(y.transpose(1, 2).reshape(B, T, C)), dropout, training)
+    if p > 0 and masks.active():  # the attention's dropout from batch-split-independent masks: unfused
+        y = _attention_with_dropout(q, k, v, attn_mask, causal and attn_mask is None, p, 4 * layer + 1)
+    else:
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=p,
+                                           is_causal=causal and attn_mask is None)
+    x = x + masks.dropout(ops.attn_proj(y.transpose(1, 2).reshape(B, T, C)), dropout, training, 4 * layer + 2)
     h = ops.mlp_proj(F.gelu(ops.c_fc(ops.ln_2(x)), approximate="tanh"))  # GPT-2's "gelu_new"
-    return x + _dropout(h, dropout, training)
+    return x + masks.dropout(h, dropout, training, 4 * layer + 3)
 
 
-def _dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
-    """Dropout as a function, skipped outright when it cannot drop anything."""
-    return F.dropout(x, p, training) if p > 0 and training else x
+EMBEDDING_SITE = 0x7FFFFFFF  # the embeddings' dropout site (blocks use 4·layer + 1..3)
+
+
+def _attention_with_dropout(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None,
+                            causal: bool, p: float, site: int) -> torch.Tensor:
+    """softmax(q kᵀ/√hd, masked) with dropout on the probabilities, then · v; q [B, nh, T, hd], k, v [B, nh, S, hd]."""
+    att = (q @ k.transpose(-2, -1)) / math.sqrt(q.shape[-1])  # [B, nh, T, S]
+    if causal:
+        T, S = att.shape[-2:]
+        attn_mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)
+    if attn_mask is not None:
+        att = att.masked_fill(~attn_mask, float("-inf"))
+    return masks.dropout(att.softmax(dim=-1), p, True, site) @ v
 
 
 class Attention(nn.Module):
@@ -117,9 +138,9 @@ class MLP(nn.Module):
 class Block(nn.Module):
     """One transformer block (the unit FSDP shards and activation checkpointing wraps)."""
 
-    def __init__(self, d: GPT2Dims) -> None:
+    def __init__(self, d: GPT2Dims, index: int = 0) -> None:
         super().__init__()
-        self.n_head, self.dropout = d.n_head, d.dropout
+        self.n_head, self.dropout, self.index = d.n_head, d.dropout, index
         self.ln_1 = nn.LayerNorm(d.n_embd, eps=d.layer_norm_epsilon)
         self.attn = Attention(d)
         self.ln_2 = nn.LayerNorm(d.n_embd, eps=d.layer_norm_epsilon)
@@ -140,7 +161,8 @@ class Block(nn.Module):
 
     def forward(self, x: torch.Tensor, kv: KVUpdate | None = None, attn_mask: torch.Tensor | None = None,
                 causal: bool = True) -> torch.Tensor:
-        return block_forward(x, self.ops(), self.n_head, self.dropout, self.training, kv, attn_mask, causal)
+        return block_forward(x, self.ops(), self.n_head, self.dropout, self.training, kv, attn_mask, causal,
+                             self.index)
 
 
 class Trunk(nn.Module):
@@ -151,7 +173,7 @@ class Trunk(nn.Module):
         self.wte = nn.Embedding(d.padded_vocab, d.n_embd)
         self.wpe = nn.Embedding(d.n_positions, d.n_embd)
         self.dropout = d.dropout
-        self.h = nn.ModuleList(Block(d) for _ in range(d.n_layer))
+        self.h = nn.ModuleList(Block(d, i) for i in range(d.n_layer))
         self.ln_f = nn.LayerNorm(d.n_embd, eps=d.layer_norm_epsilon)
 
 
@@ -203,7 +225,7 @@ class GPT2(nn.Module):
         t = self.transformer
         if position_ids is None:
             position_ids = torch.arange(input_ids.shape[1], device=input_ids.device)  # [T]
-        x = _dropout(t.wte(input_ids) + t.wpe(position_ids), t.dropout, self.training)  # [B, T, C]
+        x = masks.dropout(t.wte(input_ids) + t.wpe(position_ids), t.dropout, self.training, EMBEDDING_SITE)  # [B,T,C]
         for i, block in enumerate(t.h):
             kv_i = kv[i] if kv is not None else None
             if lean is not None:
@@ -221,6 +243,72 @@ class GPT2(nn.Module):
                 position_ids: torch.Tensor | None = None, kv: list[KVUpdate] | None = None,
                 attn_mask: torch.Tensor | None = None, causal: bool = True) -> Any:
         return self.lm_head(self.hidden(input_ids, position_ids, kv, attn_mask, causal), labels)
+
+    # the causal-LM protocol (models/protocol.py) ----------------------------------------------------------
+    @property
+    def max_positions(self) -> int:
+        return self.dims.n_positions
+
+    @property
+    def vocab_size(self) -> int:
+        return self.dims.vocab_size
+
+    def allocate_cache(self, batch: int, length: int, dtype: torch.dtype, device: torch.device,
+                       static: bool = False) -> GPT2Cache:
+        return GPT2Cache(self.dims, batch, length, dtype, torch.device(device), static, self.lean_ops())
+
+    def logits(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None, cache: Cache | None = None,
+               mask: torch.Tensor | None = None, *, static: bool = False, last_only: bool = False) -> torch.Tensor:
+        """Logits [B, T, V] (last_only: [B, 1, V]) of input_ids [B, T] at positions [B, T]; see the protocol."""
+        T = input_ids.shape[1]
+        kv, lean = None, None
+        if cache is not None:
+            assert isinstance(cache, GPT2Cache), type(cache)
+            kv = cache.static_writers if static else cache.writers
+            lean = cache.ops if not self.training else None
+        S = T if cache is None else cache.length if static else cache.pos + T
+        if positions is None and cache is not None and not static and cache.pos:  # the slots' own positions
+            positions = torch.arange(cache.pos, S, device=input_ids.device)  # [T]
+        attn, causal = attention_mask(mask, T, S, input_ids.device, cache.slot if static else None)
+        h = self.hidden(input_ids, positions, kv, attn, causal, lean)  # [B, T, C]
+        if cache is not None and not static:
+            cache.pos = S
+        return self.lm_head(h[:, -1:] if last_only else h)
+
+    def nll(self, input_ids: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self(input_ids, labels=labels)  # the chunked loss: never the whole fp32 logits
+
+
+class GPT2Cache(Cache):
+    """Keys and values of every layer, [n_layer, 2, B, n_head, L, head_dim], written in place, and the block
+    operations decoding runs (lean_ops() when every block allows it, else None: the blocks' modules).
+
+    `writers[i]` append layer i's chunk at `pos` and return its keys/values up to it (eager: attention spans
+    only the filled part); `static_writers[i]` write one token at the tensor `slot` and return the whole cache,
+    so that every step has the same shapes (compiled decoding: one graph, CUDA graphs on GPU)."""
+
+    def __init__(self, d: GPT2Dims, batch: int, length: int, dtype: torch.dtype, device: torch.device,
+                 static: bool = False, ops: list[BlockOps] | None = None) -> None:
+        super().__init__(length, device, static)
+        shape = (d.n_layer, 2, batch, d.n_head, length, d.n_embd // d.n_head)
+        self.kv = torch.zeros(shape, dtype=dtype, device=device)
+        self.ops = ops
+        layers = self.kv.unbind(0)
+        self.writers = [functools.partial(self._write, layer) for layer in layers]
+        self.static_writers = [functools.partial(self._write_at_slot, layer) for layer in layers]
+        if static and device.type == "cuda":  # in-place updates inside CUDA graphs
+            torch._dynamo.mark_static_address(self.kv)
+
+    def _write(self, layer: torch.Tensor, kv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        s, t = self.pos, kv.shape[3]  # layer [2, B, nh, L, hd], kv [2, B, nh, T, hd]: one copy for both
+        layer.narrow(3, s, t).copy_(kv)
+        k, v = layer.narrow(3, 0, s + t).unbind(0)
+        return k, v
+
+    def _write_at_slot(self, layer: torch.Tensor, kv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        layer.index_copy_(3, self.slot, kv)  # kv [2, B, nh, 1, hd]
+        k, v = layer.unbind(0)
+        return k, v
 
 
 # loss ---------------------------------------------------------------------------------------------------
@@ -368,10 +456,17 @@ def load_hf(path: Path, dropout: float | None = None) -> GPT2:
     cfg = json.loads((path / "config.json").read_text())
     if not isinstance(cfg, dict):
         raise ValueError("config.json holds no JSON object")
+    dims_from_hf_config(cfg)  # a config we cannot run is refused before its weights are read
+    return from_hf(cfg, read_hf_state(path), dropout)
+
+
+def from_hf(cfg: dict[str, Any], state: dict[str, torch.Tensor], dropout: float | None = None) -> GPT2:
+    """A native GPT2 of a Hugging Face GPT-2: its config (config.json's dict, or `model.config.to_dict()`) and
+    GPT2LMHeadModel's state dict. The tensors are used as they are where the layouts agree (no copy, on their
+    device). ValueError or KeyError when they are not a GPT-2 we can run natively."""
     d = dims_from_hf_config(cfg)
     if dropout is not None:
         d = GPT2Dims(**{**d.__dict__, "dropout": dropout})
-    state = read_hf_state(path)
     with torch.device("meta"):
         model = GPT2(d)
     try:

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import TINY_LM, compose, losses
+from helpers import TINY_LM, ckpt_state, compose, losses
 
 from llmtrain import checkpoint as ckpt
 from llmtrain.train import run
@@ -55,9 +55,9 @@ def test_lora_trains_only_adapters_and_exports_the_merged_model(pretrained: Path
     run_dir = tmp_path / "run"
     run(compose(ft(pretrained, *LORA, "model.lora.dropout=0", "trainer.max_steps=6")), run_dir)
     # checkpoints hold the adapters (and their optimizer state) only
-    saved = ckpt.load_torch(ckpt.step_dir(run_dir, 6) / "model_optim.pt")
+    saved = ckpt_state(ckpt.step_dir(run_dir, 6))
     assert saved["model"] and all(".lora_" in k for k in saved["model"]), sorted(saved["model"])[:4]
-    assert len(saved["optimizer"]["state"]) == len(saved["model"]) == 2 * 4 * 2  # A, B × 4 layers × 2 blocks
+    assert len(saved["optim"]["state"]) == len(saved["model"]) == 2 * 4 * 2  # A, B × 4 layers × 2 blocks
     # every weight LoRA does not touch is bit-identical to the pretrained one; adapted ones moved by scale·B·A
     base, merged = _safetensors(pretrained / "model.safetensors"), _safetensors(run_dir / "final" / "model.safetensors")
     adapter = _safetensors(run_dir / "final" / "adapter" / "adapter_model.safetensors")
@@ -104,10 +104,10 @@ def test_frozen_parameters_stay_and_get_no_optimizer_state(pretrained: Path, tmp
     frozen = [k for k in base if k.startswith(("transformer.wte.", "transformer.h.0."))]
     assert frozen and all(torch.equal(out[k], base[k]) for k in frozen)
     assert not torch.equal(out["transformer.h.1.mlp.c_fc.weight"], base["transformer.h.1.mlp.c_fc.weight"])
-    saved = ckpt.load_torch(ckpt.step_dir(run_dir, 3) / "model_optim.pt")
+    saved = ckpt_state(ckpt.step_dir(run_dir, 3))
     assert not any(k.startswith(("transformer.wte.", "transformer.h.0.")) for k in saved["model"])
     trainable = [k for k in saved["model"] if k != "lm_head.weight"]
-    assert len(saved["optimizer"]["state"]) == len(trainable) == 12 + 2 + 1  # block 1, ln_f, wpe
+    assert len(saved["optim"]["state"]) == len(trainable) == 12 + 2 + 1  # block 1, ln_f, wpe
 
 
 def _scripted_evals(monkeypatch: pytest.MonkeyPatch, seq: dict[int, float]) -> None:
@@ -137,7 +137,7 @@ def test_keep_best_and_early_stopping_survive_resume(pretrained: Path, tmp_path:
     best = json.loads((run_dir / "best" / "llmtrain_export.json").read_text())
     assert best["step"] == 4 and best["eval_loss"] == 1.5
     # best/ holds the weights of step 4's checkpoint
-    step4 = ckpt.load_torch(ckpt.step_dir(run_dir, 4) / "model_optim.pt")["model"]
+    step4 = ckpt_state(ckpt.step_dir(run_dir, 4))["model"]
     exported = _safetensors(run_dir / "best" / "model.safetensors")
     torch.testing.assert_close(exported["transformer.h.1.mlp.c_fc.weight"],
                                step4["transformer.h.1.mlp.c_fc.weight"].T, rtol=0, atol=0)
@@ -189,7 +189,7 @@ def test_lora_under_ddp_matches_one_process(pretrained: Path, tmp_path: Path) ->
     ref, got = losses(tmp_path / "single"), losses(tmp_path / "ddp")
     assert sorted(got) == [1, 2, 3, 4, 5]
     assert max(abs(got[s] - ref[s]) / abs(ref[s]) for s in ref) < 1e-5, (got, ref)
-    saved = ckpt.load_torch(ckpt.step_dir(tmp_path / "ddp", 5) / "model_optim.pt")
+    saved = ckpt_state(ckpt.step_dir(tmp_path / "ddp", 5))
     assert all(".lora_" in k for k in saved["model"])
 
 

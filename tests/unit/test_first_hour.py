@@ -28,6 +28,22 @@ def _snapshot(d: Path) -> dict[str, bytes]:
     return {str(p.relative_to(d)): p.read_bytes() for p in sorted(d.rglob("*")) if p.is_file()}
 
 
+def test_a_run_on_more_processes_finds_its_dir_when_its_global_batch_is_kept(tmp_path: Path) -> None:
+    """The default run dir follows the global batch, not the strategy or the micro-batch: a run moved from one
+    process (micro-batch 8) to two (micro-batch 4 each) finds its dir and resumes there; with micro-batch 8 on
+    two processes the global batch doubles and the run goes to a dir of its own."""
+    base = tmp_path / "runs" / "gpt2_tiny"
+    rundir.write_config(base, compose([*SHORT, "trainer.micro_batch_size=8"]))
+    rundir.write_run_record(base, world_size=1)
+    kept = rundir.fingerprint(compose([*SHORT, "strategy=ddp", "trainer.micro_batch_size=4"]), world_size=2)
+    assert rundir.pick(base, kept) == (base, None)
+    doubled = rundir.fingerprint(compose([*SHORT, "strategy=fsdp", "trainer.micro_batch_size=8"]), world_size=2)
+    where, note = rundir.pick(base, doubled)
+    assert where == base.with_name("gpt2_tiny-2") and "(global batch: 8 there, 16 here)" in note
+    deepspeed = rundir.fingerprint(compose([*SHORT, "strategy=deepspeed", "trainer.micro_batch_size=8"]))
+    assert rundir.pick(base, deepspeed)[0] == base.with_name("gpt2_tiny-2")  # its own checkpoint format
+
+
 def test_default_run_dir_never_collides(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     """runs/<name> holding another configuration sends the run to runs/<name>-2, which a rerun finds again."""
     base = tmp_path / "runs" / "gpt2_tiny"

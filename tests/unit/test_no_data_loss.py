@@ -58,7 +58,7 @@ def test_damaged_checkpoints_are_set_aside_and_the_new_ones_kept(trained: Path, 
     d = tmp_path / "run"
     shutil.copytree(trained, d)
     for step in (30, 40):
-        _flip(ckpt.step_dir(d, step) / "model_optim.pt")
+        _flip(ckpt.step_dir(d, step) / "dcp" / "__0_0.distcp")
     run(_cfg(d, "trainer.max_steps=20"), d)
     err = capsys.readouterr().err
     warned = [ln for ln in err.splitlines() if "is not usable" in ln]

@@ -15,11 +15,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import TINY_LM, compose, losses, read_metrics
+from helpers import TINY_LM, ckpt_state, compose, losses, read_metrics
 
 from llmtrain import checkpoint as ckpt
 from llmtrain.train import run
 
+SHARD = "dcp/__0_0.distcp"  # a one-process checkpoint's model and optimizer tensors
 BASE = ["trainer.eval_every=0", "trainer.keep_checkpoints=10", "logger.tensorboard=false", "logger.plots=false"]
 
 
@@ -28,7 +29,7 @@ def _cfg(run_dir: Path, *extra: str):
 
 
 def _state(ck: Path) -> dict:
-    return torch.load(ck / "model_optim.pt", weights_only=True)
+    return ckpt_state(ck)
 
 
 def _equal(a: dict, b: dict) -> bool:
@@ -72,9 +73,9 @@ def _copy_until(ref: Path, dest: Path, step: int) -> Path:
 
 # verified checkpoints --------------------------------------------------------------------------------------
 DAMAGE = {
-    "truncated": lambda ck: os.truncate(ck / "model_optim.pt", (ck / "model_optim.pt").stat().st_size // 2),
+    "truncated": lambda ck: os.truncate(ck / SHARD, (ck / SHARD).stat().st_size // 2),
     "missing": lambda ck: (ck / "trainer.pt").unlink(),
-    "flipped byte": lambda ck: _flip(ck / "model_optim.pt"),
+    "flipped byte": lambda ck: _flip(ck / SHARD),
     "bad manifest": lambda ck: (ck / "manifest.json").write_text("{not json"),
 }
 
@@ -107,7 +108,7 @@ def test_a_damaged_newest_checkpoint_is_skipped_with_one_warning(reference: Path
 def test_every_checkpoint_damaged_starts_over(reference: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     part = _copy_until(reference, tmp_path / "part", 4)
     for ck in ckpt.list_checkpoints(part):
-        _flip(ck / "model_optim.pt")
+        _flip(ck / SHARD)
     assert ckpt.resolve_resume("auto", part) is None
     assert "no older checkpoint is left: starting from step 0" in capsys.readouterr().err
 
@@ -115,7 +116,7 @@ def test_every_checkpoint_damaged_starts_over(reference: Path, tmp_path: Path, c
 def test_manifest_lists_sizes_and_checksums(reference: Path) -> None:
     ck = reference / "checkpoints" / "step_00000008"
     files = ckpt.read_manifest(ck)["files"]
-    assert set(files) == {"model_optim.pt", "rng_rank0.pt", "trainer.pt"}
+    assert set(files) == {SHARD, "dcp/.metadata", "rng_rank0.pt", "trainer.pt"}
     assert all(f["size"] == (ck / n).stat().st_size and len(f["sha256"]) == 64 for n, f in files.items())
 
 
@@ -132,7 +133,7 @@ def test_a_nonfinite_step_changes_no_weight(tmp_path: Path, monkeypatch: pytest.
     assert all(np.isfinite(recs[s]["loss"]) for s in (1, 2, 4, 5))
     s2, s3, s4 = (_state(ckpt.step_dir(run_dir, s)) for s in (2, 3, 4))
     assert _equal(s2["model"], s3["model"]), "the skipped step changed the weights"
-    assert _equal(s2["optimizer"]["state"], s3["optimizer"]["state"]), "... or the optimizer state (its step count)"
+    assert _equal(s2["optim"]["state"], s3["optim"]["state"]), "... or the optimizer state (its step count)"
     assert not _equal(s3["model"], s4["model"])  # the next step trains again
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import SHARED_DATA, TINY_LM, compose, losses, read_metrics
+from helpers import SHARED_DATA, TINY_LM, ckpt_state, compose, losses, read_metrics
 
 from llmtrain import checkpoint as ckpt
 from llmtrain.config import Config
@@ -100,7 +100,7 @@ def test_run_dir_contract(tmp_path: Path) -> None:
     steps = [p.name for p in ckpt.list_checkpoints(run_dir)]
     assert steps == ["step_00000003", "step_00000006"]
     files = set(ckpt.read_manifest(run_dir / "checkpoints" / "step_00000006")["files"])
-    assert {"model_optim.pt", "trainer.pt", "rng_rank0.pt"} <= files
+    assert {"dcp/.metadata", "dcp/__0_0.distcp", "trainer.pt", "rng_rank0.pt"} <= files
     state = ckpt.load_torch(run_dir / "checkpoints" / "step_00000006" / "trainer.pt")
     assert state["step"] == 6 and "loader" in state and "scheduler" in state
     from transformers import AutoTokenizer, GPT2LMHeadModel
@@ -159,11 +159,11 @@ def test_resume_is_bit_identical(tmp_path: Path, extra: list[str], capsys: pytes
     assert sorted(b) == list(range(1, 9))  # records after the checkpoint were replaced, not duplicated
     assert [b[s] for s in range(5, 9)] == [a[s] for s in range(5, 9)]  # bit-identical
     assert [r["lr"] for r in read_metrics(part) if "lr" in r] == lrs
-    sa, sb = (torch.load(d / "checkpoints" / "step_00000008" / "model_optim.pt") for d in (full, part))
+    sa, sb = (ckpt_state(d / "checkpoints" / "step_00000008") for d in (full, part))
     for k, v in sa["model"].items():
         assert torch.equal(v, sb["model"][k])
     moments = [(x["exp_avg"], y["exp_avg"], x["step"], y["step"])
-               for x, y in zip(sa["optimizer"]["state"].values(), sb["optimizer"]["state"].values(), strict=True)]
+               for x, y in zip(sa["optim"]["state"].values(), sb["optim"]["state"].values(), strict=True)]
     assert all(torch.equal(m, n) and int(s) == int(t) == 8 for m, n, s, t in moments)  # Adam's state restored
 
 
@@ -295,3 +295,43 @@ def test_pretrained_vocab_checked_against_ids_present(tmp_path: Path) -> None:
         else:
             with pytest.raises(SystemExit):
                 run(cfg, run_dir)
+
+
+FORBIDDEN = ("item", "tolist", "__int__", "__float__", "__bool__", "__index__")  # reads that wait for a device
+
+
+def test_no_host_reads_between_log_steps(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a GPU the loop reads the device on log steps only. With that cadence forced on the CPU, any tensor
+    read (item, int(), bool(), tolist, ...) inside a step that is not a log step fails the test: the step's
+    counts come from the host batch, the non-finite guard and the loss stay on the device."""
+    from llmtrain.trainer import Trainer
+
+    monkeypatch.setattr(Trainer, "read_every_step_on_cpu", False)
+    guarded = {"on": False, "reads": []}
+
+    def forbid(name: str):
+        orig = getattr(torch.Tensor, name)
+
+        def read(self, *a, **k):
+            if guarded["on"]:
+                guarded["reads"].append(name)
+                raise AssertionError(f"Tensor.{name} between log steps")
+            return orig(self, *a, **k)
+        return read
+
+    for name in FORBIDDEN:
+        monkeypatch.setattr(torch.Tensor, name, forbid(name))
+    one_step = Trainer._one_step
+
+    def step(self):  # steps 1-3 and 5-7 are not log steps (logger.log_every=4)
+        guarded["on"] = (self.step + 1) % 4 != 0 and self.step + 1 != self.cfg.max_steps
+        try:
+            return one_step(self)
+        finally:
+            guarded["on"] = False
+
+    monkeypatch.setattr(Trainer, "_one_step", step)
+    run_dir = tmp_path / "run"
+    run(_tiny(run_dir, "trainer.max_steps=8", "trainer.eval_every=0", "trainer.ckpt_every=0", "logger.log_every=4",
+              "trainer.grad_accum_steps=2"), run_dir)
+    assert guarded["reads"] == [] and [r["step"] for r in read_metrics(run_dir) if "loss" in r] == [4, 8]

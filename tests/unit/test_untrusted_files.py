@@ -7,6 +7,7 @@ docs/reliability.md lists every file kind and how it is read; the rows whose tes
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import pickle
@@ -113,20 +114,31 @@ def _command(name: str, run_dir: Path, strategy: str) -> Callable[[], object]:
     return _resume(run_dir, strategy) if name == "resume" else COMMANDS[name](run_dir)
 
 
-# checkpoints of single / ddp ---------------------------------------------------------------------------------
-@pytest.mark.parametrize(("target", "command"), [
-    ("model_optim.pt", "resume"), ("model_optim.pt", "export"), ("model_optim.pt", "generate"),
-    ("model_optim.pt", "eval"), ("trainer.pt", "resume"), ("rng_rank0.pt", "resume")])
-def test_single_checkpoint_files(runs: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture,
-                                 target: str, command: str) -> None:
+# checkpoints of single / ddp / fsdp ---------------------------------------------------------------------------
+@pytest.mark.parametrize("target", ["trainer.pt", "rng_rank0.pt"])
+def test_trainer_state_and_rng_files(runs: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture,
+                                     target: str) -> None:
     run_dir = _copy(runs["single"], tmp_path / "run")
     ck, marker = run_dir / "checkpoints" / "step_00000004", tmp_path / "pwned"
     torch.save({"step": 4, "evil": Payload(marker)}, ck / target)
     _reseal(ck)
-    _refused(capsys, _command(command, run_dir, "single"), marker, "is refused", "'posix.system'")
+    _refused(capsys, _resume(run_dir, "single"), marker, "is refused", "'posix.system'")
 
 
-# checkpoints of fsdp (torch.distributed.checkpoint) ---------------------------------------------------------
+@pytest.mark.parametrize("command", ["resume", "export", "generate", "eval"])
+def test_a_legacy_checkpoint(runs: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture,
+                             command: str) -> None:
+    """llmtrain's earlier single/ddp format (model_optim.pt) still exports and generates, through the safe
+    reader; resuming it is refused before anything is read."""
+    run_dir = _copy(runs["single"], tmp_path / "run")
+    ck, marker = run_dir / "checkpoints" / "step_00000004", tmp_path / "pwned"
+    shutil.rmtree(ck / "dcp")
+    torch.save({"model": {"evil": Payload(marker)}, "optimizer": {}}, ck / "model_optim.pt")
+    _reseal(ck)
+    words = ("earlier llmtrain", "llmtrain-export") if command == "resume" else ("is refused", "'posix.system'")
+    _refused(capsys, _command(command, run_dir, "single"), marker, *words)
+
+
 def _dcp_item(ck: Path, marker: Path, kind: str) -> None:
     """Point one item of the DCP checkpoint (a tensor of the model, or a non-tensor value) at a payload
     appended to its shard file."""
@@ -135,6 +147,7 @@ def _dcp_item(ck: Path, marker: Path, kind: str) -> None:
 
     meta_path = ck / "dcp" / ".metadata"
     md = pickle.loads(meta_path.read_bytes())  # our own file: trusted here
+
     def wanted(fqn: str) -> bool:
         is_bytes = isinstance(md.state_dict_metadata[fqn], BytesStorageMetadata)
         return is_bytes if kind == "bytes" else not is_bytes and fqn.startswith("model.")
@@ -142,8 +155,6 @@ def _dcp_item(ck: Path, marker: Path, kind: str) -> None:
     index = next(i for i in md.storage_data if wanted(i.fqn))
     info = md.storage_data[index]
     shard = ck / "dcp" / info.relative_path
-    import io
-
     buf = io.BytesIO()
     torch.save(Payload(marker), buf)
     offset = shard.stat().st_size
@@ -153,19 +164,24 @@ def _dcp_item(ck: Path, marker: Path, kind: str) -> None:
     meta_path.write_bytes(pickle.dumps(md))
 
 
-@pytest.mark.parametrize(("target", "command"), [
-    ("metadata", "resume"), ("metadata", "export"), ("metadata", "generate"),
-    ("tensor", "resume"), ("tensor", "export"), ("bytes", "resume")])
-def test_fsdp_checkpoint_files(runs: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture,
-                               target: str, command: str) -> None:
-    run_dir = _copy(runs["fsdp"], tmp_path / "run")
+DCP_CASES = [("single", "metadata", "resume"), ("single", "metadata", "export"), ("single", "metadata", "generate"),
+             ("single", "tensor", "eval"), ("single", "bytes", "resume"), ("fsdp", "metadata", "resume"),
+             ("fsdp", "metadata", "export"), ("fsdp", "tensor", "resume"), ("fsdp", "tensor", "export"),
+             ("fsdp", "bytes", "resume")]
+
+
+@pytest.mark.parametrize(("strategy", "target", "command"), DCP_CASES)
+def test_dcp_checkpoint_files(runs: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture,
+                              strategy: str, target: str, command: str) -> None:
+    """The torch strategies' one format (torch.distributed.checkpoint): its metadata, a tensor and a value."""
+    run_dir = _copy(runs[strategy], tmp_path / "run")
     ck, marker = run_dir / "checkpoints" / "step_00000004", tmp_path / "pwned"
     if target == "metadata":
         (ck / "dcp" / ".metadata").write_bytes(pickle.dumps(Payload(marker)))
     else:
         _dcp_item(ck, marker, target)
     _reseal(ck)
-    _refused(capsys, _command(command, run_dir, "fsdp"), marker, "is refused")
+    _refused(capsys, _command(command, run_dir, strategy), marker, "is refused")
 
 
 # checkpoints of DeepSpeed --------------------------------------------------------------------------------
