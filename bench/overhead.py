@@ -44,7 +44,7 @@ def raw_loop() -> Callable[[], None]:
     from llmtrain.optim import OptimConfig, build_optimizer
 
     cfg = compose(RECIPE)
-    data = build_data(cfg.data, model_cfg=cfg.model)
+    data = build_data(cfg.data)
     blocks = data.split("train")
     torch.manual_seed(cfg.trainer.seed)
     model = GPT2Spec().build(GPT2ModelConfig(n_layer=4, n_head=4, n_embd=128, n_positions=64), data.info)

@@ -118,7 +118,9 @@ def typed(cfg: Any) -> Config:
     for registry in REGISTRIES:
         name = OmegaConf.select(cfg, registry.key)
         sections[registry.group] = OmegaConf.structured(registry.get(str(name)).config)
-    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Config), sections, cfg))
+    conf = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Config), sections, cfg))
+    MODELS.get(conf.model.family).target.check_config(conf.model)  # what a model must be to be built at all
+    return conf
 
 
 def validate(cfg: Config) -> None:
@@ -187,6 +189,10 @@ def _check_model_data(cfg: Any) -> None:
         raise ConfigError("model", f"model family {model.name!r} trains on {model.task} data, but data.kind "
                                    f"{data.name!r} is {data.task} data; pick {' or '.join(fits) or 'another model='} "
                                    "or an experiment=")
+    require(cfg.trainer.dropout_rng != "global" or spec.global_dropout(cfg.model), "trainer.dropout_rng",
+            f"global needs a model whose dropout draws llmtrain's masks (models/dropout.py); this {model.name} model "
+            "draws from its own dropout modules: use trainer.dropout_rng=rank" +
+            (" or model.impl=native" if getattr(cfg.model, "impl", None) == "hf" else ""))
     ctx, seq_len = spec.context_length(cfg.model), getattr(cfg.data, "seq_len", None)
     if ctx is not None and seq_len is not None:
         require(cfg.data.seq_len <= ctx, "data.seq_len",

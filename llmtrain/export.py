@@ -104,6 +104,8 @@ def write_final(spec: ModelSpec, model_cfg: Any, info: DataInfo, state: dict[str
         adapters.save_adapter(state, lora, tmp / "adapter", getattr(model_cfg, "pretrained", None))
     model = plain_model(spec, model_cfg, info, state)
     spec.export(model, model_cfg, info, tmp)
+    if info.tokenizer is not None:  # the data's tokenizer beside the weights: generation and eval read it there
+        info.tokenizer.save_pretrained(tmp)
     rec = {"step": step, "run_dir": str(run_dir.resolve()), **(record or {}), "files": _files(tmp)}
     (tmp / EXPORT_RECORD).write_text(json.dumps(rec) + "\n")
     faults.point("export")

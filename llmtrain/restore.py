@@ -1,8 +1,9 @@
 """A run's weights from a checkpoint of any strategy, made whole: consolidated in memory, the weights a partly
-frozen or LoRA run leaves out of its checkpoints rebuilt, LoRA merged into a plain model.
+frozen or LoRA run leaves out of its checkpoints rebuilt, LoRA merged into a plain model; and an exported model
+dir of any family read back (`load_export`).
 
-What `llmtrain-export` writes and what generation and evaluation read from a run without final/; it sits
-below both (it imports models, data and the checkpoint reader, never export or generation).
+What `llmtrain-export` writes and what generation and evaluation read; it sits below both (it imports models,
+data and the checkpoint reader, never export or generation).
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ def checkpoint_state(cfg: Any, ck: Path) -> tuple[ModelSpec, Any, dict[str, torc
     from llmtrain.models.base import get_model_spec
 
     spec = get_model_spec(cfg.model.family)
-    data = build_data(cfg.data, model_cfg=cfg.model)
+    data = build_data(cfg.data, model_tokenizer=spec.tokenizer_source(cfg.model))
     return spec, data, complete_state(spec, cfg, data.info, consolidate(ck))
 
 
@@ -51,3 +52,25 @@ def complete_state(spec: ModelSpec, cfg: Any, info: DataInfo, state: dict[str, t
     model = adapters.apply(spec.build(cfg.model, info), cfg.model)
     adapters.load_trainable_state(model, state)
     return model.state_dict()
+
+
+def load_export(path: Path, key: str, model_cfg: Any = None) -> tuple[ModelSpec, torch.nn.Module]:
+    """(its family's spec, the model) of an exported model dir: llmtrain's export of any family (its config.json
+    names the family), or a Hugging Face GPT-2 dir (ours, transformers', a hub snapshot). `model_cfg`: the run's,
+    when the dir is a run's final/."""
+    import json
+
+    from llmtrain.errors import ConfigError
+    from llmtrain.models.base import get_model_spec
+
+    try:
+        meta = json.loads((path / "config.json").read_text())
+    except (OSError, ValueError) as e:
+        raise ConfigError(key, f"{path} is not a model dir (its config.json: {e})") from None
+    family = meta.get("model", {}).get("family") if isinstance(meta, dict) and isinstance(meta.get("model"),
+                                                                                               dict) else None
+    spec = get_model_spec(family or "gpt2")  # a config.json without llmtrain's "model": a Hugging Face dir
+    try:
+        return spec, spec.load(model_cfg, None, path)
+    except (ValueError, KeyError, FileNotFoundError) as e:
+        raise ConfigError(key, f"{path} is not a {spec.name} model dir ({e})") from None

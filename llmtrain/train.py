@@ -136,7 +136,7 @@ def _fit(conf: Config, run_dir: Path, resume_from: Path | None, strategy: Strate
             _say_complete(run_dir, resume_from, t.max_steps)
         return rundir.last_metrics(run_dir)
     spec = get_model_spec(conf.model.family)
-    data = build_data(conf.data, model_cfg=conf.model, dist=dist)
+    data = build_data(conf.data, dist=dist, model_tokenizer=spec.tokenizer_source(conf.model))
     ctx = RunContext(conf, run_dir, dist, device, precision, spec, data, fingerprint)
     seed_everything(t.seed)
     model = adapters.apply(spec.build(conf.model, data.info), conf.model)  # freezing, LoRA

@@ -210,7 +210,7 @@ def register_data(name: str, *, config: type, task: str,
                   presets: Presets) -> Callable[[type[DataModuleT]], type[DataModuleT]]:
     """Class decorator: register a DataModule as data kind `name` (cfg.data.kind), with its schema (`config`, a
     dataclass whose `kind` defaults to `name`), its task (what its DataInfo.task says) and its YAML presets (see
-    llmtrain.registry). The class is built as `cls(cfg, model_cfg=..., dist=...)`."""
+    llmtrain.registry). The class is built as `cls(cfg, dist=..., model_tokenizer=...)`."""
 
     def deco(cls: type[DataModuleT]) -> type[DataModuleT]:
         DATA.add(name, cls, config=config, task=task, presets=presets, module=cls.__module__)
@@ -219,12 +219,14 @@ def register_data(name: str, *, config: type, task: str,
     return deco
 
 
-def build_data(cfg: Any, *, model_cfg: Any = None, dist: Dist | None = None) -> DataModule:
-    """Build the DataModule named by cfg.kind. `dist`: rank 0 prepares files first, the others wait for it."""
+def build_data(cfg: Any, *, dist: Dist | None = None, model_tokenizer: str | None = None) -> DataModule:
+    """Build the DataModule named by cfg.kind. `dist`: rank 0 prepares files first, the others wait for it.
+    `model_tokenizer`: the tokenizer the model brings (a local dir: its pretrained one), for data that has none
+    of its own; the data never sees the model's config."""
     from llmtrain.errors import ConfigError
 
     entry = DATA.get(cfg.kind)
-    data = entry.target(cfg, model_cfg=model_cfg, dist=dist or Dist())
+    data = entry.target(cfg, dist=dist or Dist(), model_tokenizer=model_tokenizer)
     if data.info.task != entry.task:
         raise ConfigError("data.kind", f"data kind {cfg.kind!r} is registered with task {entry.task!r} but its "
                                        f"DataInfo says {data.info.task!r} ({entry.module})")

@@ -207,7 +207,7 @@ class ImageDataModule(DataModule):
     its class template shifted by up to 2 pixels plus pixel noise of std `noise_std`.
     """
 
-    def __init__(self, cfg: ImageDataConfig, *, model_cfg: Any = None, dist: Dist = Dist()) -> None:
+    def __init__(self, cfg: ImageDataConfig, *, dist: Dist = Dist(), model_tokenizer: str | None = None) -> None:
         self.cfg = cfg
         require(cfg.num_classes >= 2, "data.num_classes", f"must be >= 2 (got {cfg.num_classes})")
         if cfg.path:
@@ -215,7 +215,6 @@ class ImageDataModule(DataModule):
                     f"CIFAR-10 has {CIFAR_CLASSES} classes (got {cfg.num_classes})")
             data = read_cifar10(cfg.path)
             (xt, yt), (xv, yv), classes = data["train"], data["val"], data["classes"]
-            source = "cifar10"
         else:
             for key in ("n_train", "n_val"):
                 require(getattr(cfg, key) > 0, f"data.{key}", f"must be > 0 (got {getattr(cfg, key)})")
@@ -226,13 +225,11 @@ class ImageDataModule(DataModule):
             xt, yt = synthetic_images(cfg.n_train, cfg.num_classes, templates, cfg.noise_std, g)
             xv, yv = synthetic_images(cfg.n_val, cfg.num_classes, templates, cfg.noise_std, g)
             classes = [str(i) for i in range(cfg.num_classes)]
-            source = "synthetic"
         self.mean, self.std = channel_stats(xt)
         self._splits = {"train": ImageDataset(xt, yt, self.mean, self.std),
                         "val": ImageDataset(xv, yv, self.mean, self.std)}
         self.info = DataInfo(task="classification", num_classes=cfg.num_classes, image_shape=SHAPE,
-                             extra={"source": source, "classes": classes, "mean": self.mean.tolist(),
-                                    "std": self.std.tolist()})
+                             classes=classes)
 
     def split(self, name: str) -> ImageDataset:
         return self._splits[name]

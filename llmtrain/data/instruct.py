@@ -26,7 +26,6 @@ import numpy as np
 import torch
 
 from llmtrain.data.base import DataModule, register_data
-from llmtrain.data.text import check_vocab
 from llmtrain.datainfo import IGNORE_INDEX, Batch, DataInfo
 from llmtrain.distributed.dist import Dist
 from llmtrain.errors import ConfigError
@@ -272,10 +271,10 @@ class PackedExamples:
 class InstructDataModule(DataModule):
     """Tokenises (once, cached; rank 0 first) and serves prompt/completion examples."""
 
-    def __init__(self, cfg: InstructDataConfig, *, model_cfg: Any = None, dist: Dist = Dist()) -> None:
+    def __init__(self, cfg: InstructDataConfig, *, dist: Dist = Dist(), model_tokenizer: str | None = None) -> None:
         self.cfg = cfg
         check_config(cfg)
-        tok = _tokenizer(cfg, model_cfg)
+        tok = _tokenizer(cfg, model_tokenizer)
         src = Path(cfg.source).expanduser()
         val_src = Path(cfg.val_source).expanduser() if cfg.val_source else None
         encoded: dict[str, dict[str, np.ndarray]] = {}
@@ -310,8 +309,7 @@ class InstructDataModule(DataModule):
         self._splits = splits
         top = int(max(enc["tokens"].max(), val_enc["tokens"].max(), tok.eos_token_id))
         self.info = DataInfo(task="lm", vocab_size=len(tok), eos_token_id=tok.eos_token_id, tokenizer=tok,
-                             extra={"packed": cfg.packing, "needed_vocab": top + 1})
-        check_vocab(top + 1, model_cfg)
+                             packed=cfg.packing, needed_vocab=top + 1)
         if dist.is_main:
             print(self.describe(counts), flush=True)
 
@@ -340,17 +338,15 @@ def check_config(cfg: InstructDataConfig) -> None:
         raise ConfigError("data.val_fraction", f"must be in (0, 1) (got {cfg.val_fraction})")
 
 
-def _tokenizer(cfg: InstructDataConfig, model_cfg: Any) -> Any:
+def _tokenizer(cfg: InstructDataConfig, model_tokenizer: str | None) -> Any:
+    """data.tokenizer, else the tokenizer the model brings (its pretrained dir, handed in by the run)."""
     from llmtrain.data.tokenizers import build_tokenizer, load_pretrained_tokenizer
 
     spec = cfg.tokenizer
     if spec is None:
-        pretrained = getattr(model_cfg, "pretrained", None)
-        if not pretrained:
+        if not model_tokenizer:
             raise ConfigError("data.tokenizer", "set data.tokenizer, or model.pretrained (its tokenizer is used)")
-        from llmtrain.hub import hf_model_dir
-
-        return load_pretrained_tokenizer(str(hf_model_dir(pretrained, "model.pretrained")))
+        return load_pretrained_tokenizer(model_tokenizer)
     if spec == "bpe":
         raise ConfigError("data.tokenizer", "bpe trains a new vocabulary; fine-tuning needs the model's own "
                                             "tokenizer (leave data.tokenizer unset to use model.pretrained's)")

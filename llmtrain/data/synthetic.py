@@ -7,7 +7,6 @@ numpy Generator seeded by `data.seed`, so the data is identical on every rank an
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import torch
@@ -57,7 +56,7 @@ class RegressionDataModule(DataModule):
     X u ~ N(0, 1): a smooth bump a linear model cannot fit but a small ReLU net can.
     """
 
-    def __init__(self, cfg: RegressionDataConfig, *, model_cfg: Any = None, dist: Dist = Dist()) -> None:
+    def __init__(self, cfg: RegressionDataConfig, *, dist: Dist = Dist(), model_tokenizer: str | None = None) -> None:
         self.cfg = cfg
         for key in ("n_train", "n_val", "in_features", "out_features"):
             require(getattr(cfg, key) > 0, f"data.{key}", f"must be > 0 (got {getattr(cfg, key)})")
@@ -71,8 +70,7 @@ class RegressionDataModule(DataModule):
         self.u = g.standard_normal((n_in, n_out)) / np.sqrt(n_in)  # [F, out], nonlinear directions
         self._splits = {name: self._draw(g, n) for name, n in (("train", cfg.n_train), ("val", cfg.n_val))}
         self.info = DataInfo(task="regression", in_features=n_in, out_features=n_out,
-                             extra={"true_w": self.true_w.tolist(), "true_b": self.true_b.tolist(),
-                                    "noise_std": cfg.noise_std, "target": cfg.target})
+                             true_w=self.true_w.tolist(), true_b=self.true_b.tolist(), noise_std=cfg.noise_std)
 
     def clean_target(self, x: np.ndarray) -> np.ndarray:
         """The noiseless target for inputs x [N, F] -> [N, out]."""

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -89,7 +88,7 @@ class TokenBlocks:
 class TextDataModule(DataModule):
     """Prepares (once, on rank 0) and memmaps a tokenised corpus; a prepared dir is used as is."""
 
-    def __init__(self, cfg: TextDataConfig, *, model_cfg: Any = None, dist: Dist = Dist()) -> None:
+    def __init__(self, cfg: TextDataConfig, *, dist: Dist = Dist(), model_tokenizer: str | None = None) -> None:
         from llmtrain.data.prepared import check_config, prepare
         from llmtrain.data.shards import load_prepared
 
@@ -103,7 +102,7 @@ class TextDataModule(DataModule):
         self.dir = out
         self.meta, tok = load_prepared(out)
         self.info = DataInfo(task="lm", vocab_size=self.meta["vocab_size"], eos_token_id=self.meta["eos_token_id"],
-                             tokenizer=tok, extra={"prepared_dir": str(out), "needed_vocab": needed_vocab(self.meta)})
+                             tokenizer=tok, needed_vocab=needed_vocab(self.meta), prepared_dir=str(out))
         self._splits = {s: TokenBlocks([out / sh["file"] for sh in self.meta["shards"][s]], self.meta["dtype"],
                                        cfg.seq_len) for s in ("train", "val")}
         for split, ds in self._splits.items():
@@ -111,7 +110,6 @@ class TextDataModule(DataModule):
                 raise ConfigError("data.seq_len", f"{cfg.seq_len} is longer than the {split} split "
                                                   f"({self.meta[f'{split}_tokens']} tokens); lower data.seq_len or "
                                                   "raise data.val_fraction")
-        check_vocab(needed_vocab(self.meta), model_cfg)
 
     def split(self, name: str) -> TokenBlocks:
         return self._splits[name]
@@ -123,20 +121,3 @@ def needed_vocab(meta: dict[str, Any]) -> int:
     A tokenizer may list ids that never occur (e.g. a padding entry past GPT-2's 50257 tokens)."""
     top = meta.get("max_token_id", meta["vocab_size"] - 1)
     return max(top, meta["eos_token_id"]) + 1
-
-
-def check_vocab(data_vocab: int, model_cfg: Any) -> None:
-    """The model must have an embedding row for every id the data holds (`data_vocab` = largest id + 1)."""
-    if model_cfg is None:
-        return
-    model_vocab = getattr(model_cfg, "vocab_size", None)
-    if model_vocab is not None and model_vocab < data_vocab:
-        raise ConfigError("model.vocab_size", f"{model_vocab} is too small for the data, whose ids "
-                                              f"reach {data_vocab - 1}; unset it or raise it to >= {data_vocab}")
-    pretrained = getattr(model_cfg, "pretrained", None)
-    if pretrained and (Path(pretrained).expanduser() / "config.json").is_file():
-        pv = json.loads((Path(pretrained).expanduser() / "config.json").read_text()).get("vocab_size")
-        if pv is not None and pv < data_vocab:
-            raise ConfigError("data.tokenizer", f"the data's token ids reach {data_vocab - 1} but the pretrained "
-                                                f"model {pretrained} has only {pv} embeddings; prepare the data with the model's "
-                                                "tokenizer (data.tokenizer=<its dir>)")

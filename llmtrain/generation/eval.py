@@ -56,10 +56,15 @@ def tokenizer_dir(source: str) -> Path:
         if (final := final_export(path)) is not None:
             return final
         from llmtrain.data.base import build_data
+        from llmtrain.models.base import get_model_spec
         from llmtrain.rundir import read_config
 
         run_cfg = read_config(path, "source")
-        return Path(build_data(run_cfg.data, model_cfg=run_cfg.model).info.extra["prepared_dir"]) / "tokenizer"
+        info = build_data(run_cfg.data, model_tokenizer=get_model_spec(run_cfg.model.family).tokenizer_source(
+            run_cfg.model)).info
+        if info.prepared_dir is None:
+            raise ConfigError("source", f"{path} trains on {run_cfg.data.kind} data, not on prepared text")
+        return Path(info.prepared_dir) / "tokenizer"
     from llmtrain.hub import hf_model_dir
 
     return hf_model_dir(source, "source")
@@ -106,8 +111,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     if tokenizer_hash(data.info.tokenizer) != tokenizer_hash(tok):
         raise ConfigError("data.source", f"{data_cfg.source} was prepared with another tokenizer than "
                                          f"{cfg.source}'s; give the raw text or re-prepare it with that tokenizer")
-    require(data.info.extra["needed_vocab"] <= lm.vocab_size, "data.source",
-            f"token ids reach {data.info.extra['needed_vocab'] - 1}, beyond the model's vocabulary")
+    require(data.info.needed_vocab <= lm.vocab_size, "data.source",
+            f"token ids reach {data.info.needed_vocab - 1}, beyond the model's vocabulary")
     require(data_cfg.seq_len <= lm.max_positions, "data.seq_len",
             f"{data_cfg.seq_len} exceeds the model's context of {lm.max_positions}")
     lm = lm.to(device).eval()

@@ -56,6 +56,16 @@ class ModelSpec(ABC):
     def count(self, batch: Batch) -> int:
         """Number of targets in a host batch (known before the forward pass, read without a device sync)."""
 
+    def global_dropout(self, cfg: Any) -> bool:
+        """Whether the model's dropout (if any) draws llmtrain's masks (models/dropout.py), as
+        trainer.dropout_rng=global needs; a model without dropout qualifies."""
+        return True
+
+    def tokenizer_source(self, cfg: Any) -> str | None:
+        """A local dir holding the tokenizer this model brings (a pretrained model's), for data without a
+        tokenizer of its own; None: the model brings none. The run hands it to the data module."""
+        return None
+
     def context_length(self, cfg: Any) -> int | None:
         """Longest input the model accepts (None: unbounded)."""
         return None

@@ -93,24 +93,38 @@ class GPT2Spec(ModelSpec):
         check_config(cfg)
 
     def build(self, cfg: GPT2ModelConfig, info: DataInfo) -> nn.Module:
-        check_config(cfg)
-        if info.extra.get("packed") and cfg.impl == "hf":
+        """The model for this data: its vocabulary is checked against the data's token ids here, once."""
+        if info.packed and cfg.impl == "hf":
             raise ConfigError("data.packing", "packed examples need model.impl=native to keep attention within each "
                                               "example; use data.packing=false with model.impl=hf")
         if cfg.pretrained:
             model = self._pretrained(cfg)
-            needed = info.extra.get("needed_vocab", info.vocab_size)
+            needed = info.needed_vocab or info.vocab_size
             have = model.dims.vocab_size if isinstance(model, GPT2) else model.config.vocab_size
             if needed is not None and needed > have:
                 raise ConfigError("data.tokenizer", f"the data's token ids reach {needed - 1} but the pretrained model "
                                                     f"has {have} embeddings; use the model's tokenizer")
             return model
         d = dims(cfg, info)
+        if info.needed_vocab is not None and d.vocab_size < info.needed_vocab:
+            raise ConfigError("model.vocab_size", f"{d.vocab_size} is too small for the data, whose ids reach "
+                                                  f"{info.needed_vocab - 1}; unset it or raise it to >= "
+                                                  f"{info.needed_vocab}")
         if cfg.impl == "hf":
             from transformers import GPT2LMHeadModel
 
             return GPT2LMHeadModel(_hf_config(d))
         return GPT2(d)
+
+    def global_dropout(self, cfg: GPT2ModelConfig) -> bool:
+        return cfg.impl == "native"  # transformers' GPT-2 has nn.Dropout modules of its own
+
+    def tokenizer_source(self, cfg: GPT2ModelConfig) -> str | None:
+        if not cfg.pretrained:
+            return None
+        from llmtrain.hub import hf_model_dir
+
+        return str(hf_model_dir(cfg.pretrained, "model.pretrained"))
 
     def _pretrained(self, cfg: GPT2ModelConfig) -> nn.Module:
         from llmtrain.hub import hf_model_dir
@@ -173,8 +187,6 @@ class GPT2Spec(ModelSpec):
             save_hf(model, out_dir)
         else:
             model.save_pretrained(out_dir, safe_serialization=True)
-        if info.tokenizer is not None:
-            info.tokenizer.save_pretrained(out_dir)
 
     def load(self, cfg: GPT2ModelConfig, info: DataInfo, path: Path) -> nn.Module:
         if getattr(cfg, "impl", "native") == "hf":

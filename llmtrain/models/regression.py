@@ -53,12 +53,12 @@ class RegressionSpec(PlainModuleSpec):
 
     def report(self, cfg: RegressionModelConfig, info: DataInfo, path: Path) -> list[str]:
         """A linear fit: the learnt w and b beside the true ones the data was drawn with."""
-        if cfg.arch != "linear" or "true_w" not in info.extra:
+        if cfg.arch != "linear" or info.true_w is None or info.true_b is None:
             return []
         model = self.load(cfg, info, path)
         w = model.weight.detach().double().T.numpy()  # [F, out], as y = X w + b
         b = model.bias.detach().double().numpy()  # [out]
-        true_w, true_b = np.asarray(info.extra["true_w"]), np.asarray(info.extra["true_b"])
+        true_w, true_b = np.asarray(info.true_w), np.asarray(info.true_b)
         lines = ["llmtrain: linear fit y = Xw + b, learnt vs true:"]
         for (i, j), v in np.ndenumerate(w):
             name = f"w[{i}]" if w.shape[1] == 1 else f"w[{i},{j}]"
@@ -66,7 +66,7 @@ class RegressionSpec(PlainModuleSpec):
         for j, v in enumerate(b):
             lines.append(f"  {'b' if len(b) == 1 else f'b[{j}]':<8} {v:+.4f}  true {true_b[j]:+.4f}")
         lines.append(f"  max |w - true w| = {np.abs(w - true_w).max():.4f}, max |b - true b| = "
-                     f"{np.abs(b - true_b).max():.4f} (noise std {info.extra.get('noise_std')})")
+                     f"{np.abs(b - true_b).max():.4f} (noise std {info.noise_std})")
         return lines
 
     def loss(self, model: nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:

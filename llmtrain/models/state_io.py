@@ -18,7 +18,7 @@ from llmtrain.models.base import Batch, DataInfo, ModelSpec
 
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
-_INFO_KEYS = ("task", "in_features", "out_features", "num_classes", "image_shape")
+_INFO_KEYS = ("task", "in_features", "out_features", "num_classes", "image_shape", "vocab_size", "eos_token_id")
 
 
 def config_dict(cfg: Any) -> dict[str, Any]:
@@ -52,14 +52,21 @@ def load_module(path: Path, config_cls: type, build: Any) -> nn.Module:
     path = Path(path)
     if not (path / CONFIG).is_file() or not (path / WEIGHTS).is_file():
         raise ConfigError("model", f"{path} is not an exported model dir (needs {CONFIG} and {WEIGHTS})")
-    meta = json.loads((path / CONFIG).read_text())
-    fields = {f.name for f in dataclasses.fields(config_cls)}
-    cfg = config_cls(**{k: v for k, v in meta["model"].items() if k in fields})
-    dims = dict(meta["data_info"])
-    if dims.get("image_shape") is not None:
-        dims["image_shape"] = tuple(dims["image_shape"])
-    model = build(cfg, DataInfo(**dims))
-    model.load_state_dict(load_file(str(path / WEIGHTS)))
+    try:
+        meta = json.loads((path / CONFIG).read_text())
+        fields = {f.name for f in dataclasses.fields(config_cls)}
+        cfg = config_cls(**{k: v for k, v in meta["model"].items() if k in fields})
+        dims = {k: v for k, v in dict(meta["data_info"]).items() if k in _INFO_KEYS}
+        if dims.get("image_shape") is not None:
+            dims["image_shape"] = tuple(dims["image_shape"])
+        info = DataInfo(**dims)
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise ConfigError("model", f"{path / CONFIG} is not an llmtrain export's ({type(e).__name__}: {e})") from None
+    model = build(cfg, info)
+    try:
+        model.load_state_dict(load_file(str(path / WEIGHTS)))
+    except Exception as e:  # a garbled safetensors file, or weights of another shape
+        raise ConfigError("model", f"{path / WEIGHTS} does not load: {str(e).splitlines()[0][:200]}") from None
     return model
 
 

@@ -117,7 +117,7 @@ def test_loss_is_normalised_by_the_global_count_over_uneven_ranks(runs: Runs) ->
     from llmtrain.data.base import build_data
 
     cfg = compose(_args("ddp_padded_sgd"))
-    data = build_data(cfg.data, model_cfg=cfg.model)
+    data = build_data(cfg.data)
     loaders = [data.loader("train", 2, seed=cfg.trainer.seed, shuffle=True, rank=r, world_size=2,
                            device=torch.device("cpu")) for r in range(2)]
     counts = [[int((next(ld)["labels"] != -100).sum()) for _ in range(STEPS)] for ld in loaders]

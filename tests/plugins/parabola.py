@@ -8,7 +8,6 @@ an entry point of the `llmtrain.plugins` group. See docs/extending.md.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 
@@ -36,7 +35,7 @@ class ParabolaDataConfig:
 class ParabolaDataModule(DataModule):
     """Both splits drawn from one numpy Generator seeded by data.seed; one output."""
 
-    def __init__(self, cfg: ParabolaDataConfig, *, model_cfg: Any = None, dist: Dist = Dist()) -> None:
+    def __init__(self, cfg: ParabolaDataConfig, *, dist: Dist = Dist(), model_tokenizer: str | None = None) -> None:
         self.cfg = cfg
         for key in ("n_train", "n_val", "in_features"):
             require(getattr(cfg, key) > 0, f"data.{key}", f"must be > 0 (got {getattr(cfg, key)})")

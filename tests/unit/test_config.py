@@ -74,6 +74,7 @@ def test_typos_and_wrong_types_fail_at_compose(override: str, exc: type) -> None
     ("scheduler.min_lr_ratio=2", "scheduler.min_lr_ratio"),
     ("strategy.zero_stage=4", "strategy.zero_stage"),
     ("data=regression", "model"),  # GPT-2 on regression data
+    ("trainer.dropout_rng=device", "trainer.dropout_rng"),
 ])
 def test_semantic_errors_name_the_key(override: str, key: str) -> None:
     cfg = compose([override])
@@ -85,3 +86,10 @@ def test_semantic_errors_name_the_key(override: str, key: str) -> None:
 
 def test_conf_dir_is_the_repo_conf() -> None:
     assert conf_dir() == Path(__file__).resolve().parents[2] / "conf"
+
+
+def test_global_dropout_masks_need_a_model_that_draws_them() -> None:
+    checked(compose(["trainer.dropout_rng=global"]))  # native GPT-2 draws llmtrain's masks
+    with pytest.raises(ConfigError) as ei:
+        checked(compose(["trainer.dropout_rng=global", "model.impl=hf"]))
+    assert ei.value.key == "trainer.dropout_rng" and "model.impl=native" in ei.value.message

@@ -199,22 +199,25 @@ def test_hf_saved_dataset_source(tmp_path):
 
 
 def test_data_module_uses_prepared_dir_and_checks_seq_len_and_vocab(tmp_path):
-    from types import SimpleNamespace
+    """The data checks its own keys; the vocabulary is checked once, by the model built for the data."""
+    from llmtrain.models.base import get_model_spec
+    from llmtrain.models.gpt2 import GPT2ModelConfig
+    from llmtrain.models.gpt2_native import GPT2, GPT2Dims, save_hf
 
     (tmp_path / "t.txt").write_text("short corpus for the module checks\n" * 40)
     out = prepare(cfg_for(tmp_path / "t.txt", tmp_path / "prep"), quiet=True)
-    dm = TextDataModule(cfg_for(out, tokenizer="bpe"), model_cfg=None)  # a prepared dir: its tokenizer wins
+    dm = TextDataModule(cfg_for(out, tokenizer="bpe"))  # a prepared dir: its tokenizer wins
     assert dm.dir == out and dm.info.vocab_size == 257 and len(dm.split("train")) > 0
     with pytest.raises(ConfigError) as e:
         TextDataModule(cfg_for(out, seq_len=100))  # train 1331 tokens, val 70
     assert e.value.key == "data.seq_len" and "val split" in str(e.value)
+    spec, small = get_model_spec("gpt2"), dict(n_layer=1, n_head=1, n_embd=8, n_positions=16)
     with pytest.raises(ConfigError) as e:
-        TextDataModule(cfg_for(out), model_cfg=SimpleNamespace(vocab_size=100, pretrained=None))
+        spec.build(GPT2ModelConfig(vocab_size=100, **small), dm.info)
     assert e.value.key == "model.vocab_size" and "257" in str(e.value)
-    (tmp_path / "pre").mkdir()
-    (tmp_path / "pre" / "config.json").write_text(json.dumps({"vocab_size": 200}))
+    save_hf(GPT2(GPT2Dims(vocab_size=200, n_positions=16, n_embd=8, n_layer=1, n_head=1)), tmp_path / "pre")
     with pytest.raises(ConfigError, match="data.tokenizer"):
-        TextDataModule(cfg_for(out), model_cfg=SimpleNamespace(vocab_size=None, pretrained=str(tmp_path / "pre")))
+        spec.build(GPT2ModelConfig(pretrained=str(tmp_path / "pre"), **small), dm.info)
 
 
 def test_preparation_says_what_it_starts_before_it_ends(tmp_path, capsys):

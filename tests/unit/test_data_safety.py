@@ -133,7 +133,7 @@ def test_official_format_archive_and_dir_load(tmp_path: Path) -> None:
     for path in (archive, extracted, extracted.parent):
         dm = build_data(ImageDataConfig(path=str(path)))
         assert (len(dm.split("train")), len(dm.split("val"))) == (15, 2)
-        assert dm.info.extra["classes"] == [f"class{i}" for i in range(10)]
+        assert dm.info.classes == [f"class{i}" for i in range(10)]
         train = dm.split("train")
         assert np.array_equal(train.x.numpy(), x.reshape(15, 3, 32, 32)) and train.x.numpy().dtype == np.uint8
         assert np.array_equal(train.y.numpy(), y) and train.y.numpy().dtype == np.int64

@@ -220,7 +220,7 @@ def test_finetuning_learns_a_mapping_the_base_cannot_know(pretrained: Path, tmp_
             "scheduler.warmup_steps=0", "optim.lr=1e-2", *extra]
     cfg = compose(args)
     run(cfg, tmp_path / "run")
-    dm = build_data(cfg.data, model_cfg=cfg.model)
+    dm = build_data(cfg.data, model_tokenizer=str(pretrained))
     base, tuned = _val_loss(load_hf(pretrained), dm), _val_loss(load_hf(tmp_path / "run" / "final"), dm)
     assert base > 4.0 and tuned < 0.5 * base, (base, tuned)
 

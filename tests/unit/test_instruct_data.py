@@ -112,7 +112,7 @@ def test_packed_equals_padded_only_with_the_document_mask(tmp_path: Path, capsys
     padded, packed = module(tmp_path), module(tmp_path, packing=True)
     out = capsys.readouterr().out
     assert "padded per batch" in out and f"packed into {len(packed.split('train'))} rows of 64" in out
-    assert packed.info.extra == {"packed": True, "needed_vocab": 257} and padded.info.extra["packed"] is False
+    assert (packed.info.packed, packed.info.needed_vocab) == (True, 257) and padded.info.packed is False
     pb = packed.split("train").get(np.arange(len(packed.split("train"))))
     assert set(pb) == {"input_ids", "labels", "position_ids", "doc_ids"} and pb["input_ids"].shape[1] == 64
     assert len(pb["input_ids"]) < len(PAIRS)  # several examples share a row
@@ -139,8 +139,7 @@ def test_packed_equals_padded_only_with_the_document_mask(tmp_path: Path, capsys
 
 def test_packed_data_needs_the_native_model() -> None:
     with pytest.raises(ConfigError) as ei:
-        get_model_spec("gpt2").build(GPT2ModelConfig(impl="hf"), DataInfo(task="lm", vocab_size=257,
-                                                                          extra={"packed": True}))
+        get_model_spec("gpt2").build(GPT2ModelConfig(impl="hf"), DataInfo(task="lm", vocab_size=257, packed=True))
     assert ei.value.key == "data.packing" and "model.impl=native" in ei.value.message
 
 

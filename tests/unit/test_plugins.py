@@ -232,3 +232,36 @@ def test_discovery_imports_only_the_modules_that_register() -> None:
         found = registering_modules(registry.package, registry._marker)
         assert found == sorted({e.module for e in registry.entries() if e.module.startswith(f"{registry.package}.")})
     assert {e.task for e in REGISTRIES[0].entries()} <= {e.task for e in REGISTRIES[1].entries()}
+
+
+def test_a_plugin_causal_lm_trains_evaluates_exports_and_generates(tmp_path: Path) -> None:
+    """model=bigram (tests/plugins/bigram.py, a causal LM outside llmtrain) on text: it learns the corpus's one
+    successor per letter; llmtrain-eval scores it, llmtrain-export exports it with its tokenizer, and
+    llmtrain-generate continues a prompt greedily from the run, from its export and from its checkpoint alone."""
+    env = _env(tmp_path, plugins="bigram")
+    corpus = tmp_path / "abc.txt"
+    corpus.write_text("abc" * 400)
+    run_dir, out = tmp_path / "run", tmp_path / "export"
+    train_cli(["model=bigram", f"data.source={corpus}", "data.tokenizer=byte", "data.seq_len=16",
+               "optim=adam", "optim.lr=0.1", "optim.weight_decay=0", "scheduler=constant", "trainer.max_steps=60",
+               "trainer.micro_batch_size=8", "trainer.eval_every=60", "trainer.ckpt_every=60",
+               "trainer.sample_tokens=8", "trainer.sample_temperature=0", "trainer.sample_prompt=ab",
+               "logger.log_every=1", "logger.progress=false", "logger.tensorboard=false", "logger.plots=false"],
+              run_dir, env=env)
+    loss = losses(run_dir)
+    assert loss[60] < loss[1] / 10, loss
+    assert (run_dir / "samples.txt").read_text().startswith("abcabcabca")  # the run's own end-of-run sample
+    res = fork_cli("llmtrain.generation.eval", [f"source={run_dir}", f"data.source={corpus}", "data.seq_len=16"],
+                   env=env)
+    assert res.returncode == 0, res.stderr[-3000:]
+    scored = dict(kv.split("=") for kv in res.stdout.split())
+    assert float(scored["eval_loss"]) < 0.1, res.stdout
+    res = fork_cli(EXPORT, [str(run_dir), "--out", str(out)], env=env)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert json.loads((out / "config.json").read_text())["model"]["family"] == "bigram"
+    assert (out / "tokenizer.json").is_file()
+    (run_dir / "final").rename(tmp_path / "final-aside")  # the run's checkpoint alone
+    for source in (out, run_dir):
+        res = fork_cli("llmtrain.generation.cli", [f"source={source}", "prompt=ab", "max_new_tokens=7",
+                                                   "do_sample=false", "stop_at_eos=false"], env=env)
+        assert res.returncode == 0 and res.stdout == "abcabcabc\n", (source, res.stdout, res.stderr[-2000:])

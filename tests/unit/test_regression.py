@@ -54,8 +54,8 @@ def test_linear_regression_recovers_true_w_and_b(tmp_path: Path, capsys: pytest.
     assert w.shape == data.true_w.shape == (cfg.data.in_features, cfg.data.out_features)
     assert np.abs(w - data.true_w).max() < 0.05, (w, data.true_w)
     assert np.abs(b - data.true_b).max() < 0.05, (b, data.true_b)
-    assert np.allclose(data.info.extra["true_w"], data.true_w)
-    assert np.allclose(data.info.extra["true_b"], data.true_b)
+    assert np.allclose(data.info.true_w, data.true_w)
+    assert np.allclose(data.info.true_b, data.true_b)
 
     noise_var = cfg.data.noise_std**2
     assert abs(last["eval_loss"] - noise_var) < 0.2 * noise_var, (last["eval_loss"], noise_var)

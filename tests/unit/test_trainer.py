@@ -267,7 +267,7 @@ def test_val_split_smaller_than_a_batch_is_evaluated_in_smaller_batches(tmp_path
     last = run(cfg, run_dir)
     from llmtrain.data.base import build_data
 
-    n_val = len(build_data(cfg.data, model_cfg=cfg.model).split("val"))
+    n_val = len(build_data(cfg.data).split("val"))
     assert 0 < n_val < 64 and "eval_loss" in last, (n_val, last)
     with pytest.raises(SystemExit) as ei:
         run(_tiny(tmp_path / "big", "trainer.micro_batch_size=100000"), tmp_path / "big")

@@ -182,7 +182,7 @@ def test_cifar10_archive_and_extracted_dir(tmp_path: Path) -> None:
     extracted = tmp_path / "extracted" / "cifar-10-batches-py"
     mods = [ImageDataModule(ImageDataConfig(path=str(p))) for p in (archive, extracted, extracted.parent)]
     dm = mods[0]
-    assert dm.info.num_classes == 10 and dm.info.extra["classes"][3] == "class3"
+    assert dm.info.num_classes == 10 and dm.info.classes[3] == "class3"
     assert (len(dm.split("train")), len(dm.split("val"))) == (30, 5)
     train, val = dm.split("train").get(np.arange(30)), dm.split("val").get(np.arange(5))
     assert train["x"].shape == (30, 3, 32, 32) and train["x"].dtype == torch.float32
