@@ -298,7 +298,9 @@ def llmtrain_row(s: Setup, root: Path, section: str, name: str, extra: list[str]
         return None
     finally:
         torch._dynamo.reset()
-    recs = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    from llmtrain.rundir import METRICS_FILE
+
+    recs = [json.loads(x) for x in (run_dir / METRICS_FILE).read_text().splitlines()]
     times = [r["step_time_s"] for r in recs if "step_time_s" in r][s.warmup:]
     t = statistics.median(times) if times else None
     record(s, section, name, t, "llmtrain-train " + " ".join(o for o in overrides if not o.startswith("hydra.")),

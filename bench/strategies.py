@@ -51,7 +51,9 @@ def main() -> None:
                 print(f"| {name} | {gc} | failed (exit {res.returncode}) | | `{shown}` |")
                 print(res.stderr[-2000:], file=sys.stderr)
                 continue
-            recs = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+            from llmtrain.rundir import METRICS_FILE
+
+            recs = [json.loads(x) for x in (run_dir / METRICS_FILE).read_text().splitlines()]
             steady = [r for r in recs if "tokens_per_s" in r and r["step"] > args.warmup]
             tps = statistics.median(r["tokens_per_s"] for r in steady)
             mem = max(r.get("peak_mem_gib", 0.0) for r in steady)

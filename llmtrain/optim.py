@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any
 
 import torch
 from torch import nn
@@ -117,20 +116,12 @@ def lr_factor(cfg: SchedulerConfig, step: int, max_steps: int) -> float:
     return cfg.min_lr_ratio + (1.0 - cfg.min_lr_ratio) * shape
 
 
-def plain(cfg: Any) -> Any:
-    """A structured DictConfig as its dataclass (reading a DictConfig's fields costs microseconds each: the
-    loop reads some every step); anything else as it is."""
-    from omegaconf import DictConfig, OmegaConf
-
-    return OmegaConf.to_object(cfg) if isinstance(cfg, DictConfig) else cfg
-
-
 class Scheduler:
     """Sets every param group's lr from the step: stateless but for the step, so resume is exact."""
 
     def __init__(self, cfg: SchedulerConfig, optimizer: torch.optim.Optimizer, base_lr: float,
                  max_steps: int) -> None:
-        self.cfg, self.optimizer, self.base_lr, self.max_steps = plain(cfg), optimizer, base_lr, max_steps
+        self.cfg, self.optimizer, self.base_lr, self.max_steps = cfg, optimizer, base_lr, max_steps
         self.step_count = 0
         self.apply()
 

@@ -9,11 +9,15 @@ data and the checkpoint reader, never export or generation).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from llmtrain.models.base import DataInfo, ModelSpec
+
+if TYPE_CHECKING:
+    from llmtrain.config import Config
+    from llmtrain.data.base import DataModule
 
 
 def plain_model(spec: ModelSpec, model_cfg: Any, info: DataInfo, state: dict[str, torch.Tensor]) -> torch.nn.Module:
@@ -28,7 +32,7 @@ def plain_model(spec: ModelSpec, model_cfg: Any, info: DataInfo, state: dict[str
     return model
 
 
-def checkpoint_state(cfg: Any, ck: Path) -> tuple[ModelSpec, Any, dict[str, torch.Tensor]]:
+def checkpoint_state(cfg: Config, ck: Path) -> tuple[ModelSpec, DataModule, dict[str, torch.Tensor]]:
     """(model spec, data module, whole model state) of a run from its checkpoint `ck` of any strategy,
     consolidated in memory; the weights a partly frozen or LoRA run leaves out of its checkpoints rebuilt."""
     from llmtrain.data.base import build_data
@@ -40,7 +44,7 @@ def checkpoint_state(cfg: Any, ck: Path) -> tuple[ModelSpec, Any, dict[str, torc
     return spec, data, complete_state(spec, cfg, data.info, consolidate(ck))
 
 
-def complete_state(spec: ModelSpec, cfg: Any, info: DataInfo, state: dict[str, torch.Tensor]
+def complete_state(spec: ModelSpec, cfg: Config, info: DataInfo, state: dict[str, torch.Tensor]
                    ) -> dict[str, torch.Tensor]:
     """A checkpoint of a partly frozen model holds its trainable parameters only: add the frozen ones, rebuilt
     as the run built them (pretrained dir or seeded init, then the adapters)."""

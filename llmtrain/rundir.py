@@ -199,9 +199,6 @@ def write_config(run_dir: Path, cfg: Any) -> None:
     atomic_write_text(run_dir / CONFIG_FILE, OmegaConf.to_yaml(node, resolve=True))
 
 
-
-
-
 def read_run_record(run_dir: Path) -> dict[str, Any]:
     """<run>/run.json ({} without one); one that cannot be read is {} with one warning (the next
     write_run_record replaces it)."""
