@@ -83,5 +83,6 @@ def hf_model_dir(name_or_dir: str, key: str) -> Path:
         raise ConfigError(key, f"cannot load {name_or_dir!r}: {why}") from None
 
 
-MODEL_FILES = ["config.json", "generation_config.json", "*.safetensors", "pytorch_model.bin", "tokenizer.json",
-               "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt"]
+MODEL_FILES = ["config.json", "generation_config.json", "*.safetensors", "model.safetensors.index.json",
+               "pytorch_model.bin", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
+               "merges.txt", "tokenizer.model", "chat_template.jinja", "added_tokens.json"]

@@ -65,7 +65,7 @@ def load_export(path: Path, key: str, model_cfg: Any = None) -> tuple[ModelSpec,
     import json
 
     from llmtrain.errors import ConfigError
-    from llmtrain.models.base import get_model_spec
+    from llmtrain.models.base import get_model_spec, spec_for_hf_dir
 
     try:
         meta = json.loads((path / "config.json").read_text())
@@ -73,7 +73,8 @@ def load_export(path: Path, key: str, model_cfg: Any = None) -> tuple[ModelSpec,
         raise ConfigError(key, f"{path} is not a model dir (its config.json: {e})") from None
     family = meta.get("model", {}).get("family") if isinstance(meta, dict) and isinstance(meta.get("model"),
                                                                                                dict) else None
-    spec = get_model_spec(family or "gpt2")  # a config.json without llmtrain's "model": a Hugging Face dir
+    # llmtrain's own export names its family; a Hugging Face dir its model_type
+    spec = get_model_spec(family) if family else spec_for_hf_dir(meta, key)
     try:
         return spec, spec.load(model_cfg, None, path)
     except (ValueError, KeyError, FileNotFoundError) as e:

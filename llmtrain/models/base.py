@@ -26,6 +26,9 @@ class ModelSpec(ABC):
 
     name: str  # the registry key (cfg.model.family)
     task: str  # the DataInfo.task it trains on
+    # Hugging Face `model_type`s (config.json) whose dirs this family reads natively: a model dir of one of them
+    # is loaded by this spec (see spec_for_hf_dir); "*": any other causal LM transformers knows (a fallback)
+    hf_model_types: tuple[str, ...] = ()
 
     def check_config(self, cfg: Any) -> None:  # noqa: B027  (optional hook: most families check in build)
         """One-line ConfigError for `model.*` values this family cannot build (called before any work)."""
@@ -122,3 +125,19 @@ def register_model(name: str, *, config: type, task: str,
 def get_model_spec(name: str) -> ModelSpec:
     """The spec of model family `name`; one line naming the registered families when there is none."""
     return MODELS.get(name).target
+
+
+def spec_for_hf_dir(hf_config: dict[str, Any], key: str) -> ModelSpec:
+    """The family that reads a Hugging Face model dir of this config.json: the one that lists its `model_type`
+    natively, else the one that takes any causal LM ("*"); one line when none does."""
+    from llmtrain.errors import ConfigError
+
+    model_type = hf_config.get("model_type") if isinstance(hf_config, dict) else None
+    specs = [e.target for e in MODELS.entries()]
+    found = next((s for s in specs if model_type in s.hf_model_types), None) or \
+        next((s for s in specs if "*" in s.hf_model_types), None)
+    if found is None or not isinstance(model_type, str):
+        native = sorted(t for s in specs for t in s.hf_model_types if t != "*")
+        raise ConfigError(key, f"a Hugging Face model of type {model_type!r}, which no model family reads (native: "
+                               f"{', '.join(native)})")
+    return found

@@ -89,6 +89,8 @@ def core(model: nn.Module) -> nn.Module:
 @register_model("gpt2", config=GPT2ModelConfig, task="lm",
                 presets=("gpt2_tiny.yaml", "gpt2_small.yaml", "gpt2_medium.yaml", "gpt2_large.yaml", "gpt2_xl.yaml"))
 class GPT2Spec(ModelSpec):
+    hf_model_types = ("gpt2",)
+
     def check_config(self, cfg: GPT2ModelConfig) -> None:
         check_config(cfg)
 
