@@ -184,6 +184,9 @@ def _check_model_data(cfg: Any) -> None:
     model, data = MODELS.get(cfg.model.family), DATA.get(cfg.data.kind)
     spec = model.target
     spec.check_config(cfg.model)
+    lora = getattr(cfg.model, "lora", None)
+    if lora is not None and lora.enabled and lora.target_modules is None:  # the family's own targets
+        lora.target_modules = spec.lora_targets(cfg.model)
     if model.task != data.task:
         fits = [f"data={o}" for e in DATA.entries() if e.task == model.task for o in e.options]
         raise ConfigError("model", f"model family {model.name!r} trains on {model.task} data, but data.kind "

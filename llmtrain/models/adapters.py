@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import fnmatch
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +32,8 @@ class LoraConfig:
     r: int = 8  # rank of each adapter
     alpha: float = 16.0  # scaling = alpha / r
     dropout: float = 0.05  # on the adapter's input
-    target_modules: list[str] = field(default_factory=lambda: ["c_attn", "c_proj", "c_fc"])  # module name suffixes
+    # module name suffixes; None: the family's own (ModelSpec.lora_targets), filled in when the config is checked
+    target_modules: list[str] | None = None
 
 
 def lora_settings(model_cfg: Any) -> LoraConfig | None:

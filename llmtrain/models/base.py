@@ -59,6 +59,11 @@ class ModelSpec(ABC):
     def count(self, batch: Batch) -> int:
         """Number of targets in a host batch (known before the forward pass, read without a device sync)."""
 
+    def lora_targets(self, cfg: Any) -> list[str]:
+        """The module-name suffixes LoRA adapts when model.lora.target_modules is unset (the attention and MLP
+        projections); [] when the family names none (the user must)."""
+        return []
+
     def global_dropout(self, cfg: Any) -> bool:
         """Whether the model's dropout (if any) draws llmtrain's masks (models/dropout.py), as
         trainer.dropout_rng=global needs; a model without dropout qualifies."""

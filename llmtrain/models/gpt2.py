@@ -118,6 +118,9 @@ class GPT2Spec(ModelSpec):
             return GPT2LMHeadModel(_hf_config(d))
         return GPT2(d)
 
+    def lora_targets(self, cfg: GPT2ModelConfig) -> list[str]:
+        return ["c_attn", "c_proj", "c_fc"]  # the same names in llmtrain's GPT-2 and transformers'
+
     def global_dropout(self, cfg: GPT2ModelConfig) -> bool:
         return cfg.impl == "native"  # transformers' GPT-2 has nn.Dropout modules of its own
 
