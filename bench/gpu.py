@@ -6,7 +6,8 @@ own options, then the largest GPT-2-family model each strategy trains on this GP
     python bench/gpu.py --device cpu --tiny  # a minute's dry run of every row on the CPU, tiny model
 
 Rows, each tokens/s (median step after warm-up), MFU (against the measured bf16 matmul peak and the
-vendor's) and peak GPU memory, with llmtrain-plan's estimate of that memory beside it:
+vendor's) and peak GPU memory, with llmtrain-plan's estimate of that memory beside it. Every row runs in bf16
+(autocast, or llmtrain's trainer.precision=bf16), on the CPU too, so the rows of one table compare:
 
 1. loops: a raw loop over transformers' GPT2LMHeadModel + torch.compile; a nanoGPT-style GPT-2 (fused QKV,
    SDPA, tied head) + compile; HF Trainer with torch_compile; llmtrain model.impl=hf; llmtrain
@@ -219,7 +220,7 @@ def hf_trainer(s: Setup) -> None:
 
     with tempfile.TemporaryDirectory() as out:
         args = TrainingArguments(output_dir=out, per_device_train_batch_size=s.batch, max_steps=s.steps,
-                                 bf16=s.device.type == "cuda", torch_compile=True, logging_steps=10**9,
+                                 bf16=True, torch_compile=True, logging_steps=10**9,
                                  save_strategy="no", report_to=[], dataloader_num_workers=0,
                                  use_cpu=s.device.type == "cpu", optim="adamw_torch_fused" if s.device.type == "cuda"
                                  else "adamw_torch", max_grad_norm=1.0)
@@ -269,7 +270,7 @@ def llmtrain_overrides(s: Setup, data: Path, extra: list[str]) -> list[str]:
             "trainer.eval_every=0",
             "trainer.ckpt_every=0", "trainer.sample_tokens=0", "logger.log_every=1", "logger.progress=false",
             "logger.tensorboard=false", "logger.plots=false", "trainer.compile=true",
-            f"trainer.device={s.device.type}", f"trainer.precision={'bf16' if s.device.type == 'cuda' else 'fp32'}",
+            f"trainer.device={s.device.type}", "trainer.precision=bf16",  # every row of a table: one precision
             *extra]
 
 

@@ -17,6 +17,7 @@ from omegaconf import MISSING
 from llmtrain.data.base import DATA
 from llmtrain.distributed.base import StrategyConfig
 from llmtrain.errors import ConfigError, require, unknown_key
+from llmtrain.models import adapters
 from llmtrain.models.base import MODELS
 from llmtrain.optim import OptimConfig, SchedulerConfig
 from llmtrain.registry import discover, store_once
@@ -169,8 +170,6 @@ def validate(cfg: Config) -> None:
         require(Path(st.deepspeed_config).is_file(), "strategy.deepspeed_config",
                 f"file not found: {st.deepspeed_config}")
     _check_model_data(cfg)
-    from llmtrain.models import adapters
-
     adapters.check(cfg.model, st.name.value)
     require(t.early_stop_patience >= 0, "trainer.early_stop_patience",
             f"must be >= 0, 0 disables early stopping (got {t.early_stop_patience})")
@@ -184,9 +183,7 @@ def _check_model_data(cfg: Any) -> None:
     model, data = MODELS.get(cfg.model.family), DATA.get(cfg.data.kind)
     spec = model.target
     spec.check_config(cfg.model)
-    lora = getattr(cfg.model, "lora", None)
-    if lora is not None and lora.enabled and lora.target_modules is None:  # the family's own targets
-        lora.target_modules = spec.lora_targets(cfg.model)
+    adapters.resolve_targets(cfg.model, spec.lora_targets(cfg.model))
     if model.task != data.task:
         fits = [f"data={o}" for e in DATA.entries() if e.task == model.task for o in e.options]
         raise ConfigError("model", f"model family {model.name!r} trains on {model.task} data, but data.kind "

@@ -101,7 +101,8 @@ def write_final(spec: ModelSpec, model_cfg: Any, info: DataInfo, state: dict[str
     shutil.rmtree(tmp, ignore_errors=True)
     lora = adapters.lora_settings(model_cfg)
     if lora is not None:
-        adapters.save_adapter(state, lora, tmp / "adapter", getattr(model_cfg, "pretrained", None))
+        adapters.save_adapter(state, lora, tmp / "adapter", getattr(model_cfg, "pretrained", None),
+                              fan_in_fan_out=spec.adapter_fan_in_fan_out(model_cfg))
     model = plain_model(spec, model_cfg, info, state)
     spec.export(model, model_cfg, info, tmp)
     if info.tokenizer is not None:  # the data's tokenizer beside the weights: generation and eval read it there

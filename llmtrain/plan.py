@@ -5,13 +5,15 @@ cluster shape, under every strategy and ZeRO stage; which of them fit.
     llmtrain-plan experiment=gpt2_small trainer.gradient_checkpointing=true --gpu a100-40gb --json
 
 The model is built on the meta device (no memory, no download beyond a pretrained model's config), so any
-size plans in a second. What each number counts (GPT-2 family; docs/plan.md has the derivations):
+size plans in a second. What each number counts (the gpt2 and llama families, whose specs describe what a step
+keeps: `ModelSpec.plan_profile`; docs/plan.md has the derivations):
 
 * weights, gradients, optimizer state: bytes per parameter by precision and strategy (fp32 master weights
   and Adam moments; bf16 copies where the backend keeps them), divided by the world size where sharded;
-* activations: what the backward pass keeps per token and layer of the native GPT-2 (17·C values per layer:
-  the inputs of both layer norms, of the four projections and of GeLU, attention's q, k, v and output), in
-  the dtypes the strategy computes in; with checkpointing, each block's input plus one block recomputed;
+* activations: what the backward pass keeps per token and layer (GPT-2: 17·C values, the inputs of both layer
+  norms, of the four projections and of GeLU, attention's q, k, v and output; Llama: 6·C + (3·nh + 2·nkv)·hd +
+  4·I), in the dtypes the strategy computes in; with checkpointing, each block's input plus one block
+  recomputed;
 * buffers: the fused loss (hidden states, their gradient, the fp32 head gradient and one logits chunk),
   FSDP's gathered units, DeepSpeed's gradient buckets;
 * communication: bytes each rank hands to collectives per optimizer step (gradient all-reduce, parameter
@@ -58,7 +60,7 @@ class Shape:
     n_layer: int
     n_embd: int
     n_head: int
-    vocab_padded: int
+    vocab_padded: int  # rows of the output projection
     block_params: int  # the largest block (FSDP's and ZeRO-3's working set)
     root_params: int  # parameters outside the blocks (embeddings, final norm)
     seq_len: int
@@ -68,6 +70,10 @@ class Shape:
     checkpointing: bool
     optimizer: str
     flops_per_token: float
+    act_values: float = 0.0  # per token and layer, kept for the backward pass in an fp32 step
+    act_fp32_autocast: float = 0.0  # under autocast: those kept in fp32
+    act_low_autocast: float = 0.0  # under autocast: those kept in the low precision
+    family: str = "gpt2"
 
     @property
     def tokens(self) -> int:
@@ -154,15 +160,16 @@ class Cluster:
 def activation_bytes(s: Shape, mixed_everywhere: bool) -> tuple[float, float]:
     """(bytes kept for the backward per token per layer, bytes of a checkpointed block's saved input per token).
 
-    fp32: 17·C fp32 values. Autocast (single, ddp): the residual stream and the layer-norm inputs stay fp32,
-    the matmul inputs and outputs are bf16/fp16: 2·4C + 15·2C = 38·C bytes. A strategy that computes in the
-    low precision throughout (FSDP's MixedPrecisionPolicy, DeepSpeed's bf16/fp16 weights): 17·2C."""
+    fp32: the profile's values at 4 bytes (GPT-2: 17·C). Autocast (single, ddp): the residual stream and the norms'
+    inputs stay fp32, the matmul inputs and outputs are bf16/fp16 (GPT-2: 2·4C + 15·2C = 38·C bytes). A strategy
+    that computes in the low precision throughout (FSDP's MixedPrecisionPolicy, DeepSpeed's bf16/fp16 weights):
+    the fp32 step's values at 2 bytes."""
     c = s.n_embd
     if s.precision == "fp32":
-        return 68.0 * c, 4.0 * c
+        return 4.0 * s.act_values, 4.0 * c
     if mixed_everywhere:
-        return 34.0 * c, 2.0 * c
-    return 38.0 * c, 4.0 * c
+        return 2.0 * s.act_values, 2.0 * c
+    return 4.0 * s.act_fp32_autocast + 2.0 * s.act_low_autocast, 4.0 * c
 
 
 def loss_buffers(s: Shape, act: int) -> float:
@@ -296,39 +303,36 @@ def shape_of(cfg: Any, device: str = "cuda") -> Shape:
     from llmtrain.errors import ConfigError
     from llmtrain.models import adapters
     from llmtrain.models.base import DataInfo, get_model_spec
-    from llmtrain.models.gpt2_native import GPT2, dims_from_hf_config
     from llmtrain.precision import Precision
 
     spec = get_model_spec(cfg.model.family)
-    if spec.name != "gpt2":
-        raise ConfigError("model", f"llmtrain-plan models GPT-2 (family gpt2), not {spec.name!r}")
+    if spec.task != "lm":
+        raise ConfigError("model", f"llmtrain-plan models language models (the gpt2 and llama families), not "
+                                   f"{spec.name!r}")
     vocab = _vocab(cfg)
-    if cfg.model.pretrained:
-        from llmtrain.hub import hf_model_dir
-
-        path = hf_model_dir(cfg.model.pretrained, "model.pretrained") / "config.json"
-        d = dims_from_hf_config(json.loads(path.read_text()))
-        build: Any = lambda: GPT2(d)  # noqa: E731
-    else:
-        info = DataInfo(task="lm", vocab_size=vocab, eos_token_id=vocab - 1)
-        build = lambda: spec.build(cfg.model, info)  # noqa: E731
+    info = DataInfo(task="lm", vocab_size=vocab, eos_token_id=vocab - 1)
+    adapters.resolve_targets(cfg.model, spec.lora_targets(cfg.model))
     with torch.device("meta"):
-        model = adapters.apply(build(), cfg.model)
-    d = model.dims if isinstance(model, GPT2) else dims_from_hf_config(model.config.to_dict())
-    params = list({id(p): p for p in model.parameters()}.values())
-    n = sum(p.numel() for p in params)
-    nt = sum(p.numel() for p in params if p.requires_grad)
-    blocks = [sum(p.numel() for p in b.parameters()) for b in model.modules() if type(b).__name__ in ("Block", "GPT2Block")]
+        model = adapters.apply(spec.skeleton(cfg.model, info), cfg.model)
+    p = spec.plan_profile(model)
+    if p is None:
+        raise ConfigError("model", f"llmtrain-plan models the gpt2 and llama families, not {spec.name!r}")
+    params = list({id(x): x for x in model.parameters()}.values())
+    n = sum(x.numel() for x in params)
+    nt = sum(x.numel() for x in params if x.requires_grad)
+    block_types = spec.block_classes(model)
+    blocks = [sum(x.numel() for x in b.parameters()) for b in model.modules() if isinstance(b, block_types)]
     t = cfg.trainer
     precision = getattr(t.precision, "value", str(t.precision))
     if precision == "auto":  # bf16 on the GPUs planned for (all in the table have it), fp32 on CPU
         precision = Precision.bf16.value if device == "cuda" else Precision.fp32.value
     seq = int(cfg.data.seq_len)
-    return Shape(n_params=n, n_trainable=nt, n_layer=d.n_layer, n_embd=d.n_embd, n_head=d.n_head,
-                 vocab_padded=d.padded_vocab, block_params=max(blocks, default=0), root_params=n - sum(blocks),
+    return Shape(n_params=n, n_trainable=nt, n_layer=p.n_layer, n_embd=p.n_embd, n_head=p.n_head,
+                 vocab_padded=p.vocab_rows, block_params=max(blocks, default=0), root_params=n - sum(blocks),
                  seq_len=seq, micro_batch=int(t.micro_batch_size), accum=int(t.grad_accum_steps), precision=precision,
                  checkpointing=bool(t.gradient_checkpointing), optimizer=getattr(cfg.optim.name, "value", str(cfg.optim.name)),
-                 flops_per_token=d.flops_per_token(seq))
+                 flops_per_token=float(spec.flops_per_token(model, seq)), act_values=p.act_values,
+                 act_fp32_autocast=p.act_fp32_autocast, act_low_autocast=p.act_low_autocast, family=spec.name)
 
 
 def _vocab(cfg: Any) -> int:
@@ -346,7 +350,7 @@ def _vocab(cfg: Any) -> int:
 # CLI ---------------------------------------------------------------------------------------------------------------
 def table(rows: list[Row], cluster: Cluster, s: Shape) -> str:
     mem_gib = cluster.memory_gib
-    head = (f"GPT-2 {s.n_params / 1e6:,.1f}M params ({s.n_trainable / 1e6:,.1f}M trainable), {s.n_layer} layers × "
+    head = (f"{s.family} {s.n_params / 1e6:,.1f}M params ({s.n_trainable / 1e6:,.1f}M trainable), {s.n_layer} layers × "
             f"{s.n_embd}, micro-batch {s.micro_batch} × {s.seq_len} × accum {s.accum}, {s.precision}"
             f"{', checkpointing' if s.checkpointing else ''}, {s.optimizer}; {cluster.nodes} node(s) × "
             f"{cluster.gpus_per_node} {cluster.gpu} ({mem_gib:g} GiB)")

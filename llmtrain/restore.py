@@ -24,10 +24,10 @@ def plain_model(spec: ModelSpec, model_cfg: Any, info: DataInfo, state: dict[str
     """A fresh plain model (no adapters) holding the whole `state`: a LoRA model's is merged into the weights."""
     from llmtrain.models import adapters
 
-    lora = adapters.lora_settings(model_cfg)
-    if lora is not None:
-        state = adapters.merged_state(state, lora, fan_in_fan_out=getattr(model_cfg, "impl", "native") == "hf")
     model = spec.build(model_cfg, info)
+    lora = adapters.lora_settings(model_cfg)
+    if lora is not None:  # merged in the plain model's own layout ([in, out] for transformers' Conv1D)
+        state = adapters.merged_state(state, lora, fan_in_fan_out=adapters.conv1d_layout(model))
     model.load_state_dict(state)
     return model
 

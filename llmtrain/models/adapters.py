@@ -42,6 +42,13 @@ def lora_settings(model_cfg: Any) -> LoraConfig | None:
     return lora if lora is not None and lora.enabled else None
 
 
+def resolve_targets(model_cfg: Any, family_targets: list[str]) -> None:
+    """Fill model.lora.target_modules with the family's own when LoRA is on and the user named none."""
+    lora = lora_settings(model_cfg)
+    if lora is not None and lora.target_modules is None:
+        lora.target_modules = list(family_targets)
+
+
 def check(model_cfg: Any, strategy: str) -> None:
     """Config checks that need no model: LoRA's numbers and the strategies that take it."""
     lora = lora_settings(model_cfg)
@@ -91,8 +98,9 @@ def freeze(model: nn.Module, patterns: list[str]) -> list[str]:
     return sorted(set(frozen))
 
 
-def _fan_in_fan_out(model: nn.Module) -> bool:
-    """transformers' GPT-2 stores its projections as Conv1D ([in, out] weights); the native one as Linear."""
+def conv1d_layout(model: nn.Module) -> bool:
+    """Whether the model stores its projections as transformers' Conv1D ([in, out] weights: GPT-2's, so LoRA on
+    them is fan_in_fan_out) rather than nn.Linear ([out, in]: llmtrain's native GPT-2, most architectures)."""
     return any(type(m).__name__ == "Conv1D" for m in model.modules())
 
 
@@ -111,7 +119,7 @@ def inject_lora(model: nn.Module, lora: LoraConfig) -> nn.Module:
     for p in model.parameters():
         p.requires_grad_(False)
     try:
-        model = peft.inject_adapter_in_model(peft_config(lora, _fan_in_fan_out(model)), model)
+        model = peft.inject_adapter_in_model(peft_config(lora, conv1d_layout(model)), model)
     except ValueError:  # no module matches the targets
         linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if type(m).__name__ in
                          ("Linear", "Conv1D")})
@@ -154,14 +162,16 @@ def adapter_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
-def save_adapter(state: dict[str, torch.Tensor], lora: LoraConfig, out_dir: Path, base: str | None) -> None:
-    """adapter_config.json + adapter_model.safetensors for transformers' GPT-2 (Conv1D: fan_in_fan_out)."""
+def save_adapter(state: dict[str, torch.Tensor], lora: LoraConfig, out_dir: Path, base: str | None,
+                 fan_in_fan_out: bool = True) -> None:
+    """adapter_config.json + adapter_model.safetensors for the Hugging Face model (`fan_in_fan_out`: its adapted
+    weights are [in, out], as transformers' GPT-2 Conv1D stores them; False for nn.Linear layouts)."""
     from safetensors.torch import save_file
 
     out_dir.mkdir(parents=True, exist_ok=True)
     save_file({k: v.detach().cpu() for k, v in adapter_state(state).items()}, str(out_dir / "adapter_model.safetensors"),
               metadata={"format": "pt"})
-    cfg = peft_config(lora, fan_in_fan_out=True, base=base).to_dict()
+    cfg = peft_config(lora, fan_in_fan_out=fan_in_fan_out, base=base).to_dict()
     cfg = {k: (sorted(v) if isinstance(v, set) else v) for k, v in cfg.items()}
     (out_dir / "adapter_config.json").write_text(json.dumps(cfg, indent=2, default=str) + "\n")
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -19,6 +20,21 @@ from llmtrain.registry import Presets, Registry
 
 if TYPE_CHECKING:
     from llmtrain.models.protocol import CausalLM
+
+
+@dataclass(frozen=True)
+class PlanProfile:
+    """A model's shape as llmtrain-plan counts it. Activation values are per token per layer, as autograd keeps
+    them for the backward pass: in an fp32 step, and under autocast split into those that stay fp32 (the
+    residual stream, the norms' inputs) and those in the low precision (matmul inputs and outputs)."""
+
+    n_layer: int
+    n_embd: int
+    n_head: int
+    vocab_rows: int  # rows of the output projection (a padded vocabulary's included)
+    act_values: float  # fp32 step
+    act_fp32_autocast: float  # autocast: kept in fp32
+    act_low_autocast: float  # autocast: kept in bf16/fp16
 
 
 class ModelSpec(ABC):
@@ -59,10 +75,25 @@ class ModelSpec(ABC):
     def count(self, batch: Batch) -> int:
         """Number of targets in a host batch (known before the forward pass, read without a device sync)."""
 
+    def skeleton(self, cfg: Any, info: DataInfo) -> nn.Module:
+        """The model of this config with no weights read (called under torch.device("meta")): a pretrained
+        model's shape from its config.json alone. For llmtrain-plan."""
+        return self.build(cfg, info)
+
+    def plan_profile(self, model: nn.Module) -> PlanProfile | None:
+        """What llmtrain-plan needs of a built model: its shape and the values a training step keeps per token
+        and layer for the backward pass; None: the family is not planned."""
+        return None
+
     def lora_targets(self, cfg: Any) -> list[str]:
         """The module-name suffixes LoRA adapts when model.lora.target_modules is unset (the attention and MLP
         projections); [] when the family names none (the user must)."""
         return []
+
+    def adapter_fan_in_fan_out(self, cfg: Any) -> bool:
+        """Whether the Hugging Face model an exported LoRA adapter (final/adapter) applies to stores its adapted
+        weights [in, out] (transformers' GPT-2 Conv1D); False for nn.Linear layouts ([out, in])."""
+        return True
 
     def global_dropout(self, cfg: Any) -> bool:
         """Whether the model's dropout (if any) draws llmtrain's masks (models/dropout.py), as

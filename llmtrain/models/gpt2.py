@@ -12,12 +12,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from llmtrain.errors import ConfigError
 from llmtrain.models.adapters import LoraConfig
-from llmtrain.models.base import Batch, DataInfo, ModelSpec, register_model
+from llmtrain.models.base import Batch, DataInfo, ModelSpec, PlanProfile, register_model
 from llmtrain.models.gpt2_native import GPT2, IGNORE_INDEX, Block, GPT2Dims, from_hf, load_hf, save_hf
 
 IMPLS = ("native", "hf")
@@ -115,8 +114,32 @@ class GPT2Spec(ModelSpec):
         if cfg.impl == "hf":
             from transformers import GPT2LMHeadModel
 
-            return GPT2LMHeadModel(_hf_config(d))
+            from llmtrain.models.hf import prepare
+
+            return prepare(GPT2LMHeadModel(_hf_config(d)))
         return GPT2(d)
+
+    def skeleton(self, cfg: GPT2ModelConfig, info: DataInfo) -> nn.Module:
+        if not cfg.pretrained:
+            return self.build(cfg, info)
+        import json
+
+        from llmtrain.hub import hf_model_dir
+        from llmtrain.models.gpt2_native import dims_from_hf_config
+
+        path = hf_model_dir(cfg.pretrained, "model.pretrained") / "config.json"
+        return GPT2(dims_from_hf_config(json.loads(path.read_text())))
+
+    def plan_profile(self, model: nn.Module) -> PlanProfile | None:
+        """17·C values per token and layer: both layer norms' inputs, the four projections' inputs, q, k, v, the
+        attention's output, GeLU's input (4C) and the MLP projection's input (4C); under autocast the layer
+        norms' inputs stay fp32."""
+        from llmtrain.models.gpt2_native import dims_from_hf_config
+
+        m = core(model)
+        d = m.dims if isinstance(m, GPT2) else dims_from_hf_config(m.config.to_dict())
+        c = d.n_embd
+        return PlanProfile(d.n_layer, c, d.n_head, d.padded_vocab, 17.0 * c, 2.0 * c, 15.0 * c)
 
     def lora_targets(self, cfg: GPT2ModelConfig) -> list[str]:
         return ["c_attn", "c_proj", "c_fc"]  # the same names in llmtrain's GPT-2 and transformers'
@@ -161,10 +184,7 @@ class GPT2Spec(ModelSpec):
                 return model(input_ids=batch["input_ids"], labels=labels, position_ids=batch["position_ids"],
                              attn_mask=document_mask(batch["doc_ids"]))
             return model(input_ids=batch["input_ids"], labels=labels)
-        logits = model(input_ids=batch["input_ids"], use_cache=False).logits  # [B, T, V]
-        loss_sum = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX,
-                                   reduction="sum")
-        return loss_sum, (labels != IGNORE_INDEX).sum()
+        return model(input_ids=batch["input_ids"], targets=labels)  # transformers' GPT-2: models/hf.py's loss
 
     def count(self, batch: Batch) -> int:
         """Targets of a host batch (numpy: never a device read; a device tensor is refused)."""
@@ -204,8 +224,10 @@ def hf_from_pretrained(path: Path, key: str) -> nn.Module:
     safetensors or weights_only; whatever it cannot read is one line."""
     from transformers import GPT2LMHeadModel
 
+    from llmtrain.models.hf import prepare
+
     try:
-        return GPT2LMHeadModel.from_pretrained(str(path), trust_remote_code=False)
+        model = GPT2LMHeadModel.from_pretrained(str(path), trust_remote_code=False)
     except Exception as e:  # transformers' errors for a dir it cannot load (garbled, unsafe, misshapen)
         from llmtrain.safeio import culprit
 
@@ -213,6 +235,7 @@ def hf_from_pretrained(path: Path, key: str) -> nn.Module:
         if "weights_only" in str(e) or "Unsupported global" in str(e):
             why = f"its pickle names {culprit(e)}, which could run code when loaded; it is refused"
         raise ConfigError(key, f"cannot load {path}: {why}") from None
+    return prepare(model)  # the loss inside its forward (models/hf.py)
 
 
 def document_mask(doc_ids: torch.Tensor) -> torch.Tensor:

@@ -39,9 +39,17 @@ def test_every_group_option_composes(group: str) -> None:
 
 @pytest.mark.parametrize("model", _options("model"))
 def test_every_model_option_composes(model: str) -> None:
-    data = "text" if model.startswith("gpt2") else ("regression" if model in ("linear", "mlp") else "images")
+    from llmtrain.models.base import MODELS
+
+    task = MODELS.get(compose([f"model={model}"]).model.family).task
+    data = {"lm": "text", "regression": "regression"}.get(task, "images")
     cfg = compose([f"model={model}", f"data={data}"])
     OmegaConf.to_object(cfg)
+    if model == "hf":  # any transformers causal LM: which one is the user's to say
+        with pytest.raises(ConfigError) as ei:
+            checked(cfg)
+        assert ei.value.key == "model.pretrained"
+        return
     checked(cfg)
 
 

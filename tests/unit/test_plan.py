@@ -51,7 +51,7 @@ def measure_step_peak(overrides: list[str]) -> tuple[float, object]:
     from llmtrain.precision import Precision
 
     cfg = compose(overrides)
-    t, spec = cfg.trainer, get_model_spec("gpt2")
+    t, spec = cfg.trainer, get_model_spec(cfg.model.family)
     info = DataInfo(task="lm", vocab_size=257, eos_token_id=256)
     g = torch.Generator().manual_seed(0)
     batches = [{"input_ids": torch.randint(0, 257, (t.micro_batch_size, cfg.data.seq_len), generator=g),
@@ -93,6 +93,7 @@ def measure_step_peak(overrides: list[str]) -> tuple[float, object]:
 
 
 TINY = ["experiment=gpt2_tiny", "data.tokenizer=byte", "model.n_head=4", "trainer.precision=fp32", "optim=adamw"]
+LLAMA = ["experiment=llama_tiny", "data.tokenizer=byte", "trainer.precision=fp32", "optim=adamw"]
 SHAPES = {
     "6x256, 8x128": ["model.n_layer=6", "model.n_embd=256", "model.n_positions=128", "data.seq_len=128",
                      "trainer.micro_batch_size=8"],
@@ -107,10 +108,21 @@ SHAPES = {
 }
 
 
+LLAMA_SHAPES = {
+    "llama 4x256 (8/2 heads, MLP 704), 8x128": ["model.n_layer=4", "model.n_embd=256", "model.n_head=8",
+                                                "model.n_kv_head=2", "model.intermediate_size=704",
+                                                "model.n_positions=128", "data.seq_len=128",
+                                                "trainer.micro_batch_size=8"],
+    "llama 4x256, 8x128, checkpointing": ["model.n_layer=4", "model.n_embd=256", "model.n_head=8", "model.n_kv_head=2",
+                                          "model.intermediate_size=704", "model.n_positions=128", "data.seq_len=128",
+                                          "trainer.micro_batch_size=8", "trainer.gradient_checkpointing=true"],
+}
+
+
 @pytest.mark.skipif(LIBC is None, reason="needs glibc's mallinfo2 to measure host memory")
-@pytest.mark.parametrize("name", list(SHAPES))
+@pytest.mark.parametrize("name", [*SHAPES, *LLAMA_SHAPES])
 def test_memory_estimate_is_within_15_percent_of_a_real_step(name: str, one_thread: None) -> None:
-    measured, cfg = measure_step_peak([*TINY, *SHAPES[name]])
+    measured, cfg = measure_step_peak([*TINY, *SHAPES[name]] if name in SHAPES else [*LLAMA, *LLAMA_SHAPES[name]])
     s = shape_of(cfg)
     estimate = peak(s, memory(s, "single", 1))
     print(f"\n{name}: measured {measured / 2**20:.1f} MiB, planned {estimate / 2**20:.1f} MiB "
@@ -171,3 +183,18 @@ def test_cli_table_json_and_bad_input(tmp_path: Path, capsys: pytest.CaptureFixt
             main(argv)
         err = capsys.readouterr().err.strip().splitlines()
         assert ei.value.code == 2 and len(err) == 1 and err[0].startswith(f"llmtrain: error: {key}"), err
+
+
+def test_parameters_and_flops_of_the_llama_presets() -> None:
+    """SmolLM2-135M and Llama-3-8B as published: their parameter counts, grouped KV heads and an untied head
+    counted, FLOPs 6N + 12·L·T·(n_head·head_dim) at 2048 with N = every parameter but an untied input embedding."""
+    small = shape_of(compose(["experiment=llama_tiny", "model=smollm2_135m", "data.seq_len=2048"]))
+    assert small.family == "llama" and small.n_params == 134_515_008 and small.n_layer == 30
+    assert small.flops_per_token == pytest.approx(6 * 134_515_008 + 12 * 30 * 2048 * 576, rel=1e-9)
+    big = shape_of(compose(["experiment=llama_tiny", "model=llama3_8b", "data.seq_len=2048",
+                            "trainer.micro_batch_size=1", "trainer.gradient_checkpointing=true"]))
+    assert big.n_params == 8_030_261_248 and big.vocab_padded == 128256
+    untied_input = 128256 * 4096
+    assert big.flops_per_token == pytest.approx(6 * (8_030_261_248 - untied_input) + 12 * 32 * 2048 * 4096, rel=1e-9)
+    eight = {r.strategy: r for r in plan(big, Cluster(1, 8, "h100"))}
+    assert not eight["ddp"].fits and eight["fsdp"].fits  # 8B with Adam: sharded only
