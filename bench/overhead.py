@@ -30,7 +30,7 @@ RECIPE = ["experiment=gpt2_tiny", "model.n_layer=4", "model.n_head=4", "model.n_
           "data.seq_len=64", "data.tokenizer=byte", "trainer.micro_batch_size=12", "trainer.grad_clip=1.0",
           "optim=adamw", "optim.lr=1e-3", "scheduler=constant", "trainer.eval_every=0", "trainer.ckpt_every=0",
           "trainer.sample_tokens=0", "logger.log_every=10", "logger.progress=false", "logger.tensorboard=false",
-          "logger.plots=false", "trainer.max_bad_steps=0"]
+          "logger.plots=false", "trainer.max_bad_steps=0", "trainer.precision=fp32"]  # as the bare loop
 WARMUP = 10
 
 

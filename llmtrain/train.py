@@ -37,7 +37,7 @@ from llmtrain.generation.training import TrainingSampler, truncate_samples
 from llmtrain.models import adapters
 from llmtrain.models.base import format_count, get_model_spec
 from llmtrain.optim import Scheduler, build_optimizer
-from llmtrain.precision import Precision, check_supported, resolve, slow_precision_warning
+from llmtrain.precision import Precision, auto_reason, check_supported, resolve, slow_precision_warning
 from llmtrain.runlock import RunLock
 from llmtrain.tracking import MetricsLogger
 from llmtrain.tracking.sinks import check_wandb, sweep_group
@@ -65,9 +65,11 @@ def run(cfg: DictConfig, run_dir: Path, *, pick_dir: bool = False, overrides: li
     device = pick_device(conf.trainer.device, dist)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = conf.trainer.tf32
-    precision = resolve(conf.trainer.precision, device)
+    precision = resolve(conf.trainer.precision, device, training=True)
     if (why := check_supported(precision, device)) is not None:
         raise ConfigError("trainer.precision", why)
+    if dist.is_main and conf.trainer.precision == Precision.auto:
+        print(f"llmtrain: {auto_reason(device)}", flush=True)
     if dist.is_main and (warning := slow_precision_warning(precision, device)):
         print(warning, file=sys.stderr, flush=True)
     if comm_stats.enabled():

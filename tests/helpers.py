@@ -16,11 +16,13 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
 PY = sys.executable
 
-# A tiny GPT-2 on a tiny corpus: fast enough for many multi-process runs on 2 CPU cores.
+# A tiny GPT-2 on a tiny corpus: fast enough for many multi-process runs on 2 CPU cores. fp32 pinned: the preset's
+# precision=auto is bf16 on a CPU with native bf16, and the tests compare losses across strategies bit for bit.
 TINY_LM = [
     "experiment=gpt2_tiny", "model.n_layer=2", "model.n_head=2", "model.n_embd=32", "model.n_positions=64",
     "data.tokenizer=byte", "data.seq_len=32", "data.embedded_max_bytes=200000", "trainer.micro_batch_size=4",
     "trainer.eval_batches=2", "trainer.sample_tokens=0", "logger.log_every=1", "logger.progress=false",
+    "trainer.precision=fp32",
 ]
 
 

@@ -1,21 +1,21 @@
-"""Prompt/completion data for fine-tuning (`data=instruct`): the loss counts completion tokens only.
+"""Prompt/completion and chat data for fine-tuning (`data=instruct`): the loss counts the answers' tokens only.
 
 Each JSONL line is `{"prompt": ..., "completion": ...}` (field names configurable; the texts are joined as
-they are) or `{"messages": [{"role": ..., "content": ...}, ...]}` whose last message is the assistant's answer
-(the completion); the messages before it are the prompt, rendered with the tokenizer's chat template when it
-has one (`template=auto`), else with the plain template:
+they are, then EOS) or `{"messages": [{"role": ..., "content": ...}, ...]}` ending with an assistant message,
+rendered by the tokenizer's chat template (`template=auto`; a tokenizer without one is refused) or llmtrain's
+plain one (`template=plain`: `### {Role}:\\n{content}\\n\\n`, each answer followed by EOS). A chat trains
+on every assistant turn: its answer and the template's end-of-turn token (llmtrain/data/chat.py); system and
+user turns and the template's scaffolding are masked. A chat example ends after its last assistant token, then
+the tokenizer's EOS unless that token is the EOS.
 
-    ### System:\\n{content}\\n\\n### User:\\n{content}\\n\\n### Assistant:\\n{completion}<eos>
-
-An example's tokens are prompt + completion + EOS; its training row is inputs tokens[:-1] and targets
-tokens[1:], with the ignore label wherever the target is a prompt token. Rows are padded per batch
-(`packing=false`) or packed into rows of `seq_len` (`packing=true`) with position ids restarting per example and
-`doc_ids` that the model turns into an attention mask keeping each example to itself.
+An example is its tokens and which of them are targets; its training row is inputs tokens[:-1] and targets
+tokens[1:], with the ignore label wherever the target is not one. Rows are padded per batch (`packing=false`)
+or packed into rows of `seq_len` (`packing=true`) with position ids restarting per example and `doc_ids` that
+the model turns into an attention mask keeping each example to itself.
 """
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 from dataclasses import dataclass
@@ -31,7 +31,7 @@ from llmtrain.distributed.dist import Dist
 from llmtrain.errors import ConfigError
 from llmtrain.safeio import atomic_write, file_digest
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: a target flag per token (chats train on every assistant turn)
 TEMPLATES = ("auto", "plain")
 TOO_LONG = ("truncate", "skip")
 
@@ -48,51 +48,30 @@ class InstructDataConfig:
     prompt_field: str = "prompt"
     completion_field: str = "completion"
     messages_field: str = "messages"
-    template: str = "auto"  # auto (the tokenizer's chat template, else plain) | plain
+    template: str = "auto"  # auto (the tokenizer's chat template; chats refused without one) | plain
     seq_len: int = 512  # longest row: an example's tokens minus one
     packing: bool = False  # pack examples into rows of seq_len (attention kept within each example)
-    too_long: str = "truncate"  # truncate (the prompt, from the left) | skip
+    too_long: str = "truncate"  # truncate (what precedes the first target, from the left; then the end) | skip
     prefetch: int | None = None  # batches read ahead on a thread; None: 2 on CUDA, 0 on CPU
 
 
 # records → text ----------------------------------------------------------------------------------------
-def plain_template(messages: list[dict[str, str]]) -> str:
-    """The prompt of a chat: every message, then the assistant header."""
-    return "".join(f"### {str(m['role']).capitalize()}:\n{m['content']}\n\n" for m in messages) + "### Assistant:\n"
+@dataclass
+class Chat:
+    """A rendered chat: where it came from (file:line), its text and the characters of the assistant's turns."""
+
+    where: str
+    text: str
+    spans: list[tuple[int, int]]
 
 
-def _special(tok: Any, name: str) -> str:
-    """A special token's text: a transformers tokenizer's attribute, or llmtrain's Tokenizer config."""
-    value = getattr(tok, name, None) or getattr(tok, "config", {}).get(name)
-    return str(value) if value else ""
+def read_records(path: Path, cfg: InstructDataConfig, tok: Any, key: str) -> list[tuple[str, str] | Chat]:
+    """(prompt, completion) or a rendered Chat per line of an existing file; one-line errors naming the file and
+    line."""
+    from llmtrain.data.chat import ChatTemplateError, assistant_spans, template_source
 
-
-def chat_prompt(tok: Any, messages: list[dict[str, str]], template: str) -> str:
-    """The prompt of a chat: the tokenizer's chat template (rendered as transformers does: `messages`,
-    `add_generation_prompt=True`, `bos_token`, `eos_token`) when `template=auto` and it has one, else plain."""
-    chat = getattr(tok, "chat_template", None)
-    if template == "auto" and isinstance(chat, str) and chat:
-        return _jinja(chat).render(messages=messages, add_generation_prompt=True,
-                                   bos_token=_special(tok, "bos_token"), eos_token=_special(tok, "eos_token"))
-    return plain_template(messages)
-
-
-@functools.lru_cache(maxsize=4)
-def _jinja(source: str) -> Any:
-    from jinja2.exceptions import TemplateError
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-    def raise_exception(message: str) -> None:
-        raise TemplateError(message)
-
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-    env.globals["raise_exception"] = raise_exception
-    return env.from_string(source)
-
-
-def read_records(path: Path, cfg: InstructDataConfig, tok: Any, key: str) -> list[tuple[str, str]]:
-    """(prompt text, completion text) per line of an existing file; one-line errors naming the file and line."""
-    out = []
+    out: list[tuple[str, str] | Chat] = []
+    source = template_source(tok, cfg.template)
     with path.open(encoding="utf-8", errors="replace") as f:
         for no, line in enumerate(f, 1):
             if not line.strip():
@@ -106,17 +85,26 @@ def read_records(path: Path, cfg: InstructDataConfig, tok: Any, key: str) -> lis
                 raise ConfigError(key, f"{where}: not a JSON object")
             if cfg.messages_field in rec:
                 msgs = rec[cfg.messages_field]
-                ok = isinstance(msgs, list) and msgs and all(isinstance(m, dict) and "role" in m and "content" in m
-                                                             for m in msgs)
+                ok = isinstance(msgs, list) and msgs and all(
+                    isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+                    for m in msgs)
                 if not ok:
-                    raise ConfigError(key, f"{where}: '{cfg.messages_field}' must be a list of {{role, content}}")
+                    raise ConfigError(key, f"{where}: '{cfg.messages_field}' must be a list of {{role, content}} "
+                                           "(strings)")
                 if msgs[-1]["role"] != "assistant":
                     raise ConfigError(key, f"{where}: the last message must be the assistant's (the completion)")
+                if not msgs[-1]["content"].strip():
+                    raise ConfigError(key, f"{where}: empty completion")
+                if source is None:
+                    raise ConfigError("data.template", f"{where}: chat messages are rendered by the tokenizer's chat "
+                                                       "template and this tokenizer has none; set "
+                                                       "data.template=plain for llmtrain's plain one, or give a "
+                                                       "tokenizer with one (data.tokenizer)")
                 try:
-                    prompt = chat_prompt(tok, msgs[:-1], cfg.template)
-                except Exception as e:  # the template's own checks (raise_exception) or a broken template
-                    raise ConfigError("data.template", f"{where}: the chat template fails: {e}") from None
-                completion = str(msgs[-1]["content"])
+                    text, spans = assistant_spans(source, tok, msgs)
+                except ChatTemplateError as e:
+                    raise ConfigError("data.template", f"{where}: {e}") from None
+                out.append(Chat(where, text, spans))
             else:
                 for field in (cfg.prompt_field, cfg.completion_field):
                     if field not in rec:
@@ -124,9 +112,9 @@ def read_records(path: Path, cfg: InstructDataConfig, tok: Any, key: str) -> lis
                         raise ConfigError(key, f"{where}: no {field!r} field (it has: {', '.join(rec)}); "
                                                f"set data.{which}_field")
                 prompt, completion = str(rec[cfg.prompt_field]), str(rec[cfg.completion_field])
-            if not completion.strip():
-                raise ConfigError(key, f"{where}: empty completion")
-            out.append((prompt, completion))
+                if not completion.strip():
+                    raise ConfigError(key, f"{where}: empty completion")
+                out.append((prompt, completion))
     if not out:
         raise ConfigError(key, f"{path} holds no examples")
     return out
@@ -134,16 +122,17 @@ def read_records(path: Path, cfg: InstructDataConfig, tok: Any, key: str) -> lis
 
 # tokens, cached ----------------------------------------------------------------------------------------
 def _digest(path: Path, cfg: InstructDataConfig, tok: Any) -> str:
+    from llmtrain.data.chat import PLAIN_TEMPLATE
     from llmtrain.data.tokenizers import tokenizer_hash
 
     h = hashlib.sha256(file_digest(path).encode())
     meta = [FORMAT_VERSION, tokenizer_hash(tok), cfg.prompt_field, cfg.completion_field, cfg.messages_field,
-            cfg.template, getattr(tok, "chat_template", None)]
+            cfg.template, getattr(tok, "chat_template", None), PLAIN_TEMPLATE, tok.eos_token_id]
     h.update(json.dumps(meta).encode())
     return h.hexdigest()[:20]
 
 
-CACHE_KEYS = ("tokens", "offsets", "prompt_lens")
+CACHE_KEYS = ("tokens", "offsets", "targets")
 
 
 def _load_cache(cache: Path) -> tuple[dict[str, np.ndarray] | None, str]:
@@ -158,14 +147,42 @@ def _load_cache(cache: Path) -> tuple[dict[str, np.ndarray] | None, str]:
             out = {k: z[k] for k in CACHE_KEYS}  # reading a member checks its CRC
     except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile) as e:
         return None, (str(e).splitlines() or [type(e).__name__])[0][:120]
-    tokens, offsets, lens = out["tokens"], out["offsets"], out["prompt_lens"]
-    fits = (tokens.ndim == offsets.ndim == lens.ndim == 1 and len(offsets) == len(lens) + 1 and len(lens) > 0
+    tokens, offsets, targets = out["tokens"], out["offsets"], out["targets"]
+    fits = (tokens.ndim == offsets.ndim == targets.ndim == 1 and len(offsets) >= 2 and len(targets) == len(tokens)
             and offsets[0] == 0 and offsets[-1] == len(tokens) and bool((np.diff(offsets) > 0).all()))
     return (out, "") if fits else (None, "its arrays do not fit together")
 
 
+def encode_records(records: list[tuple[str, str] | Chat], tok: Any, key: str) -> list[tuple[list[int], list[bool]]]:
+    """(token ids, target flags) per record: prompt + completion + EOS with the completion and EOS as targets;
+    a chat's tokens with its assistant turns as targets (llmtrain.data.chat.example)."""
+    from llmtrain.data.chat import ChatTemplateError, example, target_mask
+    from llmtrain.data.chat import encode as encode_chats
+    from llmtrain.data.tokenizers import encode_batch
+
+    pairs = [r for r in records if not isinstance(r, Chat)]
+    prompts = encode_batch(tok, [p for p, _ in pairs])
+    completions = encode_batch(tok, [c for _, c in pairs])
+    chats = [r for r in records if isinstance(r, Chat)]
+    chat_encs = encode_chats(tok, [c.text for c in chats]) if chats else []
+    eos = tok.eos_token_id
+    it_pairs, it_chats = iter(zip(prompts, completions, strict=True)), iter(zip(chats, chat_encs, strict=True))
+    out = []
+    for r in records:
+        if isinstance(r, Chat):
+            chat, enc = next(it_chats)
+            try:
+                out.append(example(tok, enc.ids, target_mask(enc.offsets, chat.spans)))
+            except ChatTemplateError as e:
+                raise ConfigError(key, f"{chat.where}: {e}") from None
+        else:
+            p, c = next(it_pairs)
+            out.append((p + c + [eos], [False] * len(p) + [True] * (len(c) + 1)))
+    return out
+
+
 def encode_file(path: Path, cfg: InstructDataConfig, tok: Any, key: str) -> dict[str, np.ndarray]:
-    """{"tokens": int32 [N], "offsets": [n+1], "prompt_lens": [n]} per example (EOS included), cached."""
+    """{"tokens": int32 [N], "offsets": [n+1], "targets": uint8 [N]} per example (EOS included), cached."""
     from llmtrain.data.prepared import cache_root
 
     if not path.is_file():
@@ -178,15 +195,10 @@ def encode_file(path: Path, cfg: InstructDataConfig, tok: Any, key: str) -> dict
         from llmtrain.jsonl import warn
 
         warn(cache, f"the cached tokens of {path.name} cannot be read ({why}); encoding them again")
-    recs = read_records(path, cfg, tok, key)
-    from llmtrain.data.tokenizers import encode_batch
-
-    prompts = encode_batch(tok, [p for p, _ in recs])
-    completions = encode_batch(tok, [c for _, c in recs])
-    ids = [p + c + [tok.eos_token_id] for p, c in zip(prompts, completions, strict=True)]
-    out = {"tokens": np.concatenate([np.asarray(x, dtype=np.int32) for x in ids]),
-           "offsets": np.cumsum([0] + [len(x) for x in ids]).astype(np.int64),
-           "prompt_lens": np.asarray([len(p) for p in prompts], dtype=np.int64)}
+    examples = encode_records(read_records(path, cfg, tok, key), tok, key)
+    out = {"tokens": np.concatenate([np.asarray(ids, dtype=np.int32) for ids, _ in examples]),
+           "offsets": np.cumsum([0] + [len(ids) for ids, _ in examples]).astype(np.int64),
+           "targets": np.concatenate([np.asarray(m, dtype=np.uint8) for _, m in examples])}
     cache.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(cache, lambda f: np.savez(f, **out))
     return out
@@ -198,18 +210,17 @@ def rows(enc: dict[str, np.ndarray], idx: np.ndarray, seq_len: int, too_long: st
     out, truncated, skipped = [], 0, 0
     for i in idx:
         a, b = int(enc["offsets"][i]), int(enc["offsets"][i + 1])
-        toks, p = enc["tokens"][a:b].astype(np.int64), int(enc["prompt_lens"][i])
+        toks, tgt = enc["tokens"][a:b].astype(np.int64), enc["targets"][a:b].astype(bool)
         if len(toks) - 1 > seq_len:
             if too_long == "skip":
                 skipped += 1
                 continue
             truncated += 1
-            cut = len(toks) - 1 - seq_len  # prompt tokens dropped from the left; then the completion's end
-            drop = min(cut, p)
-            toks, p = toks[drop:], p - drop
-            toks = toks[: seq_len + 1]
+            cut = len(toks) - 1 - seq_len  # tokens before the first target dropped from the left; then the end
+            drop = min(cut, int(np.argmax(tgt)) if tgt.any() else len(toks))
+            toks, tgt = toks[drop:][: seq_len + 1], tgt[drop:][: seq_len + 1]
         labels = toks[1:].copy()
-        labels[: max(0, p - 1)] = IGNORE_INDEX  # target j is token j+1: a prompt token when j+1 < p
+        labels[~tgt[1:]] = IGNORE_INDEX  # target j is token j+1
         out.append((toks[:-1], labels))
     return out, truncated, skipped
 
@@ -284,7 +295,7 @@ class InstructDataModule(DataModule):
                 encoded["val"] = encode_file(val_src, cfg, tok, "data.val_source")
         dist.barrier()
         enc = encoded.get("train") or encode_file(src, cfg, tok, "data.source")
-        n = len(enc["prompt_lens"])
+        n = len(enc["offsets"]) - 1
         if val_src is not None:
             val_enc = encoded.get("val") or encode_file(val_src, cfg, tok, "data.val_source")
             train_idx, val_idx = np.arange(n), None
@@ -296,7 +307,7 @@ class InstructDataModule(DataModule):
             order = np.random.default_rng(0).permutation(n)
             val_enc, train_idx, val_idx = enc, np.sort(order[n_val:]), np.sort(order[:n_val])
         if val_idx is None:
-            val_idx = np.arange(len(val_enc["prompt_lens"]))
+            val_idx = np.arange(len(val_enc["offsets"]) - 1)
         splits, counts = {}, {}
         for split, e, idx in (("train", enc, train_idx), ("val", val_enc, val_idx)):
             ex, trunc, skip = rows(e, idx, cfg.seq_len, cfg.too_long)

@@ -78,6 +78,9 @@ class Tokenizer:
         if (path / "tokenizer.json").is_file():
             config = {k: (_content(v) if k.endswith("_token") else v) for k, v in config.items()
                       if k in CONFIG_KEYS}
+            config["chat_template"] = read_chat_template(path, config.get("chat_template"))
+            if config["chat_template"] is None:
+                del config["chat_template"]
             return cls(Backend.from_file(str(path / "tokenizer.json")), config.get("eos_token") or EOS, config)
         return cls.from_transformers(_transformers_tokenizer(str(path)))
 
@@ -94,6 +97,20 @@ class Tokenizer:
         if getattr(tok, "chat_template", None):
             config["chat_template"] = tok.chat_template
         return cls(tok.backend_tokenizer, tok.eos_token, {k: v for k, v in config.items() if v is not None})
+
+
+def read_chat_template(path: Path, configured: Any = None) -> str | None:
+    """A tokenizer dir's chat template: tokenizer_config.json's (a string, or the `default` of a named list),
+    else the `chat_template.jinja` file newer transformers write beside it."""
+    if isinstance(configured, list):  # [{"name": "default", "template": ...}, {"name": "tool_use", ...}]
+        named = {t.get("name"): t.get("template") for t in configured if isinstance(t, dict)}
+        configured = named.get("default")
+    if isinstance(configured, str) and configured.strip():
+        return configured
+    jinja = path / "chat_template.jinja"
+    if jinja.is_file():
+        return jinja.read_text(encoding="utf-8")
+    return None
 
 
 CONFIG_KEYS = ("bos_token", "eos_token", "unk_token", "pad_token", "model_max_length", "chat_template",

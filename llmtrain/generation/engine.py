@@ -14,7 +14,7 @@ notice that every row has ended.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
@@ -78,11 +78,13 @@ class _Rows:
         self.text: list[str] = [""] * n  # decoded completion, cut at a stop string
         self.shown = [0] * n  # characters streamed so far
 
-    def push(self, tokens: list[int], eos: int) -> None:
+    def push(self, tokens: list[int], ends: int | set[int]) -> None:
+        """Take each row's next token; a row ends at one of `ends` (EOS, an end-of-turn) when stop_at_eos."""
+        ends = {ends} if isinstance(ends, int) else ends
         for i, t in enumerate(tokens):
             if self.finish[i] is not None:
                 continue
-            if t == eos and self.cfg.stop_at_eos:
+            if t in ends and self.cfg.stop_at_eos:
                 self.finish[i] = "eos"
                 self._flush(i, final=True)
                 continue
@@ -165,8 +167,10 @@ class Generator:
     # public -----------------------------------------------------------------------------------------------
     def __call__(self, prompts: str | list[str], config: GenerationConfig | None = None,
                  on_text: Callable[[int, int, str | None], None] | None = None,
-                 on_start: Callable[[int, int], None] | None = None, **options: Any) -> list[Completion]:
-        """Complete every prompt `num_samples` times.
+                 on_start: Callable[[int, int], None] | None = None, end_ids: Iterable[int] = (),
+                 **options: Any) -> list[Completion]:
+        """Complete every prompt `num_samples` times. `end_ids`: tokens that end a sample as EOS does (a chat
+        template's end-of-turn token).
 
         Streaming: `on_start(prompt_index, sample_index)` when a batch holding that sample starts, then
         `on_text(prompt_index, sample_index, piece)` as text settles, and `piece=None` when it ends."""
@@ -183,7 +187,7 @@ class Generator:
                     on_start(i, j)
             emit = None if on_text is None else (lambda r, piece, batch=batch: on_text(*batch[r], piece))
             gens = None if cfg.greedy else [self._generator(cfg.seed, i, j) for i, j in batch]
-            done = self._generate([encoded[i] for i, _ in batch], cfg, gens, emit)
+            done = self._generate([encoded[i] for i, _ in batch], cfg, gens, emit, {self.eos, *end_ids})
             for (i, j), (text, n, why) in zip(batch, done, strict=True):
                 out.append(Completion(prompts[i], text, len(encoded[i]), n, why, i, j))
         return out
@@ -241,7 +245,7 @@ class Generator:
 
     @torch.no_grad()
     def _generate(self, prompts: list[list[int]], cfg: GenerationConfig, gens: list[torch.Generator] | None,
-                  emit: Callable[[int, str | None], None] | None) -> list[tuple[str, int, str]]:
+                  emit: Callable[[int, str | None], None] | None, ends: set[int]) -> list[tuple[str, int, str]]:
         B, P, dev, ctx = len(prompts), max(map(len, prompts)), self.device, self.context
         L = min(ctx, P + cfg.max_new_tokens)
         hist = torch.full((B, P + cfg.max_new_tokens), self.eos, dtype=torch.long, device=dev)  # every slot's token
@@ -266,7 +270,7 @@ class Generator:
             pending.append(nxt)
             if len(pending) == sync_every or t == cfg.max_new_tokens - 1:
                 for col in torch.stack(pending, 1).T.tolist():  # the host reads tokens here only
-                    rows.push(col, self.eos)
+                    rows.push(col, ends)
                 pending = []
                 if rows.done():
                     break

@@ -19,7 +19,6 @@ from llmtrain.data.instruct import (
     InstructDataConfig,
     InstructDataModule,
     encode_file,
-    plain_template,
     rows,
 )
 from llmtrain.data.tokenizers import byte_tokenizer
@@ -193,7 +192,7 @@ def test_tokens_are_cached_and_a_changed_source_is_not(tmp_path: Path, monkeypat
     dm = module(tmp_path, source=str(src))
     assert len(dm.split("train")) == len(PAIRS) + 1 and len(list(cache_dir.glob("*.npz"))) == 3
     with np.load(sorted(cache_dir.glob("*.npz"), key=lambda p: p.stat().st_mtime_ns)[-1]) as z:
-        assert z["tokens"].dtype == np.int32 and set(z.files) == {"tokens", "offsets", "prompt_lens"}
+        assert z["tokens"].dtype == np.int32 and set(z.files) == {"tokens", "offsets", "targets"}
 
 
 CHAT = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"},
@@ -201,20 +200,32 @@ CHAT = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "
         {"role": "assistant", "content": "4"}]
 
 
-def prompt_and_completion(enc: dict[str, np.ndarray], i: int) -> tuple[list[int], list[int]]:
-    a, b, p = int(enc["offsets"][i]), int(enc["offsets"][i + 1]), int(enc["prompt_lens"][i])
-    toks = enc["tokens"][a:b].tolist()
-    return toks[:p], toks[p:]
+def example_of(enc: dict[str, np.ndarray], i: int) -> tuple[list[int], list[bool]]:
+    a, b = int(enc["offsets"][i]), int(enc["offsets"][i + 1])
+    return enc["tokens"][a:b].tolist(), enc["targets"][a:b].astype(bool).tolist()
+
+
+def target_runs(tokens: list[int], targets: list[bool]) -> list[list[int]]:
+    """The runs of consecutive target tokens (one per assistant turn)."""
+    runs: list[list[int]] = []
+    for t, (tok, on) in enumerate(zip(tokens, targets, strict=True)):
+        if on:
+            if t == 0 or not targets[t - 1]:
+                runs.append([])
+            runs[-1].append(tok)
+    return runs
 
 
 def test_chat_messages_plain_and_chat_template(tmp_path: Path) -> None:
+    """Every assistant turn is a target (answer + end-of-turn), the rest is not: with llmtrain's plain template
+    and with a tokenizer's own template (here one that ends every turn with EOS: no second EOS at the end)."""
     src = jsonl(tmp_path / "chat.jsonl", [{"messages": CHAT}])
-    want = "### System:\nbe brief\n\n### User:\nhi\n\n### Assistant:\nhello\n\n### User:\n2+2?\n\n### Assistant:\n"
-    assert plain_template(CHAT[:-1]) == want
     tok = byte_tokenizer()
-    enc = encode_file(src, InstructDataConfig(source=str(src)), tok, "data.source")
-    prompt, completion = prompt_and_completion(enc, 0)
-    assert text(prompt) == want and completion == ids("4") + [EOS]
+    enc = encode_file(src, InstructDataConfig(source=str(src), template="plain"), tok, "data.source")
+    tokens, targets = example_of(enc, 0)
+    assert text(tokens) == ("### System:\nbe brief\n\n### User:\nhi\n\n### Assistant:\nhello<|endoftext|>\n\n"
+                            "### User:\n2+2?\n\n### Assistant:\n4<|endoftext|>")
+    assert target_runs(tokens, targets) == [ids("hello") + [EOS], ids("4") + [EOS]]
     # a tokenizer dir with a chat template: template=auto renders with it, template=plain does not
     tok_dir = tmp_path / "tok"
     tok.save_pretrained(tok_dir)
@@ -226,12 +237,17 @@ def test_chat_messages_plain_and_chat_template(tmp_path: Path) -> None:
     assert dm.info.tokenizer.chat_template == chat_template
     enc = encode_file(src, InstructDataConfig(source=str(src)), dm.info.tokenizer, "data.source")
     rendered = "<|endoftext|><system>be brief<|endoftext|><user>hi<|endoftext|><assistant>hello<|endoftext|>" \
-               "<user>2+2?<|endoftext|><assistant>"
-    prompt, completion = prompt_and_completion(enc, 0)
-    assert prompt == dm.info.tokenizer.encode(rendered) and prompt.count(EOS) == 5
-    assert completion == ids("4") + [EOS]
+               "<user>2+2?<|endoftext|><assistant>4<|endoftext|>"
+    tokens, targets = example_of(enc, 0)
+    assert tokens == dm.info.tokenizer.encode(rendered) and tokens.count(EOS) == 6
+    assert target_runs(tokens, targets) == [ids("hello") + [EOS], ids("4") + [EOS]]
     enc = encode_file(src, InstructDataConfig(source=str(src), template="plain"), dm.info.tokenizer, "data.source")
-    assert text(prompt_and_completion(enc, 0)[0]) == want
+    assert text(example_of(enc, 0)[0]).startswith("### System:\nbe brief\n\n")
+    # without a chat template, template=auto is refused with one line naming data.template
+    with pytest.raises(ConfigError) as ei:
+        encode_file(src, InstructDataConfig(source=str(src)), tok, "data.source")
+    assert ei.value.key == "data.template" and "chat.jsonl:1" in ei.value.message
+    assert "data.template=plain" in ei.value.message and "\n" not in str(ei.value)
 
 
 BAD_LINES = [
@@ -243,6 +259,12 @@ BAD_LINES = [
     (['{"messages": [{"role": "user", "content": "hi"}]}'], "data.source",
      "bad.jsonl:1: the last message must be the assistant's"),
     (['{"messages": "hi"}'], "data.source", "bad.jsonl:1: 'messages' must be a list of {role, content}"),
+    (['{"messages": [{"role": "user", "content": 3}, {"role": "assistant", "content": "a"}]}'], "data.source",
+     "bad.jsonl:1: 'messages' must be a list of {role, content}"),
+    (['{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": " "}]}'], "data.source",
+     "bad.jsonl:1: empty completion"),
+    (['{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}'], "data.template",
+     "bad.jsonl:1: chat messages are rendered by the tokenizer's chat template and this tokenizer has none"),
     (["[1, 2]"], "data.source", "bad.jsonl:1: not a JSON object"),
     ([], "data.source", "holds no examples"),
 ]
