@@ -1,13 +1,15 @@
-"""llmtrain's `model=hf` (and GPT-2's `model.impl=hf`) against a raw compiled transformers loop on the same model,
-shape and batches, in one process (CPU).
+"""llmtrain against a raw compiled transformers loop on the same model, shape and batches, in one process (CPU):
+`model=hf` over GPT-NeoX and over Llama, GPT-2's `model.impl=hf`, and llmtrain's native Llama family
+(`model=llama_tiny model.pretrained=<the same dir>`) against transformers' own LlamaForCausalLM.
 
 The raw loop is what one would write by hand: transformers' model and the fp32 cross-entropy of its logits in one
 `torch.compile`d function, bf16 autocast, AdamW (llmtrain's optimizer builder: the same fused kernel), gradient
-clipping at 1.0. llmtrain runs a real `run()` with `trainer.compile=true trainer.precision=bf16`. A random GPT-NeoX
-(and GPT-2) of 4 layers × 256 with GPT-2's vocabulary of 50,257 is saved by transformers; the data is the
-embedded corpus in blocks of 128 tokens, 8 a step.
+clipping at 1.0 (`--raw-eager`: the same loop without torch.compile). llmtrain runs a real `run()` with
+`trainer.compile=true trainer.precision=bf16`. Random models of 4 layers × 256 with GPT-2's vocabulary of 50,257
+are saved by transformers (GPT-NeoX, GPT-2, and a Llama with 4 query / 2 key-value heads, SwiGLU 688, tied); the
+data is the embedded corpus in blocks of 128 tokens, 8 a step.
 
-    python bench/hf_loop.py [--steps 40] [--threads 2] [--models hf,gpt2]
+    python bench/hf_loop.py [--steps 40] [--threads 2] [--models hf,gpt2,llama_hf,llama] [--raw-eager]
 
 The two alternate step by step (a raw step timed just before each llmtrain step), so a shared machine's slow
 moments fall on both alike. Prints the median milliseconds per optimizer step of each (the first steps, with
@@ -52,14 +54,23 @@ def save_models(root: Path) -> dict[str, list[str]]:
                                 bos_token_id=256, eos_token_id=256)
     gpt2 = AutoConfig.for_model("gpt2", vocab_size=VOCAB, n_embd=WIDTH, n_layer=LAYERS, n_head=HEADS, n_positions=SEQ,
                                 bos_token_id=256, eos_token_id=256, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
-    for name, cfg in (("hf", neox), ("gpt2", gpt2)):
+    llama = AutoConfig.for_model("llama", vocab_size=VOCAB, hidden_size=WIDTH, num_hidden_layers=LAYERS,
+                                 num_attention_heads=HEADS, num_key_value_heads=HEADS // 2, intermediate_size=688,
+                                 max_position_embeddings=SEQ, tie_word_embeddings=True, bos_token_id=256,
+                                 eos_token_id=256)
+    for name, cfg in (("hf", neox), ("gpt2", gpt2), ("llama", llama)):
         AutoModelForCausalLM.from_config(cfg).save_pretrained(root / name)
         byte_tokenizer().save_pretrained(root / name)
     return {"hf": ["model=hf", f"model.pretrained={root / 'hf'}"],
-            "gpt2": ["model=gpt2_tiny", "model.impl=hf", f"model.pretrained={root / 'gpt2'}"]}
+            "gpt2": ["model=gpt2_tiny", "model.impl=hf", f"model.pretrained={root / 'gpt2'}"],
+            "llama_hf": ["model=hf", f"model.pretrained={root / 'llama'}"],
+            "llama": ["model=llama_tiny", f"model.pretrained={root / 'llama'}"]}
 
 
-def raw_loop(model_dir: Path, overrides: list[str]) -> Callable[[], None]:
+DIRS = {"hf": "hf", "gpt2": "gpt2", "llama_hf": "llama", "llama": "llama"}
+
+
+def raw_loop(model_dir: Path, overrides: list[str], compiled: bool = True) -> Callable[[], None]:
     """A hand-written loop's step: transformers' model + fp32 cross-entropy compiled together, bf16 autocast,
     AdamW, clipping; the blocks in llmtrain's order."""
     import torch
@@ -76,10 +87,12 @@ def raw_loop(model_dir: Path, overrides: list[str]) -> Callable[[], None]:
     opt = build_optimizer(cfg.optim, model)
     sampler = ShardedSampler(len(blocks), BATCH, seed=cfg.trainer.seed, shuffle=True)
 
-    @torch.compile
     def loss_of(ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         logits = model(input_ids=ids, use_cache=False).logits  # [B, T, V]
         return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100)
+
+    if compiled:
+        loss_of = torch.compile(loss_of)
 
     def step() -> None:
         b = blocks.get(sampler.next_indices())
@@ -93,13 +106,14 @@ def raw_loop(model_dir: Path, overrides: list[str]) -> Callable[[], None]:
     return step
 
 
-def interleaved(run_dir: Path, model_dir: Path, overrides: list[str], steps: int) -> tuple[list[float], list[float]]:
+def interleaved(run_dir: Path, model_dir: Path, overrides: list[str], steps: int,
+                raw_compiled: bool = True) -> tuple[list[float], list[float]]:
     """A real `run()` of llmtrain, one raw step timed before each of its optimizer steps (the whole of the loop's
     step: logging, the stop check, the reads)."""
     from llmtrain.train import run
     from llmtrain.trainer import Trainer
 
-    raw_step, raw, ours = raw_loop(model_dir, overrides), [], []
+    raw_step, raw, ours = raw_loop(model_dir, overrides, raw_compiled), [], []
     one_step = Trainer._one_step
 
     def timed(self: Trainer) -> Any:
@@ -123,7 +137,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "2")))
-    ap.add_argument("--models", default="hf,gpt2", help="hf (GPT-NeoX through model=hf), gpt2 (model.impl=hf)")
+    ap.add_argument("--models", default="hf,gpt2,llama_hf,llama",
+                    help="hf (GPT-NeoX through model=hf), gpt2 (model.impl=hf), llama_hf (a Llama through model=hf), "
+                         "llama (llmtrain's native Llama family)")
+    ap.add_argument("--raw-eager", action="store_true", help="the raw loop without torch.compile")
     a = ap.parse_args()
     import torch
 
@@ -133,10 +150,12 @@ def main() -> None:
     ratios = {}
     with tempfile.TemporaryDirectory() as tmp:
         dirs = save_models(Path(tmp))
-        print(f"{LAYERS} layers × {WIDTH}, vocabulary {VOCAB}, seq {SEQ}, batch {BATCH}, bf16 autocast, compiled, "
-              f"{a.threads} threads, {a.steps - WARMUP} step pairs per model (the first {WARMUP} dropped)", flush=True)
+        print(f"{LAYERS} layers × {WIDTH}, vocabulary {VOCAB}, seq {SEQ}, batch {BATCH}, bf16 autocast, llmtrain "
+              f"compiled, raw loop {'eager' if a.raw_eager else 'compiled'}, {a.threads} threads, "
+              f"{a.steps - WARMUP} step pairs per model (the first {WARMUP} dropped)", flush=True)
         for name in a.models.split(","):
-            raw, ours = interleaved(Path(tmp) / f"run_{name}", Path(tmp) / name, dirs[name], a.steps)
+            raw, ours = interleaved(Path(tmp) / f"run_{name}", Path(tmp) / DIRS[name], dirs[name], a.steps,
+                                    not a.raw_eager)
             med_raw, med_ours = statistics.median(raw), statistics.median(ours)
             for who, med in ((f"raw {name}", med_raw), (f"llmtrain {name}", med_ours)):
                 print(f"{who:<14} {med * 1000:7.1f} ms/step  {tokens / med:8,.0f} tok/s (median)", flush=True)

@@ -184,7 +184,9 @@ class GPT2Spec(ModelSpec):
                 return model(input_ids=batch["input_ids"], labels=labels, position_ids=batch["position_ids"],
                              attn_mask=document_mask(batch["doc_ids"]))
             return model(input_ids=batch["input_ids"], labels=labels)
-        return model(input_ids=batch["input_ids"], targets=labels)  # transformers' GPT-2: models/hf.py's loss
+        from llmtrain.models.hf import loss_of
+
+        return loss_of(model, batch["input_ids"], labels)  # transformers' GPT-2
 
     def count(self, batch: Batch) -> int:
         """Targets of a host batch (numpy: never a device read; a device tensor is refused)."""

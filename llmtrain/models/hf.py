@@ -204,6 +204,16 @@ def plain_head(model: nn.Module) -> bool:
     return got.shape == want.shape and got.dtype == want.dtype and torch.equal(got, want)
 
 
+def loss_of(model: nn.Module, input_ids: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(summed cross-entropy, targets) of a (wrapped) transformers causal LM: inside its forward where it was
+    prepared (every wrapper's hooks see it), over its logits for one that was not (a model from outside)."""
+    if isinstance(core(model), LossForward):
+        return model(input_ids=input_ids, targets=labels)
+    from llmtrain.models.protocol import nll_from_logits
+
+    return nll_from_logits(model(input_ids=input_ids, use_cache=False).logits, labels)
+
+
 def causal_lm_loss(model: nn.Module, input_ids: torch.Tensor, labels: torch.Tensor
                    ) -> tuple[torch.Tensor, torch.Tensor]:
     """(sum of the cross-entropy of labels [B, T] (IGNORE_INDEX: no target), number of targets) over the output
@@ -438,7 +448,7 @@ class HFSpec(ModelSpec):
         return next((text[k] for k in CONTEXT_KEYS if isinstance(text.get(k), int) and text[k] > 0), None)
 
     def loss(self, model: nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-        return model(input_ids=batch["input_ids"], targets=batch["labels"])  # inside the forward: every wrapper's
+        return loss_of(model, batch["input_ids"], batch["labels"])
 
     def count(self, batch: Batch) -> int:
         """Targets of a host batch (numpy: never a device read)."""
