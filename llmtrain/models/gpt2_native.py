@@ -312,8 +312,11 @@ class GPT2Cache(Cache):
 
 
 # loss ---------------------------------------------------------------------------------------------------
+CHUNK_ELEMENTS = 1 << 28  # logits made at once by the loss (~1 GiB in fp32)
+
+
 def _chunk_rows(vocab: int) -> int:
-    return max(1, (1 << 28) // vocab)  # ~1 GiB of fp32 logits per chunk at most
+    return max(1, CHUNK_ELEMENTS // vocab)  # ~1 GiB of fp32 logits per chunk at most
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
@@ -366,8 +369,17 @@ class _LinearCrossEntropy(torch.autograd.Function):
 def linear_cross_entropy(h: torch.Tensor, w: torch.Tensor, labels: torch.Tensor,
                          vocab: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(sum of CE over rows with a target, number of such rows) for hidden h [N, C], weight w [Vp, C],
-    labels [N] (IGNORE_INDEX: no target); columns ≥ vocab are padding and never win."""
-    return _LinearCrossEntropy.apply(h, w, labels, vocab), (labels != IGNORE_INDEX).sum()
+    labels [N] (IGNORE_INDEX: no target); columns ≥ vocab are padding and never win.
+
+    Under torch.compile, when the logits fit one chunk, the plain cross-entropy of h·wᵀ: inductor fuses it into
+    the logits' consumers (their fp32 copy is never made) and it runs faster than the chunked function; otherwise
+    (and eagerly) chunk by chunk with the gradients in the same pass: at most one chunk of fp32 logits, none kept
+    for the backward."""
+    count = (labels != IGNORE_INDEX).sum()
+    if torch.compiler.is_compiling() and h.shape[0] * w.shape[0] <= CHUNK_ELEMENTS:
+        logits = F.linear(h, w[:vocab])  # [N, V]
+        return F.cross_entropy(logits.float(), labels, ignore_index=IGNORE_INDEX, reduction="sum"), count
+    return _LinearCrossEntropy.apply(h, w, labels, vocab), count
 
 
 # Hugging Face format ------------------------------------------------------------------------------------

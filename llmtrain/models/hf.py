@@ -32,6 +32,7 @@ from llmtrain.datainfo import IGNORE_INDEX
 from llmtrain.errors import ConfigError
 from llmtrain.models.adapters import LoraConfig
 from llmtrain.models.base import Batch, DataInfo, ModelSpec, register_model
+from llmtrain.models.gpt2_native import CHUNK_ELEMENTS
 from llmtrain.models.protocol import Cache
 
 if TYPE_CHECKING:
@@ -41,7 +42,6 @@ ATTN_IMPLEMENTATIONS = ("auto", "sdpa", "eager")
 MAX_SHARD_SIZE = "5GB"  # export: model.safetensors up to this, past it shards and an index
 CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length", "n_ctx")
 UNBOUNDED_CONTEXT = 1 << 16  # the context of a model whose config names none (e.g. ALiBi)
-CHUNK_ELEMENTS = 1 << 28  # logits a compiled loss makes at once (linear_cross_entropy's chunk: ~1 GiB in fp32)
 
 
 @dataclass

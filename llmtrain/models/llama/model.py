@@ -119,16 +119,27 @@ def rope_cos_sin(d: LlamaDims, positions: torch.Tensor) -> tuple[torch.Tensor, t
     return emb.cos()[:, None], emb.sin()[:, None]
 
 
+def rope_table(d: LlamaDims, length: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin [length, head_dim] (fp32) of positions 0 .. length - 1: rope_cos_sin's values, looked up by
+    position when decoding (the same products, so the same bits)."""
+    cos, sin = rope_cos_sin(d, torch.arange(length, device=device))
+    return cos[0, 0], sin[0, 0]
+
+
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """x [B, nh, T, hd] rotated by pairs (i, i + hd/2), in x's dtype."""
     half = x.shape[-1] // 2
+    if cos.dtype != x.dtype:
+        cos, sin = cos.to(x.dtype), sin.to(x.dtype)
     rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos.to(x.dtype) + rotated * sin.to(x.dtype)
+    return x * cos + rotated * sin
 
 
 # blocks -------------------------------------------------------------------------------------------------
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """weight · x / rms(x) over the last dim, normalised in fp32 and cast back before the weight (as HF does)."""
+    if x.dtype == torch.float32 and weight.dtype == torch.float32:  # the same products without the casts
+        return F.rms_norm(x, (x.shape[-1],), weight, eps)
     return weight * F.rms_norm(x.float(), (x.shape[-1],), eps=eps).to(x.dtype)
 
 
@@ -195,16 +206,22 @@ def block_forward(x: torch.Tensor, ops: BlockOps, d: LlamaDims, cos: torch.Tenso
     B, T, _ = x.shape
     nh, nkv, hd = d.num_attention_heads, d.num_key_value_heads, d.head_dim
     h = ops.input_layernorm(x)
-    if ops.qkv is not None:
-        q, k, v = ops.qkv(h).split((nh * hd, nkv * hd, nkv * hd), dim=-1)
+    if ops.qkv is not None and ops.q_norm is None:  # decoding: one matmul, q and k rotated together
+        qkv = ops.qkv(h)  # [B, T, (nh + 2·nkv)·hd]
+        qk = apply_rope(qkv[..., :(nh + nkv) * hd].view(B, T, nh + nkv, hd).transpose(1, 2), cos, sin)
+        q, k = qk.split((nh, nkv), dim=1)  # [B, nh, T, hd], [B, nkv, T, hd]
+        v = qkv[..., (nh + nkv) * hd:].view(B, T, nkv, hd).transpose(1, 2)  # [B, nkv, T, hd]
     else:
-        q, k, v = ops.q_proj(h), ops.k_proj(h), ops.v_proj(h)
-    q, k = q.view(B, T, nh, hd), k.view(B, T, nkv, hd)
-    v = v.view(B, T, nkv, hd).transpose(1, 2)  # [B, nkv, T, hd]
-    if ops.q_norm is not None and ops.k_norm is not None:
-        q, k = ops.q_norm(q), ops.k_norm(k)
-    q = apply_rope(q.transpose(1, 2), cos, sin)  # [B, nh, T, hd]
-    k = apply_rope(k.transpose(1, 2), cos, sin)  # [B, nkv, T, hd]
+        if ops.qkv is not None:
+            q, k, v = ops.qkv(h).split((nh * hd, nkv * hd, nkv * hd), dim=-1)
+        else:
+            q, k, v = ops.q_proj(h), ops.k_proj(h), ops.v_proj(h)
+        q, k = q.view(B, T, nh, hd), k.view(B, T, nkv, hd)
+        v = v.view(B, T, nkv, hd).transpose(1, 2)  # [B, nkv, T, hd]
+        if ops.q_norm is not None and ops.k_norm is not None:
+            q, k = ops.q_norm(q), ops.k_norm(k)
+        q = apply_rope(q.transpose(1, 2), cos, sin)  # [B, nh, T, hd]
+        k = apply_rope(k.transpose(1, 2), cos, sin)  # [B, nkv, T, hd]
     if kv is not None:
         k, v = kv(k, v)  # [B, nkv, S, hd]
     y = attend(q, k, v, mask)
@@ -353,15 +370,20 @@ class Llama(nn.Module):
 
     def hidden(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None,
                kv: list[KVUpdate] | None = None, full: Mask = Mask(None, True), window: Mask | None = None,
-               lean: list[BlockOps] | None = None) -> torch.Tensor:
+               lean: list[BlockOps] | None = None,
+               rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         """Hidden states [B, T, C]. `full` / `window`: the rules of full-attention and sliding-window layers
-        (window None: derived from `full` for a whole sequence); `lean` (eval only): the blocks as functions."""
+        (window None: derived from `full` for a whole sequence); `lean` (eval only): the blocks as functions;
+        `rope` (decoding): rope_table's cos, sin, looked up at the positions."""
         T = input_ids.shape[1]
         if position_ids is None:
             position_ids = torch.arange(T, device=input_ids.device)  # [T]
         if window is None:
             window = window_mask(full, T, T, self.dims.sliding_window, input_ids.device)
-        cos, sin = rope_cos_sin(self.dims, position_ids)
+        if rope is not None:  # [B | 1, 1, T, hd]
+            cos, sin = (t[position_ids].view(-1, 1, T, self.dims.head_dim) for t in rope)
+        else:
+            cos, sin = rope_cos_sin(self.dims, position_ids)
         x = self.model.embed_tokens(input_ids)  # [B, T, C]
         for i, block in enumerate(self.model.layers):
             kv_i = kv[i] if kv is not None else None
@@ -400,18 +422,19 @@ class Llama(nn.Module):
                mask: torch.Tensor | None = None, *, static: bool = False, last_only: bool = False) -> torch.Tensor:
         """Logits [B, T, V] (last_only: [B, 1, V]) of input_ids [B, T] at positions [B, T]; see the protocol."""
         T, dev = input_ids.shape[1], input_ids.device
-        kv, lean = None, None
+        kv, lean, rope = None, None, None
         if cache is not None:
             assert isinstance(cache, LlamaCache), type(cache)
             kv = cache.static_writers if static else cache.writers
             lean = cache.ops if not self.training else None
+            rope = cache.rope
         S = T if cache is None else cache.length if static else cache.pos + T
         if positions is None and cache is not None and not static and cache.pos:  # the slots' own positions
             positions = torch.arange(cache.pos, S, device=dev)  # [T]
         slot = cache.slot if static and cache is not None else None
         full = Mask(*attention_mask(mask, T, S, dev, slot))
         window = window_mask(full, T, S, self.dims.sliding_window, dev, slot)
-        h = self.hidden(input_ids, positions, kv, full, window, lean)  # [B, T, C]
+        h = self.hidden(input_ids, positions, kv, full, window, lean, rope)  # [B, T, C]
         if cache is not None and not static:
             cache.pos = S
         return self.lm_head(h[:, -1:] if last_only else h)
@@ -433,6 +456,7 @@ class LlamaCache(Cache):
         shape = (d.num_hidden_layers, 2, batch, d.num_key_value_heads, length, d.head_dim)
         self.kv = torch.zeros(shape, dtype=dtype, device=device)
         self.ops = ops
+        self.rope = rope_table(d, length, device)  # positions never reach the cache's length
         layers = self.kv.unbind(0)
         self.writers = [functools.partial(self._write, layer) for layer in layers]
         self.static_writers = [functools.partial(self._write_at_slot, layer) for layer in layers]
@@ -441,8 +465,7 @@ class LlamaCache(Cache):
 
     def _write(self, layer: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         s, t = self.pos, k.shape[2]  # layer [2, B, nkv, L, hd], k, v [B, nkv, T, hd]
-        layer[0].narrow(2, s, t).copy_(k)
-        layer[1].narrow(2, s, t).copy_(v)
+        layer.narrow(3, s, t).copy_(torch.stack((k, v)))
         keys, values = layer.narrow(3, 0, s + t).unbind(0)
         return keys, values
 
