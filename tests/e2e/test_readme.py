@@ -42,6 +42,10 @@ SKIP = {  # command prefix -> why it does not run here (and what covers it)
     "launch/accelerate.sh": "test_launch_script_reproduces_ddp[accelerate.sh] runs it on 2 processes, bit for bit",
     "llmtrain-train -m hydra/launcher=torchrun": "two torchrun jobs; test_distributed_trials_through_the_torchrun_"
                                                 "launcher runs this command (shrunk) and checks both trials",
+    "llmtrain-train experiment=llama_finetune": "needs a downloaded SmolLM2 dir; test_chat.py's "
+                                                "test_a_chat_model_learns_a_mapping_and_answers_through_the_cli "
+                                                "fine-tunes a tiny chat model of the family and asks it, chat=true",
+    "llmtrain-generate source=runs/llama_finetune": "the run of the command above; see there",
 }
 GPT_SHRINK = ["model.n_layer=1", "model.n_head=2", "model.n_embd=32", "model.n_positions=256", "data.seq_len=32",
               "data.embedded_max_bytes=100000", "trainer.micro_batch_size=2", "trainer.grad_accum_steps=1",
@@ -90,6 +94,8 @@ def adapt(cmd: str) -> str:
     overrides = shlex.split(args.group(1)) if args else words
     plain = any(f"experiment={e}" in overrides for e in PLAIN_EXPERIMENTS)
     extra = [o for o in (PLAIN_SHRINK if plain else GPT_SHRINK) if o.split("=", 1)[0] not in _keys(overrides)]
+    if "model=hf" in overrides:  # the pretrained dir's shape: no model keys to shrink
+        extra = [o for o in extra if not o.startswith("model.")]
     if "experiment=gpt2_finetune" in overrides:  # prompt/completion data: no embedded corpus
         extra = [o for o in extra if not o.startswith("data.embedded_max_bytes")]
     if not plain and "data.tokenizer" not in _keys(overrides) and any(
@@ -195,6 +201,14 @@ def check_promise(cmd: str, stdout: str, stderr: str, clone: Path) -> None:
         assert "instruct data: " in stdout and (run / "best" / "config.json").is_file(), stdout
         if "model.lora.enabled=true" in cmd:
             assert (run / "final" / "adapter" / "adapter_model.safetensors").is_file()
+    elif "experiment=llama_tiny" in cmd:
+        assert "llmtrain: llama (" in stdout, stdout
+        cfg = json.loads((clone / "runs" / "llama_tiny" / "final" / "config.json").read_text())
+        assert cfg["architectures"] == ["LlamaForCausalLM"], cfg
+    elif "model=hf" in cmd:
+        assert "llmtrain: hf (" in stdout and (clone / "runs" / "llama_as_hf" / "final" / "config.json").is_file()
+    elif cmd.startswith("python -c") and "AutoModelForCausalLM" in cmd:
+        assert stdout == "['LlamaForCausalLM']\n", stdout
     elif cmd.startswith("llmtrain-generate"):
         prompt = next(p for p in ("def main(", "class Tree:", "the standard library module") if p in cmd)
         assert stdout.startswith(prompt) and stdout.endswith("\n") and "llmtrain: loaded" in stderr
