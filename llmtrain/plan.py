@@ -109,6 +109,7 @@ class Row:
     mfu: float | None = None
     tokens_per_s: float | None = None
     fits: bool | None = None
+    phase: str = ""  # the phase `memory` is held at: forward (its end) or backward
 
     def as_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -231,13 +232,19 @@ def memory(s: Shape, strategy: str, world: int, zero_stage: int = 2, offload_opt
     return m
 
 
-def peak(s: Shape, m: Memory) -> float:
-    """The largest of the step's phases: the end of the forward pass (activations kept, gradients only from
-    earlier micro-steps) and the backward pass (gradients complete, activations going)."""
-    fwd = m.weights + m.optimizer + m.activations + m.buffers + (m.grads if s.accum > 1 else 0.0)
+def at_peak(s: Shape, m: Memory) -> tuple[Memory, str]:
+    """What one GPU holds at the step's peak, by component, and which phase that is: the end of the forward pass
+    (all activations kept, gradients only from earlier micro-steps) or the backward pass (gradients complete, one
+    layer's activations, or with checkpointing the saved inputs and one recomputed block, left)."""
+    fwd = Memory(m.weights, m.grads if s.accum > 1 else 0.0, m.optimizer, m.activations, m.buffers, m.host)
     per_layer = m.activations / max(1, s.n_layer) if not s.checkpointing else m.activations
-    bwd = m.weights + m.optimizer + m.grads + per_layer + m.buffers
-    return max(fwd, bwd)
+    bwd = Memory(m.weights, m.grads, m.optimizer, per_layer, m.buffers, m.host)
+    return (fwd, "forward") if fwd.total >= bwd.total else (bwd, "backward")
+
+
+def peak(s: Shape, m: Memory) -> float:
+    """Bytes on one GPU at the step's peak (at_peak's total)."""
+    return at_peak(s, m)[0].total
 
 
 # communication ---------------------------------------------------------------------------------------------
@@ -285,9 +292,8 @@ def row(s: Shape, label: str, cluster: Cluster, **kw: Any) -> Row:
         t_comm += 2 * 4.0 * s.n_trainable / world / 25e9  # gradients down, weights up over PCIe (~25 GB/s)
     step = t_compute + max(0.0, t_comm - cluster.overlap * t_compute)
     r = Row(label, m, comm, wire, step, flops / (step * peak_flops), s.tokens * s.accum * world / step)
-    total = peak(s, m)
-    r.fits = total <= cluster.memory_gib * GIB * 0.95  # the CUDA context and allocator slack take the rest
-    r.memory.buffers += total - m.total  # report the peak's phase: the difference sits in buffers
+    r.memory, r.phase = at_peak(s, m)  # every column an amount held at that moment
+    r.fits = r.memory.total <= cluster.memory_gib * GIB * 0.95  # the CUDA context and allocator slack take the rest
     return r
 
 
@@ -354,13 +360,15 @@ def table(rows: list[Row], cluster: Cluster, s: Shape) -> str:
             f"{s.n_embd}, micro-batch {s.micro_batch} × {s.seq_len} × accum {s.accum}, {s.precision}"
             f"{', checkpointing' if s.checkpointing else ''}, {s.optimizer}; {cluster.nodes} node(s) × "
             f"{cluster.gpus_per_node} {cluster.gpu} ({mem_gib:g} GiB)")
-    lines = [head, "", "| strategy | weights | grads | optimizer | activations | buffers | total GiB | fits | "
-             "comm GB/step | step s | MFU | tokens/s |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [head, "", "GiB per GPU at the step's peak (the end of the forward pass or the backward pass), by what "
+                       "it holds then:", "",
+             "| strategy | weights | grads | optimizer | activations | buffers | total GiB | peak in | fits | "
+             "comm GB/step | step s | MFU | tokens/s |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         m = r.memory
         g = [f"{x / GIB:.2f}" for x in (m.weights, m.grads, m.optimizer, m.activations, m.buffers, m.total)]
         host = f" (+{m.host / GIB:.1f} host)" if m.host else ""
-        lines.append(f"| {r.strategy} | {' | '.join(g[:5])} | {g[5]}{host} | {'yes' if r.fits else 'no'} | "
+        lines.append(f"| {r.strategy} | {' | '.join(g[:5])} | {g[5]}{host} | {r.phase} | {'yes' if r.fits else 'no'} | "
                      f"{sum(r.comm.values()) / 1e9:.2f} | {r.step_s:.3f} | {r.mfu:.0%} | {r.tokens_per_s:,.0f} |")
     fit = [r.strategy for r in rows if r.fits]
     lines += ["", f"fits: {', '.join(fit) if fit else 'none: lower trainer.micro_batch_size, add checkpointing, '}"

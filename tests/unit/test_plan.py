@@ -12,7 +12,7 @@ import pytest
 import torch
 from helpers import compose
 
-from llmtrain.plan import GIB, GPUS, Cluster, communication, memory, peak, plan, shape_of
+from llmtrain.plan import GIB, GPUS, STRATEGIES, Cluster, communication, memory, peak, plan, shape_of
 
 
 class _MallInfo2(ctypes.Structure):
@@ -152,6 +152,26 @@ def test_what_fits_follows_the_memory() -> None:
     z2, z3 = memory(s, "deepspeed", 8, zero_stage=2), memory(s, "deepspeed", 8, zero_stage=3)
     assert z3.weights < z2.weights / 2 and z3.optimizer == z2.optimizer
     assert communication(s, "deepspeed", 8, zero_stage=3)[1] > communication(s, "deepspeed", 8, zero_stage=2)[1]
+
+
+@pytest.mark.parametrize("overrides", [["model=gpt2_xl", "data.tokenizer=gpt2"],
+                                       ["model=llama3_8b", "data.tokenizer=byte", "trainer.grad_accum_steps=4"]])
+def test_every_column_is_an_amount_held_at_the_peak(overrides: list[str]) -> None:
+    """Each memory column is what a GPU holds at the step's peak (none negative, a credit hidden in a cost), the
+    columns add up to the peak, and the phase named is the one whose total that is."""
+    s = shape_of(compose([*overrides, "trainer.micro_batch_size=16"]))
+    rows = plan(s, Cluster(1, 8, "h100"))
+    for r in rows:
+        m = r.memory
+        parts = (m.weights, m.grads, m.optimizer, m.activations, m.buffers)
+        assert min(parts) >= 0 and sum(parts) == pytest.approx(m.total), (r.strategy, parts)
+        assert r.phase in ("forward", "backward")
+    for label, kw in STRATEGIES:
+        raw = memory(s, "deepspeed" if label.startswith("zero") else label, 1 if label == "single" else 8, **kw)
+        assert {r.strategy: r for r in rows}[label].memory.total == pytest.approx(peak(s, raw))
+    if s.accum == 1:  # unsharded gradients outweigh the activations; sharded ones do not: both phases occur
+        assert {r.strategy: r.phase for r in rows if r.strategy in ("ddp", "fsdp")} == {"ddp": "backward",
+                                                                                       "fsdp": "forward"}
 
 
 def test_peaks_are_the_mfu_tables() -> None:
