@@ -171,6 +171,7 @@ def validate(cfg: Config) -> None:
                 f"file not found: {st.deepspeed_config}")
     _check_model_data(cfg)
     adapters.check(cfg.model, st.name.value)
+    _check_tp(cfg)
     require(t.early_stop_patience >= 0, "trainer.early_stop_patience",
             f"must be >= 0, 0 disables early stopping (got {t.early_stop_patience})")
     if (t.keep_best or t.early_stop_patience) and t.eval_every == 0:
@@ -198,3 +199,31 @@ def _check_model_data(cfg: Any) -> None:
         require(cfg.data.seq_len <= ctx, "data.seq_len",
                 f"{cfg.data.seq_len} exceeds the model context of {ctx}; set data.seq_len<={ctx} "
                 f"or model.n_positions>={cfg.data.seq_len}")
+
+
+def _check_tp(cfg: Config) -> None:
+    """strategy.tp: a model family with a tensor-parallel plan, under fsdp (dp × tp) or single (tp alone); what
+    this first slice of tensor parallelism does not cover is refused in one line. The world size is checked
+    at launch (distributed.tp.check_world)."""
+    st, t, tp = cfg.strategy, cfg.trainer, cfg.strategy.tp
+    require(tp >= 1, "strategy.tp", f"must be >= 1 (got {tp})")
+    if tp == 1:
+        return
+    if st.name.value not in ("fsdp", "single"):
+        raise ConfigError("strategy.tp", f"tensor parallelism runs under strategy=fsdp (dp × tp) or strategy=single "
+                                         f"(tp alone), not {st.name.value}; set strategy.tp=1 or change strategy")
+    spec = MODELS.get(cfg.model.family).target
+    if spec.tp_plan(cfg.model) is None:
+        impl = getattr(cfg.model, "impl", None)
+        what = f"model={cfg.model.family}" + (f" (impl={impl})" if impl else "")
+        raise ConfigError("strategy.tp", f"{what} has no tensor-parallel plan; set strategy.tp=1 (model=llama has one)")
+    spec.check_tp(cfg.model, tp)
+    if adapters.lora_settings(cfg.model) is not None:
+        raise ConfigError("strategy.tp", "LoRA adapters are not split over tensor-parallel ranks; set strategy.tp=1")
+    require(not t.compile, "strategy.tp", "trainer.compile with tensor parallelism is not supported yet; set "
+                                          "trainer.compile=false or strategy.tp=1")
+    require(t.precision.value != "fp16", "strategy.tp",
+            "trainer.precision=fp16 (loss scaling) with tensor parallelism is not supported yet; use bf16 or fp32")
+    require(not getattr(cfg.model, "dropout", 0.0) or t.dropout_rng == "global", "strategy.tp",
+            "the ranks of a tensor-parallel group must drop the same activations: with model.dropout > 0 set "
+            "trainer.dropout_rng=global")

@@ -63,27 +63,43 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     return [g for g in groups if g["params"]]
 
 
+def _mixed_meshes(groups: list[dict]) -> bool:
+    """Whether the parameters live on more than one kind of tensor (plain, and DTensors by device mesh: tensor
+    parallelism mixes them), which the foreach and fused kernels do not take in one call. The optimizer then
+    steps parameter by parameter, and its param groups stay those of an unsplit model (so a checkpoint's
+    optimizer state maps onto any tensor-parallel degree)."""
+    kinds = set()
+    for g in groups:
+        for p in g["params"]:
+            mesh = getattr(p, "device_mesh", None)
+            kinds.add(None if mesh is None else (mesh.mesh_dim_names, tuple(mesh.mesh.flatten().tolist())))
+    return len(kinds) > 1
+
+
 def build_optimizer(cfg: OptimConfig, model: nn.Module, fused_default: bool = True) -> torch.optim.Optimizer:
     """The optimizer of `optim.*` over the model's trainable parameters. `fused_default`: whether `optim.fused`
     left unset means fused where torch has the kernel (the caller knows when it does not mix: FSDP's sharded
     fp16 scaler and the fused kernels disagree on the shape of found_inf)."""
     groups = param_groups(model, cfg.weight_decay)
     name = OptimName(cfg.name)
+    mixed = _mixed_meshes(groups)
+    each = {"foreach": False} if mixed else {}  # one parameter at a time (tensor parallelism)
     if name == OptimName.sgd:
-        return torch.optim.SGD(groups, lr=cfg.lr)
+        return torch.optim.SGD(groups, lr=cfg.lr, **each)
     if name == OptimName.momentum:
-        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov)
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov, **each)
     if name == OptimName.rmsprop:
-        return torch.optim.RMSprop(groups, lr=cfg.lr, alpha=cfg.alpha, eps=cfg.eps, momentum=0.0)
+        return torch.optim.RMSprop(groups, lr=cfg.lr, alpha=cfg.alpha, eps=cfg.eps, momentum=0.0, **each)
     betas = (float(cfg.betas[0]), float(cfg.betas[1]))
     if name == OptimName.adamw8bit:
         return _adamw8bit(groups, cfg, betas)
     fused = cfg.fused if cfg.fused is not None else (
         fused_default and groups[0]["params"][0].device.type in ("cuda", "cpu"))
+    fused = fused and not mixed
     if name == OptimName.adam:
         # Classic Adam: L2 penalty added to the gradient (AdamW decouples it).
-        return torch.optim.Adam(groups, lr=cfg.lr, betas=betas, eps=cfg.eps, fused=fused or None)
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=betas, eps=cfg.eps, fused=fused or None)
+        return torch.optim.Adam(groups, lr=cfg.lr, betas=betas, eps=cfg.eps, fused=fused or None, **each)
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=betas, eps=cfg.eps, fused=fused or None, **each)
 
 
 def _adamw8bit(groups: list[dict], cfg: OptimConfig, betas: tuple[float, float]) -> torch.optim.Optimizer:

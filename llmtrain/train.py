@@ -147,7 +147,8 @@ def _fit(conf: Config, run_dir: Path, resume_from: Path | None, strategy: Strate
                    SetupArgs(precision=precision, gradient_checkpointing=t.gradient_checkpointing, compile=t.compile,
                              block_classes=spec.block_classes(model), micro_batch_size=t.micro_batch_size,
                              grad_accum_steps=t.grad_accum_steps, grad_clip=t.grad_clip,
-                             trainable_only=any(not p.requires_grad for p in model.parameters())))
+                             trainable_only=any(not p.requires_grad for p in model.parameters()),
+                             tp_plan=spec.tp_plan(conf.model) if conf.strategy.tp > 1 else None))
     scheduler = Scheduler(conf.scheduler, strategy.optimizer, conf.optim.lr, t.max_steps)
     logger = MetricsLogger(conf.logger, run_dir, enabled=dist.is_main, total_steps=t.max_steps,
                            run_config=rundir.plain_config(conf), group=group)

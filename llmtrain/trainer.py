@@ -100,12 +100,12 @@ class Trainer:
         self.lm = self.data.info.task == "lm"
 
     def _loader(self, split: str, shuffle: bool) -> Loader:
-        d = self.dist
         batch = self.cfg.micro_batch_size
+        rank, replicas = self.strategy.data_shard()  # tensor-parallel ranks share their batches
         if split == "val":  # a small eval set (a few fine-tuning examples) is evaluated in smaller batches
-            batch = max(1, min(batch, len(self.data.split("val")) // d.world_size))
+            batch = max(1, min(batch, len(self.data.split("val")) // replicas))
         return self.data.loader(split, batch, seed=self.cfg.seed, shuffle=shuffle,
-                                rank=d.rank, world_size=d.world_size, device=self.ctx.device)
+                                rank=rank, world_size=replicas, device=self.ctx.device)
 
     # public ----------------------------------------------------------------------------------------
     def fit(self) -> dict[str, Any]:
@@ -189,8 +189,12 @@ class Trainer:
                               dtype=torch.float64)  # targets, samples: counted on the host
         counts = (counts.pin_memory() if dev.type == "cuda" else counts).to(dev, non_blocking=True)
         batches = [self.train_loader.to_device(b) for b in hosts]
-        d.all_reduce(counts)  # global targets, global samples
-        scale = (d.world_size / counts[0]).float()  # backends average gradients over ranks
+        d.all_reduce(counts)  # global targets, global samples (each counted by the `tp` ranks that share them)
+        replicas = self.strategy.data_shard()[1]
+        copies = d.world_size // replicas
+        if copies > 1:
+            counts /= copies
+        scale = (replicas / counts[0]).float()  # backends average gradients over the data-parallel ranks
         loss_sum = torch.zeros((), dtype=torch.float64, device=dev)
         for i, batch in enumerate(batches):
             with s.micro_step(sync_grads=(i == k - 1)), self._masks(i):
@@ -202,6 +206,8 @@ class Trainer:
         faults.point("step")
         grad_norm = s.clip_grad_norm(self.cfg.grad_clip)
         d.all_reduce(loss_sum)
+        if copies > 1:
+            loss_sum /= copies
         finite = torch.isfinite(loss_sum)
         if grad_norm is not None and not s.loss_scaling:  # fp16: the scaler skips overflowed gradients itself
             finite = finite & torch.isfinite(grad_norm)
@@ -222,7 +228,7 @@ class Trainer:
         if self._mask_key is None:
             return contextlib.nullcontext()
         self._mask_key.fill_(dropout.step_key(self.cfg.seed, self.step, micro))
-        return dropout.masks(self._mask_key, row0=self.dist.rank * self.cfg.micro_batch_size)
+        return dropout.masks(self._mask_key, row0=self.strategy.data_shard()[0] * self.cfg.micro_batch_size)
 
     def _read(self, p: dict[str, Any]) -> dict[str, Any]:
         """The step's record (a host sync), the interval's rates, and the non-finite guard."""

@@ -36,6 +36,9 @@ class StrategyConfig:
     name: StrategyName = StrategyName.single
     backend: str | None = None  # process-group backend; None: nccl on GPU, gloo on CPU
     timeout_s: float = 600.0  # collective timeout: a dead peer fails the job instead of hanging it
+    # tensor parallelism: ranks per model; their blocks' projections split (distributed/tp.py); fsdp: dp × tp,
+    # single: tp alone (= the world size)
+    tp: int = 1
     # FSDP2
     reshard_after_forward: bool = True
     # DeepSpeed
@@ -60,6 +63,7 @@ class SetupArgs:
     grad_accum_steps: int
     grad_clip: float
     trainable_only: bool = False  # checkpoints hold the trainable parameters only (the rest is frozen)
+    tp_plan: dict[str, str] | None = None  # strategy.tp > 1: the model's per-block plan (ModelSpec.tp_plan)
 
 
 class Strategy(ABC):
@@ -70,6 +74,12 @@ class Strategy(ABC):
         self.cfg, self.dist, self.device = cfg, dist, device
         self.model: nn.Module | None = None
         self.optimizer: torch.optim.Optimizer | None = None
+
+    def data_shard(self) -> tuple[int, int]:
+        """(this rank's index, number) of the data-parallel replicas: the ranks of one tensor-parallel group
+        (strategy.tp) read the same batches."""
+        tp = max(1, self.cfg.tp)
+        return self.dist.rank // tp, self.dist.world_size // tp
 
     def num_parameters(self) -> int:
         """Parameters of the whole model (all shards), counting tied tensors once."""
@@ -188,6 +198,10 @@ class TorchOptimizerStrategy(Strategy):
         """Global norm over every parameter (sharded DTensor grads reduce their partial norms)."""
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
+        if self.cfg.tp > 1:  # DTensors on the 2-D mesh beside replicated / dp-sharded ones
+            from llmtrain.distributed.tp import clip_grads
+
+            return clip_grads(list(self.unwrap().parameters()), max_norm)
         limit = max_norm if max_norm > 0 else float("inf")
         norm = torch.nn.utils.clip_grad_norm_(self.unwrap().parameters(), limit, foreach=True)
         return norm.full_tensor() if hasattr(norm, "full_tensor") else norm

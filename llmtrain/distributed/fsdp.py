@@ -1,6 +1,7 @@
 """FSDP2 (`fully_shard`): parameters, gradients and optimizer state sharded over ranks.
 
-Setup order: activation checkpointing on the blocks → torch.compile (per block, in place, so state-dict
+Setup order: tensor parallelism inside each block (strategy.tp > 1: distributed/tp.py, FSDP then shards over
+the "dp" dim of the mesh) → activation checkpointing on the blocks → torch.compile (per block, in place, so state-dict
 keys stay plain) → `fully_shard` on every block, then on the root. The root group holds the rest of the
 parameters, including tied ones (GPT-2's `lm_head.weight` is `transformer.wte.weight`), so a tie stays a
 single sharded parameter. Mixed precision is FSDP's `MixedPrecisionPolicy` (compute in bf16/fp16, reduce
@@ -36,6 +37,14 @@ class FSDPStrategy(TorchOptimizerStrategy):
         init_single_process_group(self.device, self.cfg.backend)  # fully_shard needs a mesh, even of 1
         model = model.to(self.device)
         blocks_cls = args.block_classes
+        dp_mesh = None
+        if self.cfg.tp > 1:  # tensor parallelism inside each block first, then FSDP over the "dp" ranks
+            from llmtrain.distributed.tp import make_mesh, parallelize_blocks
+
+            assert args.tp_plan is not None, "strategy.tp > 1 needs the model's tp_plan"
+            mesh = make_mesh(self.device, self.dist.world_size, self.cfg.tp)
+            parallelize_blocks(model, blocks_cls, args.tp_plan, mesh["tp"])
+            dp_mesh = mesh["dp"]
         if args.gradient_checkpointing:
             apply_activation_checkpointing(model, blocks_cls)
         # The modules to shard: each block (under its checkpoint wrapper, if any), outermost first.
@@ -49,6 +58,8 @@ class FSDPStrategy(TorchOptimizerStrategy):
         kw: dict[str, Any] = {"reshard_after_forward": self.cfg.reshard_after_forward}
         if mp is not None:
             kw["mp_policy"] = mp
+        if dp_mesh is not None:
+            kw["mesh"] = dp_mesh
         for m in blocks:
             fully_shard(m, **kw)
         fully_shard(model, **kw)

@@ -85,6 +85,16 @@ class ModelSpec(ABC):
         and layer for the backward pass; None: the family is not planned."""
         return None
 
+    def tp_plan(self, cfg: Any) -> dict[str, str] | None:
+        """Tensor parallelism (strategy.tp > 1) of each block (`block_classes`): {module path inside the block:
+        "colwise" (its output features split: the module returns the local ones) | "rowwise" (its input
+        features split: the module sums its partial outputs)}; the model must run on whatever share of its heads
+        its projections return. None: this model has no plan (strategy.tp is refused)."""
+        return None
+
+    def check_tp(self, cfg: Any, tp: int) -> None:  # noqa: B027  (optional hook)
+        """One-line ConfigError when this model's sizes cannot be split `tp` ways (heads, widths)."""
+
     def lora_targets(self, cfg: Any) -> list[str]:
         """The module-name suffixes LoRA adapts when model.lora.target_modules is unset (the attention and MLP
         projections); [] when the family names none (the user must)."""

@@ -216,6 +216,8 @@ def block_forward(x: torch.Tensor, ops: BlockOps, d: LlamaDims, cos: torch.Tenso
             q, k, v = ops.qkv(h).split((nh * hd, nkv * hd, nkv * hd), dim=-1)
         else:
             q, k, v = ops.q_proj(h), ops.k_proj(h), ops.v_proj(h)
+        nh, nkv = q.shape[-1] // hd, k.shape[-1] // hd  # the heads the projections returned (a share of them
+        # when they are split over ranks: tensor parallelism)
         q, k = q.view(B, T, nh, hd), k.view(B, T, nkv, hd)
         v = v.view(B, T, nkv, hd).transpose(1, 2)  # [B, nkv, T, hd]
         if ops.q_norm is not None and ops.k_norm is not None:

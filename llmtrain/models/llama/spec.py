@@ -33,6 +33,10 @@ from llmtrain.models.llama.model import ROPE_TYPES, DecoderLayer, Llama, LlamaDi
 
 PRESETS = ("llama_tiny.yaml", "smollm2_135m.yaml", "qwen2_5_0_5b.yaml", "llama3_2_1b.yaml", "llama3_8b.yaml")
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+# strategy.tp: per DecoderLayer, Megatron's split (the attention's heads and the MLP's width over the ranks)
+TP_PLAN = {"self_attn.q_proj": "colwise", "self_attn.k_proj": "colwise", "self_attn.v_proj": "colwise",
+           "self_attn.o_proj": "rowwise", "mlp.gate_proj": "colwise", "mlp.up_proj": "colwise",
+           "mlp.down_proj": "rowwise"}
 
 
 @dataclass
@@ -241,6 +245,24 @@ class LlamaSpec(ModelSpec):
 
     def lora_targets(self, cfg: LlamaModelConfig) -> list[str]:
         return list(LORA_TARGETS)
+
+    def tp_plan(self, cfg: LlamaModelConfig) -> dict[str, str] | None:
+        return dict(TP_PLAN)
+
+    def check_tp(self, cfg: LlamaModelConfig, tp: int) -> None:
+        """The query heads, key/value heads and MLP width must split evenly (a pretrained model's sizes are
+        checked here when it is a local dir)."""
+        if cfg.pretrained and (Path(cfg.pretrained).expanduser() / "config.json").is_file():
+            d = check_hf_dir(Path(cfg.pretrained).expanduser(), cfg.pretrained)
+            sizes = {"n_head": d.num_attention_heads, "n_kv_head": d.num_key_value_heads,
+                     "intermediate_size": d.intermediate_size}
+        elif cfg.pretrained:
+            return  # a hub name: its sizes are known once downloaded
+        else:
+            sizes = {"n_head": cfg.n_head, "n_kv_head": cfg.n_kv_head, "intermediate_size": cfg.intermediate_size}
+        for key, n in sizes.items():
+            if n % tp:
+                raise ConfigError("strategy.tp", f"{tp} does not divide model.{key}={n}; use one of {_divisors(n)}")
 
     def adapter_fan_in_fan_out(self, cfg: LlamaModelConfig) -> bool:
         return False  # nn.Linear weights [out, in], here and in transformers' models

@@ -1,0 +1,125 @@
+"""Tensor parallelism (strategy.tp) on the native Llama over CPU processes (gloo): tp=2 alone (strategy=single,
+2 processes) and fsdp dp=2 × tp=2 (4 processes) match one process with the same global batch over 12 steps,
+accumulation 2, fp32, dropout 0 (losses within 1e-6 relative); their exports, and llmtrain-export of their DCP
+checkpoints in one process, hold the same weights within 1e-5. A 2-process probe checks where each parameter
+lives: colwise projections Shard(0), rowwise Shard(1) on the "tp" mesh dim, everything else replicated.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import REPO, base_env, fork_cli, losses, read_metrics, train_cli
+from test_llama_strategies import STEPS, TINY_LLAMA
+
+pytestmark = pytest.mark.distributed
+
+RTOL, WTOL = 1e-6, 1e-5
+RUNS: dict[str, tuple[list[str], int]] = {
+    "single": (["trainer.micro_batch_size=8"], 1),
+    "tp2": (["strategy.tp=2", "trainer.micro_batch_size=8"], 2),
+    "fsdp_dp2_tp2": (["strategy=fsdp", "strategy.tp=2", "trainer.micro_batch_size=4"], 4),
+}
+COLWISE = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")
+ROWWISE = ("o_proj", "down_proj")
+
+
+def _grad_norms(run_dir: Path) -> dict[int, float]:
+    return {r["step"]: r["grad_norm"] for r in read_metrics(run_dir) if "grad_norm" in r}
+
+
+def _weights(d: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(d / "model.safetensors"))
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("tp")
+    for name, (overrides, nproc) in RUNS.items():
+        train_cli([*TINY_LLAMA, *overrides], root / name, nproc=nproc, timeout=180)
+    return {name: root / name for name in RUNS}
+
+
+@pytest.mark.parametrize("name", ["tp2", "fsdp_dp2_tp2"])
+def test_tp_parity_with_one_process(runs: dict[str, Path], name: str) -> None:
+    got, want = losses(runs[name]), losses(runs["single"])
+    assert sorted(got) == sorted(want) == list(range(1, STEPS + 1))
+    err = max(abs(got[s] - want[s]) / abs(want[s]) for s in want)
+    print(f"\nllama {name} vs one process: max relative loss difference {err:.2e}")
+    assert err <= RTOL
+    assert want[STEPS] < want[1]  # it trains
+    # the gradients' scale too (Adam and clipping would hide a gradient off by a constant factor in the losses)
+    got_n, want_n = _grad_norms(runs[name]), _grad_norms(runs["single"])
+    norm_err = max(abs(got_n[s] - want_n[s]) / want_n[s] for s in want_n)
+    print(f"llama {name} vs one process: max relative grad-norm difference {norm_err:.2e}")
+    assert norm_err <= 1e-5
+
+
+@pytest.mark.parametrize("name", ["tp2", "fsdp_dp2_tp2"])
+def test_tp_checkpoint_exports_in_one_process(runs: dict[str, Path], name: str, tmp_path: Path) -> None:
+    """The run's own final/ (gathered from the split weights) and llmtrain-export of its DCP checkpoint
+    (consolidated in one process) both equal one process's trained weights."""
+    out = tmp_path / "export"
+    res = fork_cli("llmtrain.export", [str(runs[name]), "--out", str(out)], timeout=120)
+    assert res.returncode == 0, res.stderr[-3000:]
+    want = _weights(runs["single"] / "final")
+    for got in (_weights(runs[name] / "final"), _weights(out)):
+        assert sorted(got) == sorted(want)
+        diff = max((got[k] - want[k]).abs().max().item() for k in want)
+        print(f"\nllama {name}: max weight difference {diff:.2e}")
+        assert diff <= WTOL
+
+
+def test_tp_parameters_are_split_on_the_tp_mesh_dim(tmp_path: Path) -> None:
+    env = base_env()
+    env["PYTHONPATH"] = f"{REPO}:{REPO / 'tests' / 'distributed'}"
+    env["TP_PROBE_OUT"] = str(tmp_path)
+    res = fork_cli("tp_probe", [], nproc=2, timeout=120, env=env, logs=tmp_path / "logs")
+    assert res.returncode == 0, res.stderr[-3000:]
+    for rank in (0, 1):
+        got = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        for strategy, dims in (("single", ["tp"]), ("fsdp", ["dp", "tp"])):
+            r = got[strategy]
+            assert abs(r["loss"] - r["ref_loss"]) <= 1e-5 * abs(r["ref_loss"])  # the split model computes the same
+            for name, where in r["layout"].items():
+                leaf = name.split(".")[-2]
+                if leaf in COLWISE + ROWWISE:
+                    split = 0 if leaf in COLWISE else 1
+                    assert where["dims"] == dims, name
+                    assert where["placements"][-1] == f"Shard(dim={split})", name  # the "tp" dim
+                    if strategy == "fsdp":  # FSDP's own shard of dim 0 on "dp" (strided over a tp-split dim 0)
+                        assert where["placements"][0] in ("Shard(dim=0)", "_StridedShard(dim=0, sf=2)"), name
+                    assert where["local"][split] * 2 == where["global"][split], name
+                elif strategy == "single":
+                    assert where is None, name  # embedding, norms, head: plain replicated tensors
+                else:
+                    assert where["dims"] == ["dp"], name  # FSDP-sharded only
+
+
+@pytest.mark.parametrize(("saved", "resumed"), [("tp2", "single"), ("single", "fsdp_dp2_tp2"),
+                                                ("fsdp_dp2_tp2", "tp2")])
+def test_tp_checkpoints_reshard(runs: dict[str, Path], saved: str, resumed: str, tmp_path: Path) -> None:
+    """A checkpoint written under one layout (step 6 of 12) resumes under another (tensor-parallel degree,
+    data-parallel degree and strategy changed), optimizer state and data position carried: steps 7-12 continue
+    the uninterrupted one-process run's losses, and the final weights equal its weights."""
+    import shutil
+
+    run = tmp_path / "run"
+    overrides, nproc = RUNS[saved]
+    train_cli([*TINY_LLAMA, *overrides, "trainer.ckpt_every=6"], run, nproc=nproc, timeout=180)
+    shutil.rmtree(run / "checkpoints" / "step_00000012")  # as if it had stopped after step 6's checkpoint
+    shutil.rmtree(run / "final")
+    overrides, nproc = RUNS[resumed]
+    res = train_cli([*TINY_LLAMA, *overrides, "trainer.ckpt_every=6"], run, nproc=nproc, timeout=180)
+    assert "resuming from" in res.stdout and "at step 6" in res.stdout, res.stdout[-2000:]
+    got, want = losses(run), losses(runs["single"])
+    err = max(abs(got[s] - want[s]) / abs(want[s]) for s in range(7, STEPS + 1))
+    print(f"\nllama {saved} → {resumed}: max relative loss difference after the resume {err:.2e}")
+    assert err <= RTOL
+    want_w, got_w = _weights(runs["single"] / "final"), _weights(run / "final")
+    assert max((got_w[k] - want_w[k]).abs().max().item() for k in want_w) <= WTOL

@@ -1,0 +1,61 @@
+"""strategy.tp: what the first slice of tensor parallelism does not cover is refused in one line naming the key."""
+
+from __future__ import annotations
+
+import pytest
+from helpers import compose
+
+from llmtrain.config import checked
+from llmtrain.distributed.tp import check_world
+from llmtrain.errors import ConfigError
+
+LLAMA = ["experiment=llama_tiny", "data.tokenizer=byte", "trainer.precision=fp32"]
+
+
+def test_llama_with_tp_under_fsdp_and_single_passes() -> None:
+    assert checked(compose([*LLAMA, "strategy=fsdp", "strategy.tp=2"])).strategy.tp == 2
+    assert checked(compose([*LLAMA, "strategy.tp=2"])).strategy.tp == 2
+    assert checked(compose(LLAMA)).strategy.tp == 1
+
+
+@pytest.mark.parametrize(("overrides", "needle"), [
+    (["strategy=ddp", "strategy.tp=2"], "not ddp"),
+    (["strategy=deepspeed", "strategy.tp=2"], "not deepspeed"),
+    (["strategy.tp=0"], "must be >= 1"),
+    (["strategy.tp=3"], "3 does not divide model.n_head=4"),
+    (["strategy.tp=4", "model.n_kv_head=2"], "4 does not divide model.n_kv_head=2"),
+    (["strategy.tp=2", "model.intermediate_size=33"], "model.intermediate_size=33"),
+    (["strategy.tp=2", "trainer.compile=true"], "trainer.compile"),
+    (["strategy.tp=2", "trainer.precision=fp16"], "fp16"),
+    (["strategy.tp=2", "model.dropout=0.1"], "trainer.dropout_rng=global"),
+    (["strategy.tp=2", "model.lora.enabled=true"], "LoRA"),
+])
+def test_llama_tp_refusals(overrides: list[str], needle: str) -> None:
+    with pytest.raises(ConfigError) as ei:
+        checked(compose([*LLAMA, *overrides]))
+    assert ei.value.key == "strategy.tp"
+    assert needle in ei.value.message and "\n" not in str(ei.value)
+
+
+@pytest.mark.parametrize("impl", ["native", "hf"])
+def test_families_without_a_plan_are_refused(impl: str) -> None:
+    with pytest.raises(ConfigError) as ei:
+        checked(compose(["experiment=gpt2_tiny", "data.tokenizer=byte", f"model.impl={impl}", "strategy.tp=2"]))
+    assert ei.value.key == "strategy.tp"
+    assert f"model=gpt2 (impl={impl}) has no tensor-parallel plan" in ei.value.message
+
+
+def test_dropout_with_global_masks_passes() -> None:
+    checked(compose([*LLAMA, "strategy.tp=2", "model.dropout=0.1", "trainer.dropout_rng=global"]))
+
+
+@pytest.mark.parametrize(("tp", "world", "strategy", "needle"), [
+    (2, 3, "fsdp", "2 does not divide the world size 3"),
+    (2, 4, "single", "must equal the world size 4"),
+])
+def test_world_size_refusals(tp: int, world: int, strategy: str, needle: str) -> None:
+    with pytest.raises(ConfigError) as ei:
+        check_world(tp, world, strategy)
+    assert ei.value.key == "strategy.tp" and needle in ei.value.message
+    check_world(tp, 2 * tp, "fsdp")  # dp × tp
+    check_world(tp, tp, "single")  # tp alone
