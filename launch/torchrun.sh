@@ -3,11 +3,13 @@
 #
 #   launch/torchrun.sh strategy=ddp                                    # one node, one process per GPU
 #   NPROC_PER_NODE=2 launch/torchrun.sh strategy=fsdp trainer.device=cpu   # 2 CPU processes (gloo)
-#   # two nodes: run on each, NODE_RANK=0 on the node whose address is MASTER_ADDR
-#   NNODES=2 NODE_RANK=0 MASTER_ADDR=10.0.0.1 MASTER_PORT=29500 launch/torchrun.sh strategy=fsdp
+#   # two nodes: the same command on each; a c10d rendezvous at MASTER_ADDR:MASTER_PORT (the store runs on
+#   # the node that owns MASTER_ADDR) assigns the node ranks, so NODE_RANK is not needed (and is ignored)
+#   NNODES=2 MASTER_ADDR=10.0.0.1 MASTER_PORT=29500 launch/torchrun.sh strategy=fsdp
 #
-# Environment: NPROC_PER_NODE (default: the GPU count, 1 without GPUs), NNODES (1), NODE_RANK (0),
-# MASTER_ADDR (127.0.0.1), MASTER_PORT (29500; single node: a free port unless set), PYTHON (python).
+# Environment: NPROC_PER_NODE (default: the GPU count, 1 without GPUs), NNODES (1), MASTER_ADDR (127.0.0.1;
+# several nodes: required), MASTER_PORT (29500; single node: a free port unless set), RDZV_ID (several nodes:
+# the job's id, llmtrain; the same on every node), PYTHON (python). NODE_RANK is accepted and ignored.
 set -euo pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -20,9 +22,10 @@ NODE_RANK="${NODE_RANK:-0}"
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
 
 if [[ "$NNODES" -gt 1 ]]; then
-  : "${MASTER_ADDR:?set MASTER_ADDR to the address of the node with NODE_RANK=0}"
-  rdzv=(--nnodes="$NNODES" --node_rank="$NODE_RANK" --master_addr="$MASTER_ADDR"
-        --master_port="${MASTER_PORT:-29500}")
+  # c10d rendezvous: every node runs this same command and torchrun assigns node ranks (NODE_RANK is ignored).
+  : "${MASTER_ADDR:?set MASTER_ADDR to the address of one of the nodes (it hosts the rendezvous)}"
+  rdzv=(--nnodes="$NNODES" --rdzv_backend=c10d --rdzv_endpoint="${MASTER_ADDR}:${MASTER_PORT:-29500}"
+        --rdzv_id="${RDZV_ID:-llmtrain}")
 elif [[ -n "${MASTER_PORT:-}" ]]; then
   rdzv=(--nnodes=1 --node_rank=0 --master_addr="${MASTER_ADDR:-127.0.0.1}" --master_port="$MASTER_PORT")
 else

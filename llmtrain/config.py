@@ -172,6 +172,10 @@ def validate(cfg: Config) -> None:
     _check_model_data(cfg)
     adapters.check(cfg.model, st.name.value)
     _check_tp(cfg)
+    require(st.dp_replicate >= 1, "strategy.dp_replicate", f"must be >= 1 (got {st.dp_replicate})")
+    require(st.dp_replicate == 1 or st.name.value == "fsdp", "strategy.dp_replicate",
+            f"HSDP (replicate across groups, shard within) runs under strategy=fsdp, not {st.name.value}; set "
+            "strategy=fsdp or strategy.dp_replicate=1")
     require(t.early_stop_patience >= 0, "trainer.early_stop_patience",
             f"must be >= 0, 0 disables early stopping (got {t.early_stop_patience})")
     if (t.keep_best or t.early_stop_patience) and t.eval_every == 0:

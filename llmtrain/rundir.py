@@ -24,7 +24,7 @@ RESUME_KEYS = ("model", "data", "optim.name")
 # what a resume may change, with a note (the global batch: e.g. accumulation doubled on half the processes)
 BATCH_KEYS = ("trainer.micro_batch_size", "trainer.grad_accum_steps")
 LAYOUT_KEY = "checkpoint layout"  # from strategy.name: deepspeed keeps its own format, the others share dcp
-GLOBAL_BATCH_KEY = "global batch"  # micro-batch × accumulation × world size
+GLOBAL_BATCH_KEY = "global batch"  # micro-batch × accumulation × data-parallel ranks (world size / strategy.tp)
 # a default run dir holds the runs of one configuration: what they resume, their global batch, their layout
 # (so a run moved to more processes with its global batch kept finds its run dir again)
 FINGERPRINT_KEYS = RESUME_KEYS + (GLOBAL_BATCH_KEY, LAYOUT_KEY)
@@ -45,7 +45,8 @@ def fingerprint(cfg: Any, world_size: int = 1) -> dict[str, Any]:
             else getattr(node, "value", node)
     for k in NOT_FINGERPRINTED:
         out["data"].pop(k, None)
-    out[GLOBAL_BATCH_KEY] = out[BATCH_KEYS[0]] * out[BATCH_KEYS[1]] * world_size
+    tp = int(OmegaConf.select(cfg, "strategy.tp", default=1) or 1)  # the ranks of a tp group share batches
+    out[GLOBAL_BATCH_KEY] = out[BATCH_KEYS[0]] * out[BATCH_KEYS[1]] * max(1, world_size // tp)
     name = OmegaConf.select(cfg, "strategy.name")
     out[LAYOUT_KEY] = checkpoint_layout(str(getattr(name, "value", name)))
     return out

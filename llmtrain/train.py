@@ -243,14 +243,19 @@ def _plot(ctx: RunContext) -> None:
 
 
 def _announce(ctx: RunContext, strategy: Strategy, step: int, resume_from: Path | None) -> None:
-    t, world = ctx.cfg.trainer, ctx.dist.world_size
-    gb = t.micro_batch_size * t.grad_accum_steps * world
+    t, world, st = ctx.cfg.trainer, ctx.dist.world_size, ctx.cfg.strategy
+    replicas = strategy.data_shard()[1]  # the ranks of a tensor-parallel group share their batches
+    gb = t.micro_batch_size * t.grad_accum_steps * replicas
+    mesh = ""
+    if st.tp > 1 or st.dp_replicate > 1:
+        dp = f"{st.dp_replicate} × {replicas // st.dp_replicate}" if st.dp_replicate > 1 else str(replicas)
+        mesh = f" (dp {dp}" + (f" × tp {st.tp}" if st.tp > 1 else "") + ")"
     where = f"resuming from {resume_from} at step {step}" if resume_from else "starting fresh"
     n, trainable = strategy.num_parameters(), sum(p.numel() for p in strategy.unwrap().parameters() if p.requires_grad)
     params = f"{format_count(n)} params" + (f", {format_count(trainable)} trainable" if trainable < n else "")
-    print(f"llmtrain: {ctx.cfg.model.family} ({params}) · strategy {ctx.cfg.strategy.name.value} × {world} on "
+    print(f"llmtrain: {ctx.cfg.model.family} ({params}) · strategy {st.name.value} × {world}{mesh} on "
           f"{ctx.device} · {ctx.precision.value} · global batch {gb} ({t.micro_batch_size}×{t.grad_accum_steps}×"
-          f"{world}) · {where} · run dir {ctx.run_dir}", flush=True)
+          f"{replicas}) · {where} · run dir {ctx.run_dir}", flush=True)
 
 
 def _explicit_dir() -> bool:

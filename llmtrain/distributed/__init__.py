@@ -10,10 +10,10 @@ from llmtrain.distributed.dist import Dist
 
 def build_strategy(cfg: StrategyConfig, dist: Dist, device: torch.device) -> Strategy:
     name = StrategyName(cfg.name)
-    if cfg.tp > 1:
+    if cfg.tp > 1 or cfg.dp_replicate > 1:
         from llmtrain.distributed.tp import check_world
 
-        check_world(cfg.tp, dist.world_size, name.value, quiet=not dist.is_main)
+        check_world(cfg.tp, dist.world_size, name.value, quiet=not dist.is_main, dp_replicate=cfg.dp_replicate)
     if name == StrategyName.single:
         from llmtrain.distributed.single import SingleStrategy
 

@@ -41,6 +41,9 @@ class StrategyConfig:
     tp: int = 1
     # FSDP2
     reshard_after_forward: bool = True
+    # HSDP: groups the model is replicated over (across nodes), each sharding it over world / (dp_replicate · tp)
+    # ranks (within a node); fsdp only
+    dp_replicate: int = 1
     # DeepSpeed
     zero_stage: int = 2
     offload_optimizer: bool = False

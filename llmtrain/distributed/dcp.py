@@ -55,8 +55,11 @@ def load_state(module: nn.Module, optimizer: torch.optim.Optimizer, ckpt_dir: Pa
     state = {"model": model_sd, "optim": optim_sd}
     with refusing_unsafe(ckpt_dir / DCP_SUBDIR), _single_process_quiet():
         dcp.load(state, storage_reader=SafeReader(str(ckpt_dir / DCP_SUBDIR)), planner=SafePlanner())
+    kernels = [{k: g[k] for k in ("fused", "foreach") if k in g} for g in optimizer.param_groups]
     set_state_dict(module, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
                    options=opts)
+    for g, own in zip(optimizer.param_groups, kernels, strict=True):  # how this layout steps, not the saved one's
+        g.update(own)  # (a run saved where fused kernels could take every parameter, resumed where they cannot)
     if scaler is not None and (ckpt_dir / SCALER_FILE).is_file():
         scaler.load_state_dict(load_torch(ckpt_dir / SCALER_FILE))
 

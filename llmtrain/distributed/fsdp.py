@@ -38,12 +38,14 @@ class FSDPStrategy(TorchOptimizerStrategy):
         model = model.to(self.device)
         blocks_cls = args.block_classes
         dp_mesh = None
-        if self.cfg.tp > 1:  # tensor parallelism inside each block first, then FSDP over the "dp" ranks
+        if self.cfg.tp > 1 or self.cfg.dp_replicate > 1:  # tensor parallelism inside each block first, then
+            # FSDP over the "dp" ranks (HSDP: replicated over dp_replicate groups, sharded within each)
             from llmtrain.distributed.tp import make_mesh, parallelize_blocks
 
-            assert args.tp_plan is not None, "strategy.tp > 1 needs the model's tp_plan"
-            mesh = make_mesh(self.device, self.dist.world_size, self.cfg.tp)
-            parallelize_blocks(model, blocks_cls, args.tp_plan, mesh["tp"])
+            mesh = make_mesh(self.device, self.dist.world_size, self.cfg.tp, self.cfg.dp_replicate)
+            if self.cfg.tp > 1:
+                assert args.tp_plan is not None, "strategy.tp > 1 needs the model's tp_plan"
+                parallelize_blocks(model, blocks_cls, args.tp_plan, mesh["tp"])
             dp_mesh = mesh["dp"]
         if args.gradient_checkpointing:
             apply_activation_checkpointing(model, blocks_cls)

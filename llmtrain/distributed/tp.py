@@ -23,8 +23,13 @@ from llmtrain.errors import ConfigError
 STYLES = ("colwise", "rowwise")
 
 
-def check_world(tp: int, world_size: int, strategy: str, quiet: bool = False) -> None:
-    """One line when `tp` ranks per model cannot be laid out over this job's processes."""
+def check_world(tp: int, world_size: int, strategy: str, quiet: bool = False, dp_replicate: int = 1) -> None:
+    """One line when `tp` ranks per model (and `dp_replicate` groups, HSDP) cannot be laid out over this job's
+    processes."""
+    if dp_replicate > 1 and world_size % (dp_replicate * tp):
+        raise ConfigError("strategy.dp_replicate", f"{dp_replicate} groups × strategy.tp={tp} do not divide the "
+                                                   f"world size {world_size}; launch a multiple of {dp_replicate * tp} "
+                                                   "processes", quiet=quiet)
     if tp <= 1:
         return
     if world_size % tp:
@@ -36,11 +41,29 @@ def check_world(tp: int, world_size: int, strategy: str, quiet: bool = False) ->
                           quiet=quiet)
 
 
-def make_mesh(device: torch.device, world_size: int, tp: int) -> Any:
-    """The ("dp", "tp") mesh of shape (world // tp, tp) over the default process group."""
+def make_mesh(device: torch.device, world_size: int, tp: int, dp_replicate: int = 1) -> Any:
+    """The ("dp", "tp") mesh of shape (world // tp, tp) over the default process group; with dp_replicate > 1
+    (HSDP) the "dp" dim is itself ("dp_replicate", "dp_shard") of shape (dp_replicate, world // (dp_replicate ·
+    tp)): consecutive ranks (one node's) shard the model, and the groups of them replicate it. `mesh["dp"]` is
+    what FSDP takes either way (1-D: shard; 2-D: replicate × shard)."""
     from torch.distributed.device_mesh import init_device_mesh
 
-    return init_device_mesh(device.type, (world_size // tp, tp), mesh_dim_names=("dp", "tp"))
+    if dp_replicate <= 1:
+        return init_device_mesh(device.type, (world_size // tp, tp), mesh_dim_names=("dp", "tp"))
+    shape = (dp_replicate, world_size // (dp_replicate * tp), tp)
+    mesh = init_device_mesh(device.type, shape, mesh_dim_names=("dp_replicate", "dp_shard", "tp"))
+    mesh["dp_replicate", "dp_shard"]._flatten("dp")  # the data-parallel ranks as one dim too (unused by FSDP)
+    return _Hybrid(mesh)
+
+
+class _Hybrid:
+    """A 3-D mesh whose "dp" is the 2-D (dp_replicate, dp_shard) sub-mesh (what FSDP2 shards over for HSDP)."""
+
+    def __init__(self, mesh: Any) -> None:
+        self.mesh = mesh
+
+    def __getitem__(self, name: str) -> Any:
+        return self.mesh["dp_replicate", "dp_shard"] if name == "dp" else self.mesh[name]
 
 
 def parallelize_blocks(model: nn.Module, block_classes: tuple[type[nn.Module], ...], plan: dict[str, str],

@@ -22,6 +22,7 @@ RUNS: dict[str, tuple[list[str], int]] = {
     "single": (["trainer.micro_batch_size=8"], 1),
     "tp2": (["strategy.tp=2", "trainer.micro_batch_size=8"], 2),
     "fsdp_dp2_tp2": (["strategy=fsdp", "strategy.tp=2", "trainer.micro_batch_size=4"], 4),
+    "hsdp2x2": (["strategy=fsdp", "strategy.dp_replicate=2", "trainer.micro_batch_size=2"], 4),
 }
 COLWISE = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")
 ROWWISE = ("o_proj", "down_proj")
@@ -45,7 +46,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return {name: root / name for name in RUNS}
 
 
-@pytest.mark.parametrize("name", ["tp2", "fsdp_dp2_tp2"])
+@pytest.mark.parametrize("name", ["tp2", "fsdp_dp2_tp2", "hsdp2x2"])
 def test_tp_parity_with_one_process(runs: dict[str, Path], name: str) -> None:
     got, want = losses(runs[name]), losses(runs["single"])
     assert sorted(got) == sorted(want) == list(range(1, STEPS + 1))
@@ -60,7 +61,7 @@ def test_tp_parity_with_one_process(runs: dict[str, Path], name: str) -> None:
     assert norm_err <= 1e-5
 
 
-@pytest.mark.parametrize("name", ["tp2", "fsdp_dp2_tp2"])
+@pytest.mark.parametrize("name", ["tp2", "fsdp_dp2_tp2", "hsdp2x2"])
 def test_tp_checkpoint_exports_in_one_process(runs: dict[str, Path], name: str, tmp_path: Path) -> None:
     """The run's own final/ (gathered from the split weights) and llmtrain-export of its DCP checkpoint
     (consolidated in one process) both equal one process's trained weights."""
@@ -83,6 +84,10 @@ def test_tp_parameters_are_split_on_the_tp_mesh_dim(tmp_path: Path) -> None:
     assert res.returncode == 0, res.stderr[-3000:]
     for rank in (0, 1):
         got = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        hsdp = got["hsdp"]  # replicated over the 2 groups, sharded within each (of 1 rank here)
+        for name, where in hsdp["layout"].items():
+            assert where["dims"] == ["dp_replicate", "dp_shard"], name
+            assert where["placements"] == ["Replicate()", "Shard(dim=0)"], name
         for strategy, dims in (("single", ["tp"]), ("fsdp", ["dp", "tp"])):
             r = got[strategy]
             assert abs(r["loss"] - r["ref_loss"]) <= 1e-5 * abs(r["ref_loss"])  # the split model computes the same
@@ -102,7 +107,7 @@ def test_tp_parameters_are_split_on_the_tp_mesh_dim(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(("saved", "resumed"), [("tp2", "single"), ("single", "fsdp_dp2_tp2"),
-                                                ("fsdp_dp2_tp2", "tp2")])
+                                                ("hsdp2x2", "tp2")])
 def test_tp_checkpoints_reshard(runs: dict[str, Path], saved: str, resumed: str, tmp_path: Path) -> None:
     """A checkpoint written under one layout (step 6 of 12) resumes under another (tensor-parallel degree,
     data-parallel degree and strategy changed), optimizer state and data position carried: steps 7-12 continue

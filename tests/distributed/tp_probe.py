@@ -1,5 +1,5 @@
 """One rank of the tensor-parallel layout probe (tests/distributed/test_tensor_parallel.py): a tiny Llama split
-over 2 ranks by strategy=single (tp alone) and by fsdp (dp=1 × tp=2); each parameter's mesh dims and placements,
+over 2 ranks by strategy=single (tp alone) and by fsdp (dp=1 × tp=2), and HSDP over 2 groups of 1; each parameter's mesh dims and placements,
 and the split model's loss next to an unsplit copy's, go to $TP_PROBE_OUT/rank<r>.json."""
 
 from __future__ import annotations
@@ -38,12 +38,14 @@ def main() -> None:
         ids = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(1))
         labels = torch.roll(ids, -1, 1)
         result: dict[str, object] = {}
-        for name in ("single", "fsdp"):
+        for name in ("single", "fsdp", "hsdp"):
             torch.manual_seed(0)
             model = Llama(d)
             ref = Llama(d)
             ref.load_state_dict(model.state_dict())
-            s = build_strategy(StrategyConfig(name=name, tp=world), Dist(rank, world, rank), torch.device("cpu"))
+            cfg = StrategyConfig(name="fsdp", dp_replicate=world) if name == "hsdp" else StrategyConfig(name=name,
+                                                                                                         tp=world)
+            s = build_strategy(cfg, Dist(rank, world, rank), torch.device("cpu"))
             s.setup(model, lambda m: torch.optim.SGD(m.parameters(), lr=0.1),
                     SetupArgs(precision=Precision.fp32, gradient_checkpointing=False, compile=False,
                               block_classes=(DecoderLayer,), micro_batch_size=2, grad_accum_steps=1, grad_clip=0.0,

@@ -59,3 +59,21 @@ def test_world_size_refusals(tp: int, world: int, strategy: str, needle: str) ->
     assert ei.value.key == "strategy.tp" and needle in ei.value.message
     check_world(tp, 2 * tp, "fsdp")  # dp × tp
     check_world(tp, tp, "single")  # tp alone
+
+
+@pytest.mark.parametrize(("overrides", "needle"), [
+    (["strategy=ddp", "strategy.dp_replicate=2"], "runs under strategy=fsdp, not ddp"),
+    (["strategy=fsdp", "strategy.dp_replicate=0"], "must be >= 1"),
+])
+def test_hsdp_refusals(overrides: list[str], needle: str) -> None:
+    with pytest.raises(ConfigError) as ei:
+        checked(compose([*LLAMA, *overrides]))
+    assert ei.value.key == "strategy.dp_replicate" and needle in ei.value.message
+
+
+def test_hsdp_world_size_must_hold_the_groups() -> None:
+    check_world(1, 4, "fsdp", dp_replicate=2)  # 2 groups of 2
+    check_world(2, 8, "fsdp", dp_replicate=2)  # 2 groups × (2 shards × tp 2)
+    with pytest.raises(ConfigError) as ei:
+        check_world(2, 6, "fsdp", dp_replicate=2)
+    assert ei.value.key == "strategy.dp_replicate" and "do not divide the world size 6" in ei.value.message
