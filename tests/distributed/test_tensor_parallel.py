@@ -41,8 +41,8 @@ def _weights(d: Path) -> dict[str, torch.Tensor]:
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("tp")
-    for name, (overrides, nproc) in RUNS.items():
-        train_cli([*TINY_LLAMA, *overrides], root / name, nproc=nproc, timeout=180)
+    for name, (overrides, nproc) in RUNS.items():  # a checkpoint at step 6 too: test_tp_checkpoints_reshard
+        train_cli([*TINY_LLAMA, *overrides, "trainer.ckpt_every=6"], root / name, nproc=nproc, timeout=180)
     return {name: root / name for name in RUNS}
 
 
@@ -115,14 +115,16 @@ def test_tp_checkpoints_reshard(runs: dict[str, Path], saved: str, resumed: str,
     import shutil
 
     run = tmp_path / "run"
-    overrides, nproc = RUNS[saved]
-    train_cli([*TINY_LLAMA, *overrides, "trainer.ckpt_every=6"], run, nproc=nproc, timeout=180)
+    shutil.copytree(runs[saved], run)
     shutil.rmtree(run / "checkpoints" / "step_00000012")  # as if it had stopped after step 6's checkpoint
     shutil.rmtree(run / "final")
+    kept = [ln for ln in (run / "metrics.jsonl").read_text().splitlines() if json.loads(ln).get("step", 0) <= 6]
+    (run / "metrics.jsonl").write_text("\n".join(kept) + "\n")  # steps 7-12 must come from the resumed run
     overrides, nproc = RUNS[resumed]
     res = train_cli([*TINY_LLAMA, *overrides, "trainer.ckpt_every=6"], run, nproc=nproc, timeout=180)
     assert "resuming from" in res.stdout and "at step 6" in res.stdout, res.stdout[-2000:]
     got, want = losses(run), losses(runs["single"])
+    assert sorted(got) == list(range(1, STEPS + 1))
     err = max(abs(got[s] - want[s]) / abs(want[s]) for s in range(7, STEPS + 1))
     print(f"\nllama {saved} → {resumed}: max relative loss difference after the resume {err:.2e}")
     assert err <= RTOL
