@@ -46,7 +46,13 @@ def make_mesh(device: torch.device, world_size: int, tp: int, dp_replicate: int 
     (HSDP) the "dp" dim is itself ("dp_replicate", "dp_shard") of shape (dp_replicate, world // (dp_replicate ·
     tp)): consecutive ranks (one node's) shard the model, and the groups of them replicate it. `mesh["dp"]` is
     what FSDP takes either way (1-D: shard; 2-D: replicate × shard)."""
+    import logging
+
     from torch.distributed.device_mesh import init_device_mesh
+
+    # gathering FSDP × TP shards for an export or a sample takes two all-gathers, which torch logs as a warning
+    # on every rank; it is the expected cost of a consolidation, not a fault
+    logging.getLogger("torch.distributed.tensor._redistribute").setLevel(logging.ERROR)
 
     if dp_replicate <= 1:
         return init_device_mesh(device.type, (world_size // tp, tp), mesh_dim_names=("dp", "tp"))

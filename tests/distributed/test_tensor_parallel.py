@@ -21,7 +21,8 @@ RTOL, WTOL = 1e-6, 1e-5
 RUNS: dict[str, tuple[list[str], int]] = {
     "single": (["trainer.micro_batch_size=8"], 1),
     "tp2": (["strategy.tp=2", "trainer.micro_batch_size=8"], 2),
-    "fsdp_dp2_tp2": (["strategy=fsdp", "strategy.tp=2", "trainer.micro_batch_size=4"], 4),
+    "fsdp_dp2_tp2": (["strategy=fsdp", "strategy.tp=2", "trainer.micro_batch_size=4",
+                      "trainer.gradient_checkpointing=true"], 4),  # checkpointing each split block
     "hsdp2x2": (["strategy=fsdp", "strategy.dp_replicate=2", "trainer.micro_batch_size=2"], 4),
 }
 COLWISE = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")
