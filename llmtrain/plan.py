@@ -322,7 +322,9 @@ def shape_of(cfg: Any, device: str = "cuda") -> Shape:
         model = adapters.apply(spec.skeleton(cfg.model, info), cfg.model)
     p = spec.plan_profile(model)
     if p is None:
-        raise ConfigError("model", f"llmtrain-plan models the gpt2 and llama families, not {spec.name!r}")
+        why = "; a Llama, Qwen2, Mistral, Qwen3 or GPT-2 dir is planned as model=llama_tiny or model=gpt2_small with " \
+              "model.pretrained=<dir> (the dir's sizes win)" if spec.name == "hf" else ""
+        raise ConfigError("model", f"llmtrain-plan models the gpt2 and llama families, not {spec.name!r}{why}")
     params = list({id(x): x for x in model.parameters()}.values())
     n = sum(x.numel() for x in params)
     nt = sum(x.numel() for x in params if x.requires_grad)

@@ -418,6 +418,9 @@ class HFSpec(ModelSpec):
                                                 "embeddings; use the model's tokenizer")
         return model
 
+    def skeleton(self, cfg: HFModelConfig, info: DataInfo) -> nn.Module:
+        return skeleton(model_dir(cfg))  # from its config.json alone (no weights read)
+
     def block_classes(self, model: nn.Module) -> tuple[type[nn.Module], ...]:
         return block_classes_of(core(model))
 

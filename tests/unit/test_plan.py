@@ -218,3 +218,16 @@ def test_parameters_and_flops_of_the_llama_presets() -> None:
     assert big.flops_per_token == pytest.approx(6 * (8_030_261_248 - untied_input) + 12 * 32 * 2048 * 4096, rel=1e-9)
     eight = {r.strategy: r for r in plan(big, Cluster(1, 8, "h100"))}
     assert not eight["ddp"].fits and eight["fsdp"].fits  # 8B with Adam: sharded only
+
+
+def test_a_transformers_model_is_one_line_naming_the_families_planned(tmp_path: Path) -> None:
+    """model=hf has no plan profile: one line (no traceback from loading weights on the meta device)."""
+    from transformers import AutoConfig
+
+    from llmtrain.errors import ConfigError
+
+    AutoConfig.for_model("gpt_neox", vocab_size=300, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                         intermediate_size=64).save_pretrained(tmp_path)
+    with pytest.raises(ConfigError) as ei:
+        shape_of(compose(["model=hf", f"model.pretrained={tmp_path}", "data.tokenizer=byte"]))
+    assert ei.value.key == "model" and "not 'hf'" in ei.value.message and "model=llama_tiny" in ei.value.message
