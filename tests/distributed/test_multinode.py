@@ -1,9 +1,10 @@
-"""Two "nodes" on this host: launch/torchrun.sh run twice (NNODES=2, one CPU process each) meet at a c10d
-rendezvous on 127.0.0.1 and train FSDP over gloo.
+"""Two "nodes" on this host: launch/torchrun.sh run twice (NNODES=2, two CPU processes each) meet at a c10d
+rendezvous on 127.0.0.1 and train the tiny Llama with FSDP × tensor parallelism over gloo: tp 2 within each node
+(consecutive ranks), FSDP's dp 2 across the nodes.
 
-The two-node run trains the losses of one process with the same global batch (as tests/distributed/
-test_strategies.py compares FSDP), and a kill -9 of one node's training process after a checkpoint fails
-the whole job in bounded time; the same command on both nodes then resumes it, bit for bit.
+The two-node run trains the losses of one process with the same global batch, and a kill -9 of one rank of the
+4-process job after a checkpoint fails the whole job in bounded time; the same command on both nodes then
+resumes it, bit for bit.
 """
 
 from __future__ import annotations
@@ -16,18 +17,19 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import PY, REPO, TINY_LM, base_env, descendants, free_port, kill_tree, losses, train_cli
+from helpers import PY, REPO, base_env, descendants, free_port, kill_tree, losses, train_cli
+from test_llama_strategies import TINY_LLAMA
 
 pytestmark = [pytest.mark.distributed,
               pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="needs Linux /proc")]
 
 STEPS, CKPT_EVERY = 12, 3
-COMMON = [*TINY_LM, f"trainer.max_steps={STEPS}", "trainer.eval_every=0", f"trainer.ckpt_every={CKPT_EVERY}",
-          "logger.tensorboard=false", "logger.plots=false"]
-NODE = [*COMMON, "strategy=fsdp", "trainer.device=cpu"]  # per node: micro 4 × 1 process, 2 nodes
+COMMON = [*TINY_LLAMA, f"trainer.max_steps={STEPS}", f"trainer.ckpt_every={CKPT_EVERY}", "logger.log_every=1"]
+NODE = [*COMMON, "strategy=fsdp", "strategy.tp=2", "trainer.device=cpu",  # 2 nodes × 2 processes: dp 2 × tp 2
+        "trainer.micro_batch_size=4"]
 SINGLE = [*COMMON, "trainer.micro_batch_size=8"]  # the same global batch in one process
 RTOL = 1e-6
-RUN_TIMEOUT = 90  # seconds for a whole two-node job (about 15 s here)
+RUN_TIMEOUT = 120  # seconds for a whole two-node job (about 20 s here)
 FAIL_TIMEOUT = 60  # seconds for the surviving node to give up after its peer died
 
 
@@ -38,7 +40,7 @@ class Job:
 
     def __init__(self, run_dir: Path, overrides: list[str], name: str) -> None:
         env = base_env()
-        env.update(PYTHON=PY, NNODES="2", NPROC_PER_NODE="1", MASTER_ADDR="127.0.0.1",
+        env.update(PYTHON=PY, NNODES="2", NPROC_PER_NODE="2", MASTER_ADDR="127.0.0.1",
                    MASTER_PORT=str(free_port()), OMP_NUM_THREADS="1")
         self.logs = [run_dir.parent / f"{name}-node{i}.log" for i in range(2)]
         self.agents: list[subprocess.Popen] = []
@@ -122,22 +124,22 @@ def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def uninterrupted(root: Path) -> Path:
     run_dir = root / "two-nodes"
     out = two_nodes(run_dir, "two-nodes")
-    assert "strategy fsdp × 2" in out, out
+    assert "strategy fsdp × 4 (dp 2 × tp 2)" in out, out
     return run_dir
 
 
 def test_two_nodes_train_the_losses_of_one_process(root: Path, uninterrupted: Path) -> None:
-    """NNODES=2 × 1 process through the c10d rendezvous: every step's loss equals one process with the same
-    global batch (micro 8 there, micro 4 on each node here) to 1e-6 relative."""
+    """NNODES=2 × 2 processes through the c10d rendezvous, fsdp dp 2 × tp 2: every step's loss equals one
+    process with the same global batch (micro 8 there, micro 4 per tensor-parallel pair here) to 1e-6 relative."""
     single = root / "single"
     train_cli(SINGLE, single, timeout=120)
     err = _max_rel(losses(uninterrupted), losses(single))
-    print(f"\ntwo nodes × 1 process (fsdp) vs one process: max relative loss difference {err:.2e}")
+    print(f"\ntwo nodes × 2 processes (fsdp dp 2 × tp 2) vs one process: max relative loss difference {err:.2e}")
     assert err <= RTOL, f"two-node run drifts from one process: {err:.2e}"
 
 
 def test_a_killed_node_fails_the_job_and_the_relaunch_resumes_bit_for_bit(root: Path, uninterrupted: Path) -> None:
-    """kill -9 of node 1's training process once a checkpoint is complete: node 1's agent and node 0's
+    """kill -9 of one rank (node 1's first) once a checkpoint is complete: node 1's agent and node 0's
     (its peer gone) exit non-zero within FAIL_TIMEOUT, nothing is left running; the same command on both
     nodes resumes from the newest checkpoint and every loss equals the uninterrupted run's exactly."""
     from llmtrain import checkpoint as ckpt
