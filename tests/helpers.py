@@ -206,6 +206,11 @@ def losses(run_dir: Path) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in read_metrics(run_dir) if "loss" in r}
 
 
+def max_rel(got: dict[int, float], want: dict[int, float], steps: Any = None) -> float:
+    """The largest relative difference of `got` from `want` over `steps` (default: every step of `want`)."""
+    return max(abs(got[s] - want[s]) / abs(want[s]) for s in (want if steps is None else steps))
+
+
 def ckpt_state(ck: Path) -> dict[str, Any]:
     """A checkpoint's model and optimizer state ({"model": {name: tensor}, "optim": {"state": {name: ...},
     "param_groups": ...}}), its DCP files read whole in this process."""

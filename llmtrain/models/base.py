@@ -142,6 +142,21 @@ class ModelSpec(ABC):
         return []
 
 
+def check_vocab(info: DataInfo, vocab_size: int, pretrained: bool) -> None:
+    """One line when the data's token ids do not fit the model's `vocab_size` embeddings: a pretrained model's
+    (use its tokenizer) or a fresh model's model.vocab_size."""
+    from llmtrain.errors import ConfigError
+
+    if pretrained:
+        needed = info.needed_vocab or info.vocab_size
+        if needed is not None and needed > vocab_size:
+            raise ConfigError("data.tokenizer", f"the data's token ids reach {needed - 1} but the pretrained model "
+                                                f"has {vocab_size} embeddings; use the model's tokenizer")
+    elif info.needed_vocab is not None and vocab_size < info.needed_vocab:
+        raise ConfigError("model.vocab_size", f"{vocab_size} is too small for the data, whose ids reach "
+                                              f"{info.needed_vocab - 1}; unset it or raise it to >= {info.needed_vocab}")
+
+
 def format_count(n: int) -> str:
     """12 → '12', 62006 → '62.0K', 1_090_000 → '1.09M', 1.56e9 → '1.56B'."""
     for div, suffix in ((1e9, "B"), (1e6, "M"), (1e3, "K")):

@@ -16,7 +16,7 @@ from torch import nn
 
 from llmtrain.errors import ConfigError
 from llmtrain.models.adapters import LoraConfig
-from llmtrain.models.base import Batch, DataInfo, ModelSpec, PlanProfile, register_model
+from llmtrain.models.base import Batch, DataInfo, ModelSpec, PlanProfile, check_vocab, register_model
 from llmtrain.models.gpt2_native import GPT2, IGNORE_INDEX, Block, GPT2Dims, from_hf, load_hf, save_hf
 
 IMPLS = ("native", "hf")
@@ -100,17 +100,11 @@ class GPT2Spec(ModelSpec):
                                               "example; use data.packing=false with model.impl=hf")
         if cfg.pretrained:
             model = self._pretrained(cfg)
-            needed = info.needed_vocab or info.vocab_size
-            have = model.dims.vocab_size if isinstance(model, GPT2) else model.config.vocab_size
-            if needed is not None and needed > have:
-                raise ConfigError("data.tokenizer", f"the data's token ids reach {needed - 1} but the pretrained model "
-                                                    f"has {have} embeddings; use the model's tokenizer")
+            check_vocab(info, model.dims.vocab_size if isinstance(model, GPT2) else model.config.vocab_size,
+                        pretrained=True)
             return model
         d = dims(cfg, info)
-        if info.needed_vocab is not None and d.vocab_size < info.needed_vocab:
-            raise ConfigError("model.vocab_size", f"{d.vocab_size} is too small for the data, whose ids reach "
-                                                  f"{info.needed_vocab - 1}; unset it or raise it to >= "
-                                                  f"{info.needed_vocab}")
+        check_vocab(info, d.vocab_size, pretrained=False)
         if cfg.impl == "hf":
             from transformers import GPT2LMHeadModel
 

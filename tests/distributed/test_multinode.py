@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import PY, REPO, base_env, descendants, free_port, kill_tree, losses, train_cli
+from helpers import PY, REPO, base_env, descendants, free_port, kill_tree, losses, max_rel, train_cli
 from test_llama_strategies import TINY_LLAMA
 
 pytestmark = [pytest.mark.distributed,
@@ -112,7 +112,7 @@ def _alive(pid: int) -> bool:
 
 def _max_rel(a: dict[int, float], b: dict[int, float]) -> float:
     assert sorted(a) == sorted(b) == list(range(1, STEPS + 1)), (sorted(a), sorted(b))
-    return max(abs(a[k] - b[k]) / abs(b[k]) for k in a)
+    return max_rel(a, b)
 
 
 @pytest.fixture(scope="module")

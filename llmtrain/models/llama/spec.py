@@ -20,7 +20,7 @@ from torch import nn
 from llmtrain.datainfo import IGNORE_INDEX
 from llmtrain.errors import ConfigError
 from llmtrain.models.adapters import LoraConfig
-from llmtrain.models.base import Batch, DataInfo, ModelSpec, PlanProfile, register_model
+from llmtrain.models.base import Batch, DataInfo, ModelSpec, PlanProfile, check_vocab, register_model
 from llmtrain.models.llama.convert import (
     MODEL_TYPES,
     NotLlama,
@@ -192,16 +192,10 @@ class LlamaSpec(ModelSpec):
         vocabulary is checked against the data's token ids here, once."""
         if cfg.pretrained:
             model = self._pretrained(cfg)
-            needed = info.needed_vocab or info.vocab_size
-            if needed is not None and needed > model.dims.vocab_size:
-                raise ConfigError("data.tokenizer", f"the data's token ids reach {needed - 1} but the pretrained model "
-                                                    f"has {model.dims.vocab_size} embeddings; use the model's tokenizer")
+            check_vocab(info, model.dims.vocab_size, pretrained=True)
             return model
         d = dims(cfg, info)
-        if info.needed_vocab is not None and d.vocab_size < info.needed_vocab:
-            raise ConfigError("model.vocab_size", f"{d.vocab_size} is too small for the data, whose ids reach "
-                                                  f"{info.needed_vocab - 1}; unset it or raise it to >= "
-                                                  f"{info.needed_vocab}")
+        check_vocab(info, d.vocab_size, pretrained=False)
         model = Llama(d, cfg.init_std)
         eos = info.eos_token_id if info.eos_token_id is not None else d.vocab_size - 1
         model.hf_extra = {"bos_token_id": eos, "eos_token_id": eos, "initializer_range": cfg.init_std}
