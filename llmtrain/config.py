@@ -15,7 +15,7 @@ from typing import Any
 from omegaconf import MISSING
 
 from llmtrain.data.base import DATA
-from llmtrain.distributed.base import StrategyConfig
+from llmtrain.distributed.base import StrategyConfig, sequence_parallel
 from llmtrain.errors import ConfigError, require, unknown_key
 from llmtrain.models import adapters
 from llmtrain.models.base import MODELS
@@ -206,16 +206,17 @@ def _check_model_data(cfg: Any) -> None:
 
 
 def _check_tp(cfg: Config) -> None:
-    """strategy.tp: a model family with a tensor-parallel plan, under fsdp (dp × tp) or single (tp alone); what
+    """strategy.tp: a model family with a tensor-parallel plan, under fsdp or ddp (dp × tp) or single (tp alone); what
     this first slice of tensor parallelism does not cover is refused in one line. The world size is checked
     at launch (distributed.tp.check_world)."""
     st, t, tp = cfg.strategy, cfg.trainer, cfg.strategy.tp
     require(tp >= 1, "strategy.tp", f"must be >= 1 (got {tp})")
     if tp == 1:
         return
-    if st.name.value not in ("fsdp", "single"):
-        raise ConfigError("strategy.tp", f"tensor parallelism runs under strategy=fsdp (dp × tp) or strategy=single "
-                                         f"(tp alone), not {st.name.value}; set strategy.tp=1 or change strategy")
+    if st.name.value not in ("fsdp", "ddp", "single"):
+        raise ConfigError("strategy.tp", f"tensor parallelism runs under strategy=fsdp or ddp (dp × tp) or "
+                                         f"strategy=single (tp alone), not {st.name.value}; set strategy.tp=1 or "
+                                         "change strategy")
     spec = MODELS.get(cfg.model.family).target
     if spec.tp_plan(cfg.model) is None:
         impl = getattr(cfg.model, "impl", None)
@@ -231,3 +232,15 @@ def _check_tp(cfg: Config) -> None:
     require(not getattr(cfg.model, "dropout", 0.0) or t.dropout_rng == "global", "strategy.tp",
             "the ranks of a tensor-parallel group must drop the same activations: with model.dropout > 0 set "
             "trainer.dropout_rng=global")
+    root = spec.tp_root_plan(cfg.model)
+    if st.sequence_parallel and not root:
+        raise ConfigError("strategy.sequence_parallel", f"model={cfg.model.family} splits only its blocks over "
+                                                        "tensor-parallel ranks, not the sequence; unset it")
+    if sequence_parallel(st, root):
+        seq = int(getattr(cfg.data, "seq_len", 0) or 0)
+        require(seq % tp == 0, "strategy.sequence_parallel", f"data.seq_len={seq} does not split over "
+                                                             f"strategy.tp={tp} ranks; use a multiple of {tp} or "
+                                                             "strategy.sequence_parallel=false")
+        require(not getattr(cfg.model, "dropout", 0.0), "strategy.sequence_parallel",
+                "model.dropout > 0 with the sequence split over the ranks is not supported; set "
+                "strategy.sequence_parallel=false (or model.dropout=0)")

@@ -23,6 +23,7 @@ from llmtrain.config import Config, checked, conf_dir, register_configs
 from llmtrain.context import RunContext
 from llmtrain.data.base import build_data
 from llmtrain.distributed import Dist, SetupArgs, Strategy, StrategyName, build_strategy, comm_stats
+from llmtrain.distributed.base import sequence_parallel
 from llmtrain.distributed.env import (
     destroy_process_group,
     init_process_group,
@@ -35,7 +36,7 @@ from llmtrain.errors import ConfigError, Stopped
 from llmtrain.export import check_target, export_final, read_export_step
 from llmtrain.generation.training import TrainingSampler, truncate_samples
 from llmtrain.models import adapters
-from llmtrain.models.base import format_count, get_model_spec
+from llmtrain.models.base import ModelSpec, format_count, get_model_spec
 from llmtrain.optim import Scheduler, build_optimizer
 from llmtrain.precision import Precision, auto_reason, check_supported, resolve, slow_precision_warning
 from llmtrain.runlock import RunLock
@@ -148,7 +149,7 @@ def _fit(conf: Config, run_dir: Path, resume_from: Path | None, strategy: Strate
                              block_classes=spec.block_classes(model), micro_batch_size=t.micro_batch_size,
                              grad_accum_steps=t.grad_accum_steps, grad_clip=t.grad_clip,
                              trainable_only=any(not p.requires_grad for p in model.parameters()),
-                             tp_plan=spec.tp_plan(conf.model) if conf.strategy.tp > 1 else None))
+                             **_tp_args(conf, spec)))
     scheduler = Scheduler(conf.scheduler, strategy.optimizer, conf.optim.lr, t.max_steps)
     logger = MetricsLogger(conf.logger, run_dir, enabled=dist.is_main, total_steps=t.max_steps,
                            run_config=rundir.plain_config(conf), group=group)
@@ -240,6 +241,15 @@ def _plot(ctx: RunContext) -> None:
 
         if (png := loss_plot(ctx.run_dir)) is not None:
             print(f"llmtrain: plotted {png}", flush=True)
+
+
+def _tp_args(conf: Config, spec: ModelSpec) -> dict[str, Any]:
+    """SetupArgs' tensor-parallel fields: the model's plans and whether the sequence is split too."""
+    if conf.strategy.tp <= 1:
+        return {}
+    root = spec.tp_root_plan(conf.model)
+    return {"tp_plan": spec.tp_plan(conf.model), "tp_root_plan": root,
+            "sequence_parallel": sequence_parallel(conf.strategy, root)}
 
 
 def _announce(ctx: RunContext, strategy: Strategy, step: int, resume_from: Path | None) -> None:

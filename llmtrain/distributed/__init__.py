@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 
 from llmtrain.distributed.base import SetupArgs, Strategy, StrategyConfig, StrategyName
@@ -18,6 +20,14 @@ def build_strategy(cfg: StrategyConfig, dist: Dist, device: torch.device) -> Str
         from llmtrain.distributed.single import SingleStrategy
 
         return SingleStrategy(cfg, dist, device)
+    if name == StrategyName.ddp and cfg.tp > 1:
+        # replicas over the data-parallel ranks, tensor parallelism inside: FSDP2's hybrid mode with shards of
+        # one rank (each replica holds its whole tp shard; gradients all-reduced over the replicas, overlapped
+        # with the backward pass as DDP's are), so the split parameters stay DTensors for clipping and checkpoints
+        from llmtrain.distributed.fsdp import FSDPStrategy
+
+        return FSDPStrategy(replace(cfg, dp_replicate=dist.world_size // cfg.tp, reshard_after_forward=False), dist,
+                            device)
     if name == StrategyName.ddp:
         from llmtrain.distributed.ddp import DDPStrategy
 

@@ -39,6 +39,9 @@ class StrategyConfig:
     # tensor parallelism: ranks per model; their blocks' projections split (distributed/tp.py); fsdp: dp × tp,
     # single: tp alone (= the world size)
     tp: int = 1
+    # tensor parallelism: the residual stream and norms split along the sequence too (activations / tp);
+    # None: wherever the model family's plan allows it
+    sequence_parallel: bool | None = None
     # FSDP2
     reshard_after_forward: bool = True
     # HSDP: groups the model is replicated over (across nodes), each sharding it over world / (dp_replicate · tp)
@@ -54,6 +57,14 @@ class StrategyConfig:
     bucket_cap_mb: int = 25
 
 
+def sequence_parallel(cfg: StrategyConfig, root_plan: dict[str, str] | None) -> bool:
+    """Whether tensor parallelism splits the sequence too: as asked, or (unset) wherever the model's plan splits
+    the embedding and head (ModelSpec.tp_root_plan)."""
+    if cfg.tp <= 1:
+        return False
+    return bool(root_plan) if cfg.sequence_parallel is None else cfg.sequence_parallel
+
+
 @dataclass
 class SetupArgs:
     """What a strategy needs besides the model: precision, checkpointing, compile, clip, batch shape."""
@@ -67,6 +78,8 @@ class SetupArgs:
     grad_clip: float
     trainable_only: bool = False  # checkpoints hold the trainable parameters only (the rest is frozen)
     tp_plan: dict[str, str] | None = None  # strategy.tp > 1: the model's per-block plan (ModelSpec.tp_plan)
+    tp_root_plan: dict[str, str] | None = None  # and outside its blocks (ModelSpec.tp_root_plan)
+    sequence_parallel: bool = False  # strategy.sequence_parallel, resolved
 
 
 class Strategy(ABC):

@@ -40,12 +40,12 @@ class FSDPStrategy(TorchOptimizerStrategy):
         dp_mesh = None
         if self.cfg.tp > 1 or self.cfg.dp_replicate > 1:  # tensor parallelism inside each block first, then
             # FSDP over the "dp" ranks (HSDP: replicated over dp_replicate groups, sharded within each)
-            from llmtrain.distributed.tp import make_mesh, parallelize_blocks
+            from llmtrain.distributed.tp import make_mesh, parallelize
 
             mesh = make_mesh(self.device, self.dist.world_size, self.cfg.tp, self.cfg.dp_replicate)
             if self.cfg.tp > 1:
                 assert args.tp_plan is not None, "strategy.tp > 1 needs the model's tp_plan"
-                parallelize_blocks(model, blocks_cls, args.tp_plan, mesh["tp"])
+                parallelize(model, blocks_cls, args.tp_plan, args.tp_root_plan, mesh["tp"], args.sequence_parallel)
             dp_mesh = mesh["dp"]
         if args.gradient_checkpointing:
             apply_activation_checkpointing(model, blocks_cls)

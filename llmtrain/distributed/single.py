@@ -24,11 +24,12 @@ class SingleStrategy(TorchOptimizerStrategy):
         self.args = args
         self._plain = model.to(self.device)
         if self.cfg.tp > 1:  # tensor parallelism alone: the tp ranks are the whole world
-            from llmtrain.distributed.tp import make_mesh, parallelize_blocks
+            from llmtrain.distributed.tp import make_mesh, parallelize
 
             assert args.tp_plan is not None, "strategy.tp > 1 needs the model's tp_plan"
             mesh = make_mesh(self.device, self.dist.world_size, self.cfg.tp)
-            parallelize_blocks(self._plain, args.block_classes, args.tp_plan, mesh["tp"])
+            parallelize(self._plain, args.block_classes, args.tp_plan, args.tp_root_plan, mesh["tp"],
+                        args.sequence_parallel)
         if args.gradient_checkpointing:
             apply_activation_checkpointing(self._plain, args.block_classes)
         self.optimizer = make_optimizer(self._plain)

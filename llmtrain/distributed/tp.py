@@ -2,13 +2,19 @@
 
 The ranks form a 2-D mesh ("dp", "tp") of shape (world // N, N), rank r at (r // N, r % N): the N ranks of one
 "tp" row hold one model between them and read the same batches; the "dp" column is what FSDP shards over
-(strategy=fsdp) — strategy=single runs tensor parallelism alone (N = the world size).
+(strategy=fsdp; strategy=ddp replicates over it) — strategy=single runs tensor parallelism alone (N = the
+world size).
 
-The model family says what to split (`ModelSpec.tp_plan`: per block, {module path: "colwise" | "rowwise"}); a
-colwise projection keeps its output features' shard (Shard(0) of its weight, a DTensor on the "tp" dim, and
-the model sees a plain tensor of the local heads), a rowwise one its input features' (Shard(1)) and sums the
-partial outputs over the "tp" ranks. Everything else (embedding, norms, head, hence the loss) stays replicated:
-each "tp" rank computes the same whole loss, and their gradients of replicated weights agree.
+The model family says what to split (`ModelSpec.tp_plan`: per block, {module path: style}; `tp_root_plan`:
+outside the blocks). A colwise projection keeps its output features' shard (Shard(0) of its weight, a DTensor
+on the "tp" dim; the model sees a plain tensor of the local heads), a rowwise one its input features' (Shard(1))
+and sums the partial outputs over the "tp" ranks. A "norm" in a block hands its output to the colwise
+projections as one replicated DTensor, so their partial input gradients are summed once. The embedding's and
+the head's rows (the vocabulary) are split too, and the loss is vocabulary-parallel (tp_loss.py).
+
+Sequence parallelism (strategy.sequence_parallel): between the blocks each rank holds T/N of the tokens; a
+block's norms run on that shard and their output is gathered whole (one all-gather) for the projections, and
+the rowwise projections reduce-scatter back to the shards (all-reduces without it).
 """
 
 from __future__ import annotations
@@ -20,7 +26,8 @@ from torch import nn
 
 from llmtrain.errors import ConfigError
 
-STYLES = ("colwise", "rowwise")
+STYLES = ("colwise", "rowwise", "norm", "head_norm")  # inside a block
+ROOT_STYLES = ("embedding", "norm", "head")  # outside the blocks, by path from the root
 
 
 def check_world(tp: int, world_size: int, strategy: str, quiet: bool = False, dp_replicate: int = 1) -> None:
@@ -73,25 +80,118 @@ class _Hybrid:
 
 
 def parallelize_blocks(model: nn.Module, block_classes: tuple[type[nn.Module], ...], plan: dict[str, str],
-                       tp_mesh: Any) -> int:
-    """Apply `plan` (module paths inside a block → colwise | rowwise) to every block of `model`, in place;
-    returns the number of blocks split. The plan's module outputs become the local shards (plain tensors)."""
-    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
-
+                       tp_mesh: Any, sequence_parallel: bool = False) -> int:
+    """Apply `plan` (module paths inside a block → a style of STYLES) to every block of `model`, in place;
+    returns the number of blocks split. The projections' outputs become the local shards (plain tensors)."""
     if not block_classes:
         raise ValueError("tensor parallelism needs the model's block classes")
-    styles = {"colwise": ColwiseParallel, "rowwise": RowwiseParallel}
-    bad = sorted(set(plan.values()) - set(styles))
+    bad = sorted(set(plan.values()) - set(STYLES))
     if bad:
         raise ValueError(f"unknown tensor-parallel style(s) {bad}; choose from {list(STYLES)}")
     n = 0
     for m in list(model.modules()):
         if isinstance(m, block_classes):
-            parallelize_module(m, tp_mesh, {path: styles[style]() for path, style in plan.items()})
+            for path, style in plan.items():
+                for s in _styles(style, sequence_parallel):
+                    _apply(m.get_submodule(path), tp_mesh, s)
             n += 1
     if n == 0:
         raise ValueError(f"no block of {[c.__name__ for c in block_classes]} in the model to split")
     return n
+
+
+def parallelize(model: nn.Module, block_classes: tuple[type[nn.Module], ...], plan: dict[str, str],
+                root_plan: dict[str, str] | None, tp_mesh: Any, sequence_parallel: bool = False) -> int:
+    """Split `model` over the "tp" mesh dim, in place: `plan` inside every block, `root_plan` (module paths from
+    the root → embedding | norm | head) outside them; returns the number of blocks split. Parameters shared by
+    several modules (a head tied to the embedding) stay one Parameter."""
+    from llmtrain.distributed.tp_loss import vocab_parallel_head
+
+    shared = _aliases(model)
+    n = parallelize_blocks(model, block_classes, plan, tp_mesh, sequence_parallel)
+    for path, style in (root_plan or {}).items():
+        if style not in ROOT_STYLES:
+            raise ValueError(f"unknown tensor-parallel root style {style!r}; choose from {list(ROOT_STYLES)}")
+        module = model.get_submodule(path)
+        if style == "head":
+            vocab_parallel_head(module, tp_mesh, sequence_parallel, tied=id(module.weight) in shared)
+        else:
+            for s in _styles(style, sequence_parallel, root=True):
+                _apply(module, tp_mesh, s)
+    _retie(shared)
+    return n
+
+
+def _apply(module: nn.Module, mesh: Any, style: Any) -> None:
+    from torch.distributed.tensor.parallel import parallelize_module
+
+    parallelize_module(module, mesh, style)
+
+
+def _styles(style: str, sp: bool, root: bool = False) -> list[Any]:
+    """The torch ParallelStyles for one module of the plan, applied in this order (a norm under sequence
+    parallelism: computed on the sequence shard, then gathered whole for the projections that read it)."""
+    from torch.distributed.tensor import Replicate, Shard
+    from torch.distributed.tensor.parallel import (
+        ColwiseParallel,
+        PrepareModuleInput,
+        PrepareModuleOutput,
+        RowwiseParallel,
+        SequenceParallel,
+    )
+
+    between = Shard(1) if sp else Replicate()  # the residual stream between the split projections
+    if style == "colwise":
+        return [ColwiseParallel()]
+    if style == "rowwise":
+        return [RowwiseParallel(output_layouts=between)]
+    if style == "embedding":
+        return [RowwiseParallel(input_layouts=Replicate(), output_layouts=between)]
+    if style == "head_norm":  # a norm over each of the local heads (Qwen3's q/k norms): weight replicated
+        return [_replicated(), PrepareModuleInput(input_layouts=Shard(2), desired_input_layouts=Shard(2)),
+                PrepareModuleOutput(output_layouts=Shard(2), desired_output_layouts=Shard(2))]
+    if style == "norm":
+        if root:  # the final norm: on the sequence shard, handed to the loss as it is (no split otherwise)
+            return [SequenceParallel(use_local_output=True)] if sp else []
+        # one gathered input shared by the column-wise projections: one all-gather (sp) and, in the backward,
+        # one reduction of their partial gradients
+        if sp:
+            return [SequenceParallel(), PrepareModuleOutput(output_layouts=Shard(1), desired_output_layouts=Replicate(),
+                                                            use_local_output=False)]
+        return [PrepareModuleOutput(output_layouts=Replicate(), desired_output_layouts=Replicate(),
+                                    use_local_output=False)]
+    raise ValueError(f"unknown tensor-parallel style {style!r}; choose from {list(STYLES)}")
+
+
+def _replicated() -> Any:
+    """A style making every parameter of the module a replicated DTensor on the "tp" mesh (its gradient,
+    computed from a shard of the activations, is then summed over the ranks)."""
+    from torch.distributed.tensor import distribute_module
+    from torch.distributed.tensor.parallel import ParallelStyle
+
+    class Replicated(ParallelStyle):
+        def _apply(self, module: nn.Module, device_mesh: Any) -> nn.Module:
+            return distribute_module(module, device_mesh)
+
+    return Replicated()
+
+
+def _aliases(model: nn.Module) -> dict[int, list[tuple[nn.Module, str]]]:
+    """{id(parameter): [(module, attribute), ...]} for the parameters held by more than one module."""
+    seen: dict[int, list[tuple[nn.Module, str]]] = {}
+    for m in model.modules():
+        for name, p in m.named_parameters(recurse=False):
+            seen.setdefault(id(p), []).append((m, name))
+    return {k: v for k, v in seen.items() if len(v) > 1}
+
+
+def _retie(shared: dict[int, list[tuple[nn.Module, str]]]) -> None:
+    """Point every alias of a shared parameter at the one holder's split Parameter (a DTensor) again."""
+    for holders in shared.values():
+        split = [getattr(m, n) for m, n in holders if hasattr(getattr(m, n), "device_mesh")]
+        if split:
+            for m, n in holders:
+                setattr(m, n, split[0])
 
 
 def total_grad_norm(params: list[nn.Parameter]) -> torch.Tensor:

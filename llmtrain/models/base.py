@@ -88,8 +88,18 @@ class ModelSpec(ABC):
     def tp_plan(self, cfg: Any) -> dict[str, str] | None:
         """Tensor parallelism (strategy.tp > 1) of each block (`block_classes`): {module path inside the block:
         "colwise" (its output features split: the module returns the local ones) | "rowwise" (its input
-        features split: the module sums its partial outputs)}; the model must run on whatever share of its heads
-        its projections return. None: this model has no plan (strategy.tp is refused)."""
+        features split: the module sums its partial outputs) | "norm" (a norm feeding colwise projections; split
+        along the sequence under sequence parallelism) | "head_norm" (a norm over each head of a colwise
+        output)}; the model must run on whatever share of its heads its projections return (and take the
+        sequence length from a norm's output, not the residual stream's). None: this model has no plan
+        (strategy.tp is refused)."""
+        return None
+
+    def tp_root_plan(self, cfg: Any) -> dict[str, str] | None:
+        """Tensor parallelism outside the blocks: {module path from the root: "embedding" (an nn.Embedding split
+        over the vocabulary) | "norm" (the final norm) | "head" (the output projection, `weight` [V, C], whose
+        forward(h, labels) gives (loss sum, count): its loss becomes vocabulary-parallel)}. None: the embedding
+        and head stay whole on every rank (no sequence parallelism, the loss computed whole on every rank)."""
         return None
 
     def check_tp(self, cfg: Any, tp: int) -> None:  # noqa: B027  (optional hook)

@@ -1,9 +1,11 @@
 """Tensor parallelism (strategy.tp) on the native Llama over CPU processes (gloo): tp=2 alone (strategy=single,
-2 processes) and fsdp dp=2 × tp=2 (4 processes) match one process with the same global batch over 12 steps,
+2 processes, sequence parallel), fsdp dp=2 × tp=2 (4 processes, sequence parallel, checkpointing), HSDP 2 × 2
+and ddp dp=2 × tp=2 (no sequence parallelism) match one process with the same global batch over 12 steps,
 accumulation 2, fp32, dropout 0 (losses within 1e-6 relative); their exports, and llmtrain-export of their DCP
 checkpoints in one process, hold the same weights within 1e-5. A 2-process probe checks where each parameter
-lives: colwise projections Shard(0), rowwise Shard(1) on the "tp" mesh dim, everything else replicated.
-"""
+lives (colwise projections Shard(0), rowwise Shard(1) on the "tp" mesh dim, embedding and head rows Shard(0),
+norms replicated), the split model's gradients, the sequence shard between blocks and the vocabulary-parallel
+loss."""
 
 from __future__ import annotations
 
@@ -24,6 +26,8 @@ RUNS: dict[str, tuple[list[str], int]] = {
     "fsdp_dp2_tp2": (["strategy=fsdp", "strategy.tp=2", "trainer.micro_batch_size=4",
                       "trainer.gradient_checkpointing=true"], 4),  # checkpointing each split block
     "hsdp2x2": (["strategy=fsdp", "strategy.dp_replicate=2", "trainer.micro_batch_size=2"], 4),
+    "ddp_dp2_tp2": (["strategy=ddp", "strategy.tp=2", "strategy.sequence_parallel=false",
+                     "trainer.micro_batch_size=4"], 4),  # (the loss still vocabulary-parallel)
 }
 COLWISE = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")
 ROWWISE = ("o_proj", "down_proj")
@@ -47,7 +51,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return {name: root / name for name in RUNS}
 
 
-@pytest.mark.parametrize("name", ["tp2", "fsdp_dp2_tp2", "hsdp2x2"])
+@pytest.mark.parametrize("name", ["tp2", "fsdp_dp2_tp2", "hsdp2x2", "ddp_dp2_tp2"])
 def test_tp_parity_with_one_process(runs: dict[str, Path], name: str) -> None:
     got, want = losses(runs[name]), losses(runs["single"])
     assert sorted(got) == sorted(want) == list(range(1, STEPS + 1))
@@ -62,7 +66,7 @@ def test_tp_parity_with_one_process(runs: dict[str, Path], name: str) -> None:
     assert norm_err <= 1e-5
 
 
-@pytest.mark.parametrize("name", ["tp2", "fsdp_dp2_tp2", "hsdp2x2"])
+@pytest.mark.parametrize("name", ["tp2", "fsdp_dp2_tp2", "hsdp2x2", "ddp_dp2_tp2"])
 def test_tp_checkpoint_exports_in_one_process(runs: dict[str, Path], name: str, tmp_path: Path) -> None:
     """The run's own final/ (gathered from the split weights) and llmtrain-export of its DCP checkpoint
     (consolidated in one process) both equal one process's trained weights."""
@@ -77,7 +81,22 @@ def test_tp_checkpoint_exports_in_one_process(runs: dict[str, Path], name: str, 
         assert diff <= WTOL
 
 
+def _tp_placement(where: dict | None, strategy: str) -> str | None:
+    """A parameter's placement on the "tp" mesh dim (None: a plain tensor); FSDP's own on "dp" checked too."""
+    if where is None:
+        return None
+    assert where["dims"][-1] == "tp" and where["dims"][:-1] == (["dp"] if strategy == "fsdp" else []), where
+    if strategy == "fsdp":  # FSDP's own shard of dim 0 on "dp" (strided over a tp-split dim 0)
+        assert where["placements"][0] in ("Shard(dim=0)", "_StridedShard(dim=0, sf=2)"), where
+    return where["placements"][-1]
+
+
 def test_tp_parameters_are_split_on_the_tp_mesh_dim(tmp_path: Path) -> None:
+    """Where every parameter lives, that the split model's loss and gradients are the unsplit one's, that sequence
+    parallelism hands the blocks half the sequence, and that no rank's matmul ever outputs the whole vocabulary
+    (the loss is vocabulary-parallel) while the unsplit model's does."""
+    from tp_probe import T, V
+
     env = base_env()
     env["PYTHONPATH"] = f"{REPO}:{REPO / 'tests' / 'distributed'}"
     env["TP_PROBE_OUT"] = str(tmp_path)
@@ -89,22 +108,28 @@ def test_tp_parameters_are_split_on_the_tp_mesh_dim(tmp_path: Path) -> None:
         for name, where in hsdp["layout"].items():
             assert where["dims"] == ["dp_replicate", "dp_shard"], name
             assert where["placements"] == ["Replicate()", "Shard(dim=0)"], name
-        for strategy, dims in (("single", ["tp"]), ("fsdp", ["dp", "tp"])):
-            r = got[strategy]
-            assert abs(r["loss"] - r["ref_loss"]) <= 1e-5 * abs(r["ref_loss"])  # the split model computes the same
+        for case in ("single", "single_nosp", "qwen3", "fsdp"):
+            r, strategy, sp = got[case], "fsdp" if case == "fsdp" else "single", case != "single_nosp"
+            assert abs(r["loss"] - r["ref_loss"]) <= 1e-5 * abs(r["ref_loss"]), case  # the same loss
+            assert r["grad_error"] <= 1e-5, (case, r["grad_error"])  # and the same gradients
+            print(f"\n{case} rank {rank}: loss {r['loss']:.6f} vs {r['ref_loss']:.6f}, gradients within "
+                  f"{r['grad_error']:.1e}; blocks see {r['seq']} tokens, matmul widths {r['widths']}")
+            assert r["seq"] == [T // 2 if sp else T] * 2 and r["ref_seq"] == [T] * 2, case  # between the blocks
+            assert V not in r["widths"] and (V + 1 - rank) // 2 in r["widths"], case  # the rank's vocabulary rows
+            assert V in r["ref_widths"], case  # (the unsplit model does form whole-vocabulary logits)
             for name, where in r["layout"].items():
-                leaf = name.split(".")[-2]
+                leaf, placement = name.split(".")[-2], _tp_placement(where, strategy)
                 if leaf in COLWISE + ROWWISE:
                     split = 0 if leaf in COLWISE else 1
-                    assert where["dims"] == dims, name
-                    assert where["placements"][-1] == f"Shard(dim={split})", name  # the "tp" dim
-                    if strategy == "fsdp":  # FSDP's own shard of dim 0 on "dp" (strided over a tp-split dim 0)
-                        assert where["placements"][0] in ("Shard(dim=0)", "_StridedShard(dim=0, sf=2)"), name
+                    assert placement == f"Shard(dim={split})", name
                     assert where["local"][split] * 2 == where["global"][split], name
-                elif strategy == "single":
-                    assert where is None, name  # embedding, norms, head: plain replicated tensors
+                elif leaf in ("embed_tokens", "lm_head"):  # the vocabulary's rows: 34 and 33
+                    assert placement == "Shard(dim=0)" and where["local"][0] == (V + 1 - rank) // 2, name
+                elif sp or leaf in ("q_norm", "k_norm"):  # norms of a shard of the tokens or of the heads
+                    assert placement == "Replicate()", name
                 else:
-                    assert where["dims"] == ["dp"], name  # FSDP-sharded only
+                    assert placement is None or strategy == "fsdp", name  # whole on every rank
+        assert "lm_head.weight" in got["qwen3"]["layout"] and "lm_head.weight" not in got["single"]["layout"]
 
 
 @pytest.mark.parametrize(("saved", "resumed"), [("tp2", "single"), ("single", "fsdp_dp2_tp2"),

@@ -12,14 +12,14 @@ from llmtrain.errors import ConfigError
 LLAMA = ["experiment=llama_tiny", "data.tokenizer=byte", "trainer.precision=fp32"]
 
 
-def test_llama_with_tp_under_fsdp_and_single_passes() -> None:
+def test_llama_with_tp_under_fsdp_ddp_and_single_passes() -> None:
     assert checked(compose([*LLAMA, "strategy=fsdp", "strategy.tp=2"])).strategy.tp == 2
+    assert checked(compose([*LLAMA, "strategy=ddp", "strategy.tp=2"])).strategy.tp == 2
     assert checked(compose([*LLAMA, "strategy.tp=2"])).strategy.tp == 2
     assert checked(compose(LLAMA)).strategy.tp == 1
 
 
 @pytest.mark.parametrize(("overrides", "needle"), [
-    (["strategy=ddp", "strategy.tp=2"], "not ddp"),
     (["strategy=deepspeed", "strategy.tp=2"], "not deepspeed"),
     (["strategy.tp=0"], "must be >= 1"),
     (["strategy.tp=3"], "3 does not divide model.n_head=4"),
@@ -45,8 +45,21 @@ def test_families_without_a_plan_are_refused(impl: str) -> None:
     assert f"model=gpt2 (impl={impl}) has no tensor-parallel plan" in ei.value.message
 
 
-def test_dropout_with_global_masks_passes() -> None:
-    checked(compose([*LLAMA, "strategy.tp=2", "model.dropout=0.1", "trainer.dropout_rng=global"]))
+def test_dropout_with_global_masks_passes_without_sequence_parallelism() -> None:
+    checked(compose([*LLAMA, "strategy.tp=2", "model.dropout=0.1", "trainer.dropout_rng=global",
+                     "strategy.sequence_parallel=false"]))
+
+
+@pytest.mark.parametrize(("overrides", "needle"), [
+    (["model.dropout=0.1", "trainer.dropout_rng=global"], "model.dropout > 0 with the sequence split"),
+    (["data.seq_len=63"], "data.seq_len=63 does not split over strategy.tp=2 ranks"),
+])
+def test_sequence_parallel_refusals(overrides: list[str], needle: str) -> None:
+    with pytest.raises(ConfigError) as ei:
+        checked(compose([*LLAMA, "strategy.tp=2", *overrides]))
+    assert ei.value.key == "strategy.sequence_parallel"
+    assert needle in ei.value.message and "\n" not in str(ei.value)
+    checked(compose([*LLAMA, "strategy.tp=2", "strategy.sequence_parallel=false", "data.seq_len=63"]))
 
 
 @pytest.mark.parametrize(("tp", "world", "strategy", "needle"), [

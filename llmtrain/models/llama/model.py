@@ -203,9 +203,9 @@ def block_forward(x: torch.Tensor, ops: BlockOps, d: LlamaDims, cos: torch.Tenso
 
     `kv` (decoding) appends this step's rotated keys and values ([B, nkv, T, hd] each) to a cache and returns all
     cached ones; `mask` is this layer's rule over them. `layer` tells this block's dropout masks apart."""
-    B, T, _ = x.shape
     nh, nkv, hd = d.num_attention_heads, d.num_key_value_heads, d.head_dim
     h = ops.input_layernorm(x)
+    B, T, _ = h.shape  # (x may be a shard of the sequence: sequence parallelism)
     if ops.qkv is not None and ops.q_norm is None:  # decoding: one matmul, q and k rotated together
         qkv = ops.qkv(h)  # [B, T, (nh + 2·nkv)·hd]
         qk = apply_rope(qkv[..., :(nh + nkv) * hd].view(B, T, nh + nkv, hd).transpose(1, 2), cos, sin)

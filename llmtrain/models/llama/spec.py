@@ -36,7 +36,10 @@ LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 # strategy.tp: per DecoderLayer, Megatron's split (the attention's heads and the MLP's width over the ranks)
 TP_PLAN = {"self_attn.q_proj": "colwise", "self_attn.k_proj": "colwise", "self_attn.v_proj": "colwise",
            "self_attn.o_proj": "rowwise", "mlp.gate_proj": "colwise", "mlp.up_proj": "colwise",
-           "mlp.down_proj": "rowwise"}
+           "mlp.down_proj": "rowwise", "input_layernorm": "norm", "post_attention_layernorm": "norm"}
+QK_NORM_PLAN = {"self_attn.q_norm": "head_norm", "self_attn.k_norm": "head_norm"}  # qwen3's per-head norms
+# outside the blocks: the vocabulary split over the ranks (embedding rows, head rows: a vocab-parallel loss)
+TP_ROOT_PLAN = {"model.embed_tokens": "embedding", "model.norm": "norm", "lm_head": "head"}
 
 
 @dataclass
@@ -241,7 +244,10 @@ class LlamaSpec(ModelSpec):
         return list(LORA_TARGETS)
 
     def tp_plan(self, cfg: LlamaModelConfig) -> dict[str, str] | None:
-        return dict(TP_PLAN)
+        return {**TP_PLAN, **(QK_NORM_PLAN if cfg.arch == "qwen3" else {})}
+
+    def tp_root_plan(self, cfg: LlamaModelConfig) -> dict[str, str] | None:
+        return dict(TP_ROOT_PLAN)
 
     def check_tp(self, cfg: LlamaModelConfig, tp: int) -> None:
         """The query heads, key/value heads and MLP width must split evenly (a pretrained model's sizes are
