@@ -29,6 +29,12 @@ RUNS: dict[str, tuple[list[str], int]] = {
     "ddp_dp2_tp2": (["strategy=ddp", "strategy.tp=2", "strategy.sequence_parallel=false",
                      "trainer.micro_batch_size=4"], 4),  # (the loss still vocabulary-parallel)
 }
+# a checkpoint at step 6 (test_tp_checkpoints_reshard); samples at steps 6 and 12 from the split weights
+# gathered on rank 0, drawn at temperature 1 from the whole distribution (test_tp_samples_are_one_processes), of
+# a model trained at the full learning rate from the first step (the samples of one a warmup left near its
+# initial weights could not tell them from the trained ones)
+CKPT_AND_SAMPLES = ["scheduler.warmup_steps=0", "trainer.ckpt_every=6", "trainer.sample_tokens=24", "trainer.sample_every=6",
+                    "trainer.sample_temperature=1.0", "trainer.sample_top_k=0"]
 COLWISE = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")
 ROWWISE = ("o_proj", "down_proj")
 
@@ -47,7 +53,7 @@ def _weights(d: Path) -> dict[str, torch.Tensor]:
 def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("tp")
     for name, (overrides, nproc) in RUNS.items():  # a checkpoint at step 6 too: test_tp_checkpoints_reshard
-        train_cli([*TINY_LLAMA, *overrides, "trainer.ckpt_every=6"], root / name, nproc=nproc, timeout=180)
+        train_cli([*TINY_LLAMA, *overrides, *CKPT_AND_SAMPLES], root / name, nproc=nproc, timeout=180)
     return {name: root / name for name in RUNS}
 
 
@@ -79,6 +85,18 @@ def test_tp_checkpoint_exports_in_one_process(runs: dict[str, Path], name: str, 
         diff = max((got[k] - want[k]).abs().max().item() for k in want)
         print(f"\nllama {name}: max weight difference {diff:.2e}")
         assert diff <= WTOL
+
+
+@pytest.mark.parametrize("name", ["tp2", "fsdp_dp2_tp2"])
+def test_tp_samples_are_one_processes(runs: dict[str, Path], name: str) -> None:
+    """In-training samples of a split model (gathered whole on rank 0) are one process's, token for token."""
+    def samples(run: Path) -> list[tuple[int, str]]:
+        rows = [json.loads(ln) for ln in (run / "samples.jsonl").read_text().splitlines()]
+        return [(r["step"], r["text"]) for r in rows]
+
+    got, want = samples(runs[name]), samples(runs["single"])
+    assert [s for s, _ in want] == [6, 12] and all(t for _, t in want)
+    assert got == want
 
 
 def _tp_placement(where: dict | None, strategy: str) -> str | None:
@@ -147,7 +165,7 @@ def test_tp_checkpoints_reshard(runs: dict[str, Path], saved: str, resumed: str,
     kept = [ln for ln in (run / "metrics.jsonl").read_text().splitlines() if json.loads(ln).get("step", 0) <= 6]
     (run / "metrics.jsonl").write_text("\n".join(kept) + "\n")  # steps 7-12 must come from the resumed run
     overrides, nproc = RUNS[resumed]
-    res = train_cli([*TINY_LLAMA, *overrides, "trainer.ckpt_every=6"], run, nproc=nproc, timeout=180)
+    res = train_cli([*TINY_LLAMA, *overrides, *CKPT_AND_SAMPLES], run, nproc=nproc, timeout=180)
     assert "resuming from" in res.stdout and "at step 6" in res.stdout, res.stdout[-2000:]
     got, want = losses(run), losses(runs["single"])
     assert sorted(got) == list(range(1, STEPS + 1))
