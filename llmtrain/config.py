@@ -221,7 +221,8 @@ def _check_tp(cfg: Config) -> None:
     if spec.tp_plan(cfg.model) is None:
         impl = getattr(cfg.model, "impl", None)
         what = f"model={cfg.model.family}" + (f" (impl={impl})" if impl else "")
-        raise ConfigError("strategy.tp", f"{what} has no tensor-parallel plan; set strategy.tp=1 (model=llama has one)")
+        fix = "or model.impl=native" if impl == "hf" else "(model=llama and model=gpt2 have one)"
+        raise ConfigError("strategy.tp", f"{what} has no tensor-parallel plan; set strategy.tp=1 {fix}")
     spec.check_tp(cfg.model, tp)
     if adapters.lora_settings(cfg.model) is not None:
         raise ConfigError("strategy.tp", "LoRA adapters are not split over tensor-parallel ranks; set strategy.tp=1")

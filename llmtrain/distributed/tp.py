@@ -26,8 +26,8 @@ from torch import nn
 
 from llmtrain.errors import ConfigError
 
-STYLES = ("colwise", "rowwise", "norm", "head_norm")  # inside a block
-ROOT_STYLES = ("embedding", "norm", "head")  # outside the blocks, by path from the root
+STYLES = ("colwise", "rowwise", "norm", "head_norm", "qkv_colwise")  # inside a block
+ROOT_STYLES = ("embedding", "positions", "norm", "head")  # outside the blocks, by path from the root
 
 
 def check_world(tp: int, world_size: int, strategy: str, quiet: bool = False, dp_replicate: int = 1) -> None:
@@ -143,10 +143,15 @@ def _styles(style: str, sp: bool, root: bool = False) -> list[Any]:
     between = Shard(1) if sp else Replicate()  # the residual stream between the split projections
     if style == "colwise":
         return [ColwiseParallel()]
+    if style == "qkv_colwise":  # a fused [q; k; v] projection, each rank its heads' rows of all three
+        from llmtrain.distributed.tp_fused import FusedColwiseParallel
+        return [FusedColwiseParallel(parts=3)]
     if style == "rowwise":
         return [RowwiseParallel(output_layouts=between)]
     if style == "embedding":
         return [RowwiseParallel(input_layouts=Replicate(), output_layouts=between)]
+    if style == "positions":  # a position embedding: its output [..., T, C] cut to this rank's tokens
+        return [PrepareModuleOutput(output_layouts=Replicate(), desired_output_layouts=Shard(-2))] if sp else []
     if style == "head_norm":  # a norm over each of the local heads (Qwen3's q/k norms): weight replicated
         return [_replicated(), PrepareModuleInput(input_layouts=Shard(2), desired_input_layouts=Shard(2)),
                 PrepareModuleOutput(output_layouts=Shard(2), desired_output_layouts=Shard(2))]

@@ -87,8 +87,9 @@ class ModelSpec(ABC):
 
     def tp_plan(self, cfg: Any) -> dict[str, str] | None:
         """Tensor parallelism (strategy.tp > 1) of each block (`block_classes`): {module path inside the block:
-        "colwise" (its output features split: the module returns the local ones) | "rowwise" (its input
-        features split: the module sums its partial outputs) | "norm" (a norm feeding colwise projections; split
+        "colwise" (its output features split: the module returns the local ones) | "qkv_colwise" (a fused
+        [q; k; v] nn.Linear: the module returns its heads' q, k and v features, [q_r | k_r | v_r]) | "rowwise" (its
+        input features split: the module sums its partial outputs) | "norm" (a norm feeding colwise projections; split
         along the sequence under sequence parallelism) | "head_norm" (a norm over each head of a colwise
         output)}; the model must run on whatever share of its heads its projections return (and take the
         sequence length from a norm's output, not the residual stream's). None: this model has no plan

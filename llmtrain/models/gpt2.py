@@ -20,6 +20,14 @@ from llmtrain.models.base import Batch, DataInfo, ModelSpec, PlanProfile, check_
 from llmtrain.models.gpt2_native import GPT2, IGNORE_INDEX, Block, GPT2Dims, from_hf, load_hf, save_hf
 
 IMPLS = ("native", "hf")
+# strategy.tp: per Block, Megatron's split (the attention's heads and the MLP's width over the ranks); the fused
+# [q; k; v] projection gives each rank its heads' rows of all three (distributed/tp_fused.py)
+TP_PLAN = {"attn.c_attn": "qkv_colwise", "attn.c_proj": "rowwise", "mlp.c_fc": "colwise", "mlp.c_proj": "rowwise",
+           "ln_1": "norm", "ln_2": "norm"}
+# outside the blocks: the vocabulary split over the ranks (wte's rows, the tied head's: a vocab-parallel loss), the
+# position embedding's output cut to the sequence shard (sequence parallelism)
+TP_ROOT_PLAN = {"transformer.wte": "embedding", "transformer.wpe": "positions", "transformer.ln_f": "norm",
+                "lm_head": "head"}
 
 
 @dataclass
@@ -53,6 +61,10 @@ def check_config(cfg: GPT2ModelConfig) -> None:
         raise ConfigError("model.dropout", f"must be in [0, 1) (got {cfg.dropout})")
     if cfg.impl not in IMPLS:
         raise ConfigError("model.impl", f"unknown GPT-2 implementation {cfg.impl!r}; choose one of {list(IMPLS)}")
+
+
+def _divisors(n: int) -> str:
+    return ", ".join(str(k) for k in range(1, n + 1) if n % k == 0)
 
 
 def dims(cfg: GPT2ModelConfig, info: DataInfo) -> GPT2Dims:
@@ -140,6 +152,41 @@ class GPT2Spec(ModelSpec):
 
     def global_dropout(self, cfg: GPT2ModelConfig) -> bool:
         return cfg.impl == "native"  # transformers' GPT-2 has nn.Dropout modules of its own
+
+    def tp_plan(self, cfg: GPT2ModelConfig) -> dict[str, str] | None:
+        return dict(TP_PLAN) if cfg.impl == "native" else None  # transformers' GPT-2: no plan
+
+    def tp_root_plan(self, cfg: GPT2ModelConfig) -> dict[str, str] | None:
+        return dict(TP_ROOT_PLAN) if cfg.impl == "native" else None
+
+    def check_tp(self, cfg: GPT2ModelConfig, tp: int) -> None:
+        """The heads and the MLP width must split evenly, and no dropout: the attention's dropout draws its masks
+        by the index of each head among this rank's, so split heads cannot draw one process's masks (a
+        pretrained model's sizes and dropout are checked here when it is a local dir)."""
+        sizes, drop, what = {"n_head": cfg.n_head, "n_embd": cfg.n_embd}, cfg.dropout, "model.dropout"
+        if cfg.pretrained:
+            path = Path(cfg.pretrained).expanduser() / "config.json"
+            if not path.is_file():
+                return  # a hub name: its sizes are known once downloaded
+            import json
+
+            from llmtrain.models.gpt2_native import dims_from_hf_config
+
+            try:
+                d = dims_from_hf_config(json.loads(path.read_text()))
+            except (ValueError, KeyError, TypeError):
+                return  # not a GPT-2 we can run: refused when loaded, in its own words
+            sizes, drop, what = {"n_head": d.n_head, "n_embd": d.n_embd}, d.dropout, f"{path}'s resid_pdrop"
+        if sizes["n_head"] % tp:
+            raise ConfigError("strategy.tp", f"{tp} does not divide model.n_head={sizes['n_head']}; use one of "
+                                             f"{_divisors(sizes['n_head'])}")
+        if 4 * sizes["n_embd"] % tp:  # the MLP's width (given the heads' split when n_head divides n_embd)
+            raise ConfigError("strategy.tp", f"{tp} does not divide the MLP width 4·model.n_embd="
+                                             f"{4 * sizes['n_embd']}; use one of {_divisors(4 * sizes['n_embd'])}")
+        if drop > 0:
+            raise ConfigError("strategy.tp", f"GPT-2's attention dropout cannot be split over tensor-parallel ranks "
+                                             f"(its masks follow each rank's own heads): {what}={drop} needs "
+                                             "strategy.tp=1, or set it to 0")
 
     def tokenizer_source(self, cfg: GPT2ModelConfig) -> str | None:
         if not cfg.pretrained:

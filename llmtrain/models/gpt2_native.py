@@ -86,8 +86,11 @@ def block_forward(x: torch.Tensor, ops: BlockOps, n_head: int, dropout: float, t
     cache and returns all cached ones; then `attn_mask` ([B, 1, T, L] bool, True: may attend) or, without
     one, `causal` (queries and cached keys aligned at the start) or no mask (every cached key visible).
     `layer` tells this block's dropout masks from the others' (models/dropout.py)."""
-    B, T, C = x.shape
-    qkv = ops.c_attn(ops.ln_1(x)).view(B, T, 3, n_head, C // n_head).permute(2, 0, 3, 1, 4)  # [3, B, nh, T, hd]
+    h = ops.ln_1(x)
+    B, T, C = h.shape  # (x may be a shard of the sequence: sequence parallelism)
+    hd = C // n_head
+    # nh: the heads c_attn returns (all n_head, or a share of them when its output features are split)
+    qkv = ops.c_attn(h).view(B, T, 3, -1, hd).permute(2, 0, 3, 1, 4)  # [3, B, nh, T, hd]
     q, k, v = qkv.unbind(0)
     if kv is not None:
         k, v = kv(qkv[1:])  # [B, nh, L, hd] each
@@ -97,7 +100,7 @@ def block_forward(x: torch.Tensor, ops: BlockOps, n_head: int, dropout: float, t
     else:
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=p,
                                            is_causal=causal and attn_mask is None)
-    x = x + masks.dropout(ops.attn_proj(y.transpose(1, 2).reshape(B, T, C)), dropout, training, 4 * layer + 2)
+    x = x + masks.dropout(ops.attn_proj(y.transpose(1, 2).reshape(B, T, -1)), dropout, training, 4 * layer + 2)
     h = ops.mlp_proj(F.gelu(ops.c_fc(ops.ln_2(x)), approximate="tanh"))  # GPT-2's "gelu_new"
     return x + masks.dropout(h, dropout, training, 4 * layer + 3)
 

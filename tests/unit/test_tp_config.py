@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 from helpers import compose
 
@@ -10,6 +13,7 @@ from llmtrain.distributed.tp import check_world
 from llmtrain.errors import ConfigError
 
 LLAMA = ["experiment=llama_tiny", "data.tokenizer=byte", "trainer.precision=fp32"]
+GPT2 = ["experiment=gpt2_tiny", "data.tokenizer=byte", "trainer.precision=fp32"]
 
 
 def test_llama_with_tp_under_fsdp_ddp_and_single_passes() -> None:
@@ -37,12 +41,29 @@ def test_llama_tp_refusals(overrides: list[str], needle: str) -> None:
     assert needle in ei.value.message and "\n" not in str(ei.value)
 
 
-@pytest.mark.parametrize("impl", ["native", "hf"])
-def test_families_without_a_plan_are_refused(impl: str) -> None:
+def test_families_without_a_plan_are_refused() -> None:
     with pytest.raises(ConfigError) as ei:
-        checked(compose(["experiment=gpt2_tiny", "data.tokenizer=byte", f"model.impl={impl}", "strategy.tp=2"]))
+        checked(compose([*GPT2, "model.impl=hf", "strategy.tp=2"]))
+    assert ei.value.key == "strategy.tp" and "\n" not in str(ei.value)
+    assert "model=gpt2 (impl=hf) has no tensor-parallel plan" in ei.value.message
+
+
+def test_native_gpt2_with_tp_passes() -> None:
+    assert checked(compose([*GPT2, "strategy.tp=2"])).strategy.tp == 2
+    assert checked(compose([*GPT2, "strategy=fsdp", "strategy.tp=4"])).strategy.tp == 4
+
+
+@pytest.mark.parametrize(("overrides", "needle"), [
+    (["strategy.tp=3"], "3 does not divide model.n_head=4"),
+    (["strategy.tp=8"], "8 does not divide model.n_head=4"),
+    (["strategy.tp=2", "model.dropout=0.1"], "model.dropout=0.1"),
+    (["strategy.tp=2", "model.dropout=0.1", "trainer.dropout_rng=global"], "attention dropout"),
+])
+def test_gpt2_tp_refusals(overrides: list[str], needle: str) -> None:
+    with pytest.raises(ConfigError) as ei:
+        checked(compose([*GPT2, *overrides]))
     assert ei.value.key == "strategy.tp"
-    assert f"model=gpt2 (impl={impl}) has no tensor-parallel plan" in ei.value.message
+    assert needle in ei.value.message and "\n" not in str(ei.value)
 
 
 def test_dropout_with_global_masks_passes_without_sequence_parallelism() -> None:
@@ -90,3 +111,16 @@ def test_hsdp_world_size_must_hold_the_groups() -> None:
     with pytest.raises(ConfigError) as ei:
         check_world(2, 6, "fsdp", dp_replicate=2)
     assert ei.value.key == "strategy.dp_replicate" and "do not divide the world size 6" in ei.value.message
+
+
+@pytest.mark.parametrize(("dropout", "tp", "needle"), [(0.1, 2, "resid_pdrop=0.1"),
+                                                       (0.0, 3, "3 does not divide model.n_head=4")])
+def test_pretrained_gpt2_dir_is_checked_for_tp(tmp_path: Path, dropout: float, tp: int, needle: str) -> None:
+    """A local pretrained dir's sizes and dropout are its config.json's (released GPT-2s have 0.1)."""
+    from llmtrain.models.gpt2_native import GPT2Dims, hf_config
+
+    d = GPT2Dims(vocab_size=256, n_positions=64, n_embd=32, n_layer=2, n_head=4, dropout=dropout)
+    (tmp_path / "config.json").write_text(json.dumps(hf_config(d)))
+    with pytest.raises(ConfigError) as ei:
+        checked(compose([*GPT2, f"model.pretrained={tmp_path}", f"strategy.tp={tp}"]))
+    assert ei.value.key == "strategy.tp" and needle in ei.value.message and "\n" not in str(ei.value)
