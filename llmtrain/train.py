@@ -19,7 +19,7 @@ from omegaconf import DictConfig
 from llmtrain import checkpoint as ckpt
 from llmtrain import faults, rundir
 from llmtrain.cli import run_app, user_errors_exit
-from llmtrain.config import Config, checked, conf_dir, register_configs
+from llmtrain.config import Config, checked, conf_dir, register_configs, validate
 from llmtrain.context import RunContext
 from llmtrain.data.base import build_data
 from llmtrain.distributed import Dist, SetupArgs, Strategy, StrategyName, build_strategy, comm_stats
@@ -64,6 +64,8 @@ def run(cfg: DictConfig, run_dir: Path, *, pick_dir: bool = False, overrides: li
     check_wandb(conf.logger)
     dist = read_env()
     device = pick_device(conf.trainer.device, dist)
+    if conf.strategy.name == StrategyName.auto:
+        conf = _auto_layout(conf, dist, device)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = conf.trainer.tf32
     precision = resolve(conf.trainer.precision, device, training=True)
@@ -241,6 +243,17 @@ def _plot(ctx: RunContext) -> None:
 
         if (png := loss_plot(ctx.run_dir)) is not None:
             print(f"llmtrain: plotted {png}", flush=True)
+
+
+def _auto_layout(conf: Config, dist: Dist, device: torch.device) -> Config:
+    """strategy=auto resolved to a layout (distributed/auto.py), said on rank 0, checked as if it had been asked."""
+    from llmtrain.distributed import auto
+
+    conf, line = auto.resolve(conf, dist.world_size, device)
+    if dist.is_main:
+        print(f"llmtrain: {line}", flush=True)
+    validate(conf)
+    return conf
 
 
 def _tp_args(conf: Config, spec: ModelSpec) -> dict[str, Any]:

@@ -27,6 +27,7 @@ class StrategyName(str, Enum):
     ddp = "ddp"
     fsdp = "fsdp"
     deepspeed = "deepspeed"
+    auto = "auto"  # the fastest layout that fits, decided at start (distributed/auto.py)
 
 
 @dataclass
