@@ -362,25 +362,33 @@ def wire(c: dict[str, float], ranks: int) -> float:
     return sum(ring * b * (2 if name.endswith("all_reduce") else 1) for name, b in c.items())
 
 
-def tp_communication(s: Shape, tp: int, sp: bool, mixed_everywhere: bool) -> dict[str, float]:
+def tp_communication(s: Shape, tp: int, sp: bool, fsdp2: bool) -> dict[str, float]:
     """{"tp.<collective>": bytes this rank hands over per optimizer step} within its TP group (the whole
     activation tensor per collective: x = B·S·C values). Per micro-step, without SP: per layer and forward pass
-    (twice with checkpointing) an all-reduce of o_proj's and down_proj's outputs, per layer in the backward one
+    an all-reduce of o_proj's and down_proj's outputs (with checkpointing o_proj's again in the recomputation,
+    which stops before down_proj: nothing the backward needs comes after it), per layer in the backward one
     of each norm's output gradient, the embedding's output, the loss's hidden-state gradient, and the loss's
     three reductions of B·S fp32 values. With SP each all-reduce is a reduce-scatter and an all-gather (the
     norms' outputs gathered before the projections, the rowwise outputs' gradients in the backward, the
-    embedding's gradient, the final norm's output before the loss). Matmul outputs travel in the compute dtype,
-    the residual stream (norm outputs, embedding) in fp32 under autocast (single, ddp). A family whose plan
+    embedding's gradient, the final norm's output before the loss), and the gradients of the parameters kept
+    whole (the norms: computed from a shard of the tokens) are all-reduced. Matmul outputs travel in the compute
+    dtype, the residual stream (norm outputs, embedding) in fp32 under autocast (tp alone; `fsdp2`: FSDP2 runs the
+    step, fsdp and ddp × tp, in the low precision throughout). A family whose plan
     leaves the embedding and head whole (`tp_vocab` false: GPT-2) has no collective outside the blocks."""
     if tp == 1:
         return {}
     mm = 4.0 if s.precision == "fp32" else 2.0
-    res = mm if mixed_everywhere else 4.0
+    res = mm if fsdp2 else 4.0
     x, layers, fwd = s.tokens * s.n_embd, s.n_layer, 2 if s.checkpointing else 1
-    rowwise = 2 * layers * fwd * x * mm  # o_proj, down_proj outputs: all-reduce (reduce-scatter with SP)
+    # o_proj, down_proj outputs: all-reduce (reduce-scatter with SP); a checkpointed block's recomputation
+    # stops once the tensors its backward needs are back, before the block's last projection (down_proj)
+    rowwise = layers * (2 + (fwd - 1)) * x * mm
     norm_grads = 2 * layers * x * res  # the norms' output gradients: all-reduce (reduce-scatter with SP)
     emb, loss_h = x * res, x * mm  # the embedding's output, the loss's hidden states (or their gradient)
     reductions = 3 * 4.0 * s.tokens  # max, sum of exps, target logit
+    # with SP the whole parameters (norms) see a shard of the tokens: their gradients are summed over the ranks
+    # (FSDP2 reduces them with its own, once per optimizer step; autocast's replicas every micro-step)
+    partial = (s.whole_params * res if sp else 0.0) / (s.accum if fsdp2 else 1)
     if not s.tp_vocab:  # embedding, head and loss replicated: no collective outside the blocks
         emb = loss_h = reductions = 0.0
     k = s.accum
@@ -388,7 +396,7 @@ def tp_communication(s: Shape, tp: int, sp: bool, mixed_everywhere: bool) -> dic
         return {"tp.all_reduce": k * (rowwise + norm_grads + emb + loss_h + reductions)}
     gathers = 2 * layers * fwd * x * res + 2 * layers * x * mm + emb + loss_h  # the mirror of each scatter
     return {"tp.reduce_scatter": k * (rowwise + norm_grads + emb + loss_h), "tp.all_gather": k * gathers,
-            "tp.all_reduce": k * reductions}
+            "tp.all_reduce": k * (reductions + partial)}
 
 
 @dataclass
@@ -408,7 +416,8 @@ def transfers(s: Shape, lay: Layout, cluster: Cluster) -> list[Transfer]:
     world = lay.tp if lay.strategy == "single" else cluster.world
     dp, out = world // lay.tp, []
     if lay.tp > 1:
-        tc = tp_communication(s, lay.tp, lay.sequence_parallel, lay.strategy == "fsdp")
+        # (ddp × tp runs as FSDP2's hybrid mode with shards of one rank: distributed/__init__.build_strategy)
+        tc = tp_communication(s, lay.tp, lay.sequence_parallel, lay.strategy in ("fsdp", "ddp"))
         out.append(Transfer(tc, wire(tc, lay.tp), "nvlink", False))
     if dp == 1:
         return out

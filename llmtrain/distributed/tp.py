@@ -105,8 +105,10 @@ def parallelize(model: nn.Module, block_classes: tuple[type[nn.Module], ...], pl
     """Split `model` over the "tp" mesh dim, in place: `plan` inside every block, `root_plan` (module paths from
     the root → embedding | norm | head) outside them; returns the number of blocks split. Parameters shared by
     several modules (a head tied to the embedding) stay one Parameter."""
+    from llmtrain.distributed import comm_stats
     from llmtrain.distributed.tp_loss import vocab_parallel_head
 
+    comm_stats.tp_group(tp_mesh.get_group())  # (LLMTRAIN_COUNT_COMM=1: its collectives counted as tp.*)
     shared = _aliases(model)
     n = parallelize_blocks(model, block_classes, plan, tp_mesh, sequence_parallel)
     for path, style in (root_plan or {}).items():

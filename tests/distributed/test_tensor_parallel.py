@@ -53,7 +53,8 @@ def _weights(d: Path) -> dict[str, torch.Tensor]:
 def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("tp")
     for name, (overrides, nproc) in RUNS.items():  # a checkpoint at step 6 too: test_tp_checkpoints_reshard
-        train_cli([*TINY_LLAMA, *overrides, *CKPT_AND_SAMPLES], root / name, nproc=nproc, timeout=180)
+        env = {**base_env(), "LLMTRAIN_COUNT_COMM": "1"}  # bytes handed to collectives: test_tp_planned_communication
+        train_cli([*TINY_LLAMA, *overrides, *CKPT_AND_SAMPLES], root / name, nproc=nproc, timeout=180, env=env)
     return {name: root / name for name in RUNS}
 
 
@@ -97,6 +98,33 @@ def test_tp_samples_are_one_processes(runs: dict[str, Path], name: str) -> None:
     got, want = samples(runs[name]), samples(runs["single"])
     assert [s for s, _ in want] == [6, 12] and all(t for _, t in want)
     assert got == want
+
+
+# layout → the planner's Layout fields (strategy, tp, sequence parallel)
+PLANNED = {"tp2": ("single", 2, True), "fsdp_dp2_tp2": ("fsdp", 2, True), "ddp_dp2_tp2": ("ddp", 2, False)}
+
+
+@pytest.mark.parametrize("name", list(PLANNED))
+def test_tp_planned_communication_matches_the_counted_bytes(runs: dict[str, Path], name: str) -> None:
+    """llmtrain-plan's tensor-parallel bytes per optimizer step (the activations' all-reduces, or reduce-scatters
+    and all-gathers with sequence parallelism, the vocabulary-parallel loss's) against the bytes rank 0 handed to
+    collectives over its tp group in the run (the norms' and clipping's small reductions aside)."""
+    from helpers import compose
+
+    from llmtrain.plan import Cluster, Layout, layout_row, shape_of
+
+    overrides, nproc = RUNS[name]
+    counted = json.loads((runs[name] / "comm_rank0.json").read_text())
+    per_step = {k: v / counted["steps"] for k, v in counted["bytes"].items() if k.startswith("tp.")}
+    s = shape_of(compose([*TINY_LLAMA, *overrides]), device="cpu")
+    strategy, tp, sp = PLANNED[name]
+    planned = {k: v for k, v in layout_row(s, Layout(strategy, tp=tp, sequence_parallel=sp),
+                                           Cluster(1, nproc, "h100")).comm.items() if k.startswith("tp.")}
+    assert sorted(per_step) == sorted(planned) and planned
+    for kind, want in planned.items():
+        got = per_step[kind]
+        print(f"\n{name} {kind}: planned {want / 1e3:.1f} kB/step, counted {got / 1e3:.1f} kB/step")
+        assert got == pytest.approx(want, rel=0.1), (kind, got, want)
 
 
 def _tp_placement(where: dict | None, strategy: str) -> str | None:

@@ -292,23 +292,26 @@ def test_tp_communication_is_the_formula() -> None:
     written out by hand. FSDP computes in bf16 (2 bytes everywhere): without SP, per layer 2 all-reduces in the
     forward and 2 in the backward, the embedding's and the loss's: (4·4 + 2) · 2 bytes · x, plus the loss's 3
     reductions of 1024 fp32 values; with SP the same as reduce-scatters and as all-gathers (the same bytes on the
-    wire). DDP under autocast with checkpointing and 2 accumulation steps: the forward's all-reduces twice (the
-    recompute) in bf16, the norms' gradients and the embedding in fp32: per micro-step 4·(2·2·2 + 2·4) + 4 + 2
-    = 70 bytes · x."""
+    wire), and the norms' weight gradients all-reduced. Tensor parallelism alone under autocast with checkpointing and 2 accumulation steps: the forward's
+    all-reduces in bf16, o_proj's again in the recomputation (it stops before down_proj, whose output the backward
+    does not need), the norms' gradients and the embedding in fp32: per micro-step 4·(3·2 + 2·4) + 4 + 2 = 62
+    bytes · x."""
     from llmtrain.plan import Layout, tp_communication, transfers
 
     s = shape_of(compose(LLAMA_SMALL))
     x = 1024 * 256
     assert tp_communication(s, 2, False, True) == {"tp.all_reduce": 18 * 2 * x + 3 * 4 * 1024}
+    norms = (2 * 4 + 1) * 256  # with SP the norms' weights see a shard of the tokens: their gradients summed
     assert tp_communication(s, 2, True, True) == {"tp.reduce_scatter": 18 * 2 * x, "tp.all_gather": 18 * 2 * x,
-                                                  "tp.all_reduce": 3 * 4 * 1024}
+                                                  "tp.all_reduce": 3 * 4 * 1024 + 2 * norms}
     assert tp_communication(s, 1, False, True) == {}
     cluster = Cluster(1, 2, "h100")
     no_sp, sp = (transfers(s, Layout("fsdp", 2, 1, flag), cluster)[0] for flag in (False, True))
-    assert no_sp.wire == sp.wire == 18 * 2 * x + 3 * 4 * 1024  # ring over 2: ½ per gather, 1× per all-reduce
+    assert no_sp.wire == sp.wire - 2 * norms == 18 * 2 * x + 3 * 4 * 1024  # ring over 2: ½ per gather, 1× per
+    # all-reduce
     assert no_sp.link == "nvlink" and not no_sp.hidden  # on the critical path
     ck = shape_of(compose([*LLAMA_SMALL, "trainer.gradient_checkpointing=true", "trainer.grad_accum_steps=2"]))
-    assert tp_communication(ck, 2, False, False) == {"tp.all_reduce": 2 * (70 * x + 3 * 4 * 1024)}
+    assert tp_communication(ck, 2, False, False) == {"tp.all_reduce": 2 * (62 * x + 3 * 4 * 1024)}
     gpt2 = shape_of(compose([*TINY, "model.n_layer=2", "model.n_embd=128", "data.seq_len=64",
                              "trainer.micro_batch_size=2", "trainer.precision=bf16"]))
     x2 = 2 * 64 * 128  # GPT-2: 2 layers × 4 all-reduces, the embedding's, the loss's, of x2 bf16 values
