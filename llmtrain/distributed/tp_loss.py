@@ -106,9 +106,8 @@ class _VocabParallelCE(torch.autograd.Function):
                 dist.all_reduce(tgt, group=group)
                 total += ((m + z.log() - tgt) * valid).sum()
                 if want_h or want_w:
-                    g = e.div_(z[:, None])  # softmax
-                    rows_local = local.nonzero().squeeze(1)
-                    g[rows_local, idx[rows_local]] -= 1.0
+                    g = e.div_(z[:, None])  # softmax, minus 1 at the targets this rank holds
+                    g.scatter_add_(1, idx[:, None], -local[:, None].to(g.dtype))
                     g = (g * valid[:, None]).to(dtype)  # [n, Vl]: d(loss)/d(logits)
                     if want_h:
                         grad_h[s:s + rows] = g @ wc

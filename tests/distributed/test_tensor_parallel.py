@@ -154,14 +154,15 @@ def test_tp_parameters_are_split_on_the_tp_mesh_dim(tmp_path: Path) -> None:
         for name, where in hsdp["layout"].items():
             assert where["dims"] == ["dp_replicate", "dp_shard"], name
             assert where["placements"] == ["Replicate()", "Shard(dim=0)"], name
-        for case in ("single", "single_nosp", "qwen3", "fsdp"):
-            r, strategy, sp = got[case], "fsdp" if case == "fsdp" else "single", case != "single_nosp"
+        for case in ("single", "single_nosp", "qwen3", "fsdp", "compiled"):
+            r, strategy, sp = got[case], "fsdp" if case in ("fsdp", "compiled") else "single", case != "single_nosp"
             assert abs(r["loss"] - r["ref_loss"]) <= 1e-5 * abs(r["ref_loss"]), case  # the same loss
             assert r["grad_error"] <= 1e-5, (case, r["grad_error"])  # and the same gradients
             print(f"\n{case} rank {rank}: loss {r['loss']:.6f} vs {r['ref_loss']:.6f}, gradients within "
                   f"{r['grad_error']:.1e}; blocks see {r['seq']} tokens, matmul widths {r['widths']}")
             assert r["seq"] == [T // 2 if sp else T] * 2 and r["ref_seq"] == [T] * 2, case  # between the blocks
-            assert V not in r["widths"] and (V + 1 - rank) // 2 in r["widths"], case  # the rank's vocabulary rows
+            if case != "compiled":  # (no dispatch mode under compile)
+                assert V not in r["widths"] and (V + 1 - rank) // 2 in r["widths"], case  # its vocabulary rows
             assert V in r["ref_widths"], case  # (the unsplit model does form whole-vocabulary logits)
             for name, where in r["layout"].items():
                 leaf, placement = name.split(".")[-2], _tp_placement(where, strategy)
@@ -175,6 +176,7 @@ def test_tp_parameters_are_split_on_the_tp_mesh_dim(tmp_path: Path) -> None:
                     assert placement == "Replicate()", name
                 else:
                     assert placement is None or strategy == "fsdp", name  # whole on every rank
+        assert got["single"]["graphs"] == 0 < got["compiled"]["graphs"]  # (cumulative:) compiled blocks did run
         assert "lm_head.weight" in got["qwen3"]["layout"] and "lm_head.weight" not in got["single"]["layout"]
 
 

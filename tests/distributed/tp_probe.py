@@ -1,12 +1,14 @@
 """One rank of the tensor-parallel layout probe (tests/distributed/test_tensor_parallel.py): a tiny Llama split
 over 2 ranks by strategy=single (tp alone, with and without sequence parallelism; Qwen3's per-head norms and an
-untied head too), by fsdp (dp=1 × tp=2), and HSDP over 2 groups of 1. For each: every parameter's mesh dims and
+untied head too), by fsdp (dp=1 × tp=2; also with each block compiled), and HSDP over 2 groups of 1. For each: every parameter's mesh dims and
 placements, the split model's loss and gradients next to an unsplit copy's, the sequence length of the
 activations between blocks, and the widest matmul output (the vocabulary must never be whole on a rank) go to
 $TP_PROBE_OUT/rank<r>.json."""
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
 import os
 from pathlib import Path
@@ -41,14 +43,17 @@ def _layout(model: torch.nn.Module) -> dict[str, object]:
     return out
 
 
-def _step(model: torch.nn.Module, ids: torch.Tensor, labels: torch.Tensor) -> tuple[float, list[int], set[int]]:
-    """(loss, sequence lengths entering the blocks, matmul output widths) of one forward and backward."""
+def _step(model: torch.nn.Module, ids: torch.Tensor, labels: torch.Tensor,
+          widths: bool = True) -> tuple[float, list[int], set[int]]:
+    """(loss, sequence lengths entering the blocks, matmul output widths: not under compile, which a dispatch
+    mode turns off) of one forward and backward."""
     from llmtrain.models.llama.model import DecoderLayer
 
     seen: list[int] = []
     hooks = [m.register_forward_pre_hook(lambda _m, a: seen.append(int(a[0].shape[1])))
              for m in model.modules() if isinstance(m, DecoderLayer)]
-    with _Widest() as w:
+    w = _Widest()
+    with w if widths else contextlib.nullcontext():
         loss, _ = model(input_ids=ids, labels=labels)
         loss.backward()
     for h in hooks:
@@ -77,6 +82,9 @@ def main() -> None:
 
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     dist.init_process_group("gloo", rank=rank, world_size=world)
+    # the "compiled" case traces the split blocks with dynamo and AOTAutograd as trainer.compile does, without
+    # inductor's C++ build (a minute on this CPU; measured by hand: the same loss, no graph break)
+    torch.compile = functools.partial(torch.compile, backend="aot_eager")
     try:
         ids = torch.randint(0, V, (2, T), generator=torch.Generator().manual_seed(1))
         labels = torch.roll(ids, -1, 1)
@@ -84,6 +92,7 @@ def main() -> None:
         result: dict[str, object] = {}
         # name → (strategy config, sequence parallel, qwen3's q/k norms and an untied head)
         cases = {"single": (StrategyConfig(name="single", tp=world), True, False),
+                 "compiled": (StrategyConfig(name="fsdp", tp=world), True, False),
                  "single_nosp": (StrategyConfig(name="single", tp=world), False, False),
                  "qwen3": (StrategyConfig(name="single", tp=world), True, True),
                  "fsdp": (StrategyConfig(name="fsdp", tp=world), True, False),
@@ -103,13 +112,16 @@ def main() -> None:
             s = build_strategy(cfg, Dist(rank, world, rank), torch.device("cpu"))
             tp = cfg.tp > 1
             s.setup(model, lambda m: torch.optim.SGD(m.parameters(), lr=0.1),
-                    SetupArgs(precision=Precision.fp32, gradient_checkpointing=False, compile=False,
+                    SetupArgs(precision=Precision.fp32, gradient_checkpointing=False, compile=name == "compiled",
                               block_classes=(DecoderLayer,), micro_batch_size=2, grad_accum_steps=1, grad_clip=0.0,
                               tp_plan={**TP_PLAN, **(QK_NORM_PLAN if qwen3 else {})} if tp else None,
                               tp_root_plan=dict(TP_ROOT_PLAN) if tp else None, sequence_parallel=sp))
-            loss, seq, widths = _step(s.model, ids, labels)
+            loss, seq, widths = _step(s.model, ids, labels, widths=name != "compiled")
             want, ref_seq, ref_widths = _step(ref, ids, labels)
+            from torch._dynamo.utils import counters
+
             result[name] = {"layout": _layout(s.unwrap()), "loss": loss, "ref_loss": want,
+                            "graphs": counters["stats"]["unique_graphs"],
                             "grad_error": _grad_error(s.unwrap(), ref), "seq": seq, "ref_seq": ref_seq,
                             "widths": sorted(widths), "ref_widths": sorted(ref_widths)}
             s.close()
