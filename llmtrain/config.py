@@ -226,8 +226,6 @@ def _check_tp(cfg: Config) -> None:
     spec.check_tp(cfg.model, tp)
     if adapters.lora_settings(cfg.model) is not None:
         raise ConfigError("strategy.tp", "LoRA adapters are not split over tensor-parallel ranks; set strategy.tp=1")
-    require(t.precision.value != "fp16", "strategy.tp",
-            "trainer.precision=fp16 (loss scaling) with tensor parallelism is not supported yet; use bf16 or fp32")
     require(not getattr(cfg.model, "dropout", 0.0) or t.dropout_rng == "global", "strategy.tp",
             "the ranks of a tensor-parallel group must drop the same activations: with model.dropout > 0 set "
             "trainer.dropout_rng=global")

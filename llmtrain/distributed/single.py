@@ -33,7 +33,8 @@ class SingleStrategy(TorchOptimizerStrategy):
         if args.gradient_checkpointing:
             apply_activation_checkpointing(self._plain, args.block_classes)
         self.optimizer = make_optimizer(self._plain)
-        self.scaler = make_grad_scaler(args.precision, self.device)
+        # (fp16 with split parameters: the ranks must agree on skipping a step: the scaler reduces its inf check)
+        self.scaler = make_grad_scaler(args.precision, self.device, sharded=self.cfg.tp > 1)
         self.model = self._wrap(torch.compile(self._plain) if args.compile else self._plain)
 
     def _wrap(self, model: nn.Module) -> nn.Module:

@@ -176,6 +176,8 @@ def test_tp_parameters_are_split_on_the_tp_mesh_dim(tmp_path: Path) -> None:
                     assert placement == "Replicate()", name
                 else:
                     assert placement is None or strategy == "fsdp", name  # whole on every rank
+        fp16 = got["fp16"]  # an inf in rank 1's shard at step 2: both ranks skip it, the weights stay
+        assert fp16["stepped"] == [True, False, True] and fp16["loss"][2] == fp16["loss"][1] != fp16["loss"][0]
         assert got["single"]["graphs"] == 0 < got["compiled"]["graphs"]  # (cumulative:) compiled blocks did run
         assert "lm_head.weight" in got["qwen3"]["layout"] and "lm_head.weight" not in got["single"]["layout"]
 

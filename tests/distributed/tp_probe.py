@@ -1,6 +1,7 @@
 """One rank of the tensor-parallel layout probe (tests/distributed/test_tensor_parallel.py): a tiny Llama split
 over 2 ranks by strategy=single (tp alone, with and without sequence parallelism; Qwen3's per-head norms and an
-untied head too), by fsdp (dp=1 × tp=2; also with each block compiled), and HSDP over 2 groups of 1. For each: every parameter's mesh dims and
+untied head too), by fsdp (dp=1 × tp=2; also with each block compiled), and HSDP over 2 groups of 1; and fp16
+under tp alone, where an infinite gradient on one rank must make both skip the step. For each: every parameter's mesh dims and
 placements, the split model's loss and gradients next to an unsplit copy's, the sequence length of the
 activations between blocks, and the widest matmul output (the vocabulary must never be whole on a rank) go to
 $TP_PROBE_OUT/rank<r>.json."""
@@ -71,6 +72,38 @@ def _grad_error(split: torch.nn.Module, ref: torch.nn.Module) -> float:
     return worst
 
 
+def _fp16_skips_together(rank: int, world: int) -> dict[str, list]:
+    """fp16 under tp alone, 3 steps; in the second, rank 1's shard of one gradient is made infinite: both ranks
+    must skip that step (the loss scaler's inf check reduced over the ranks), or their replicas would part."""
+    from llmtrain.distributed import Dist, StrategyConfig, build_strategy
+    from llmtrain.distributed.base import SetupArgs
+    from llmtrain.models.llama.model import DecoderLayer, Llama, LlamaDims
+    from llmtrain.models.llama.spec import TP_PLAN, TP_ROOT_PLAN
+    from llmtrain.precision import Precision
+
+    d = LlamaDims(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, head_dim=8, max_position_embeddings=16)
+    ids = torch.randint(0, V, (2, T), generator=torch.Generator().manual_seed(1))
+    torch.manual_seed(0)
+    s = build_strategy(StrategyConfig(name="single", tp=world), Dist(rank, world, rank), torch.device("cpu"))
+    s.setup(Llama(d), lambda m: torch.optim.SGD(m.parameters(), lr=0.1),
+            SetupArgs(precision=Precision.fp16, gradient_checkpointing=False, compile=False,
+                      block_classes=(DecoderLayer,), micro_batch_size=2, grad_accum_steps=1, grad_clip=1.0,
+                      tp_plan=dict(TP_PLAN), tp_root_plan=dict(TP_ROOT_PLAN), sequence_parallel=True))
+    out: dict[str, list] = {"loss": [], "stepped": []}
+    for step in range(3):
+        with s.autocast():
+            loss, n = s.model(input_ids=ids, labels=torch.roll(ids, -1, 1))
+        s.backward(loss / n)
+        if step == 1 and rank == 1:
+            s.unwrap().model.layers[0].self_attn.q_proj.weight.grad.to_local()[0, 0] = float("inf")
+        s.clip_grad_norm(1.0)
+        out["stepped"].append(bool(s.step()))
+        out["loss"].append(float(loss.detach() / n))
+    s.close()
+    return out
+
+
 def main() -> None:
     import torch.distributed as dist
 
@@ -125,6 +158,7 @@ def main() -> None:
                             "grad_error": _grad_error(s.unwrap(), ref), "seq": seq, "ref_seq": ref_seq,
                             "widths": sorted(widths), "ref_widths": sorted(ref_widths)}
             s.close()
+        result["fp16"] = _fp16_skips_together(rank, world)
         Path(os.environ["TP_PROBE_OUT"], f"rank{rank}.json").write_text(json.dumps(result))
     finally:
         dist.destroy_process_group()

@@ -20,6 +20,7 @@ def test_llama_with_tp_under_fsdp_ddp_and_single_passes() -> None:
     assert checked(compose([*LLAMA, "strategy=fsdp", "strategy.tp=2"])).strategy.tp == 2
     assert checked(compose([*LLAMA, "strategy=ddp", "strategy.tp=2"])).strategy.tp == 2
     assert checked(compose([*LLAMA, "strategy=fsdp", "strategy.tp=2", "trainer.compile=true"])).trainer.compile
+    assert checked(compose([*LLAMA, "strategy.tp=2", "trainer.precision=fp16"])).strategy.tp == 2
     assert checked(compose([*LLAMA, "strategy.tp=2"])).strategy.tp == 2
     assert checked(compose(LLAMA)).strategy.tp == 1
 
@@ -30,7 +31,6 @@ def test_llama_with_tp_under_fsdp_ddp_and_single_passes() -> None:
     (["strategy.tp=3"], "3 does not divide model.n_head=4"),
     (["strategy.tp=4", "model.n_kv_head=2"], "4 does not divide model.n_kv_head=2"),
     (["strategy.tp=2", "model.intermediate_size=33"], "model.intermediate_size=33"),
-    (["strategy.tp=2", "trainer.precision=fp16"], "fp16"),
     (["strategy.tp=2", "model.dropout=0.1"], "trainer.dropout_rng=global"),
     (["strategy.tp=2", "model.lora.enabled=true"], "LoRA"),
 ])
