@@ -32,11 +32,12 @@ train: venv
 	$(PY) -m llmtrain.train $(ARGS)
 
 ## Lint + the whole test suite (unit, 2-process distributed over gloo, CLI end-to-end), on TEST_WORKERS
-## processes (pytest-xdist; each test module stays on one worker, which shares its runs between its tests).
+## processes (pytest-xdist; each test module stays on one worker, which shares its runs between its tests); the
+## 25 slowest tests are listed at the end, to keep the suite fast.
 TEST_WORKERS ?= 2
 test: dev
 	$(VENV)/bin/ruff check llmtrain hydra_plugins tests bench
-	$(VENV)/bin/pytest -q -n $(TEST_WORKERS) --dist loadscope $(ARGS)
+	$(VENV)/bin/pytest -q -n $(TEST_WORKERS) --dist loadscope --durations=25 $(ARGS)
 
 lint: dev
 	$(VENV)/bin/ruff check llmtrain hydra_plugins tests bench
