@@ -183,7 +183,7 @@ def test_tp_parameters_are_split_on_the_tp_mesh_dim(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(("saved", "resumed"), [("tp2", "single"), ("single", "fsdp_dp2_tp2"),
-                                                ("hsdp2x2", "tp2")])
+                                                ("hsdp2x2", "tp2"), ("fsdp_dp2_tp2", "single")])
 def test_tp_checkpoints_reshard(runs: dict[str, Path], saved: str, resumed: str, tmp_path: Path) -> None:
     """A checkpoint written under one layout (step 6 of 12) resumes under another (tensor-parallel degree,
     data-parallel degree and strategy changed), optimizer state and data position carried: steps 7-12 continue
