@@ -223,6 +223,8 @@ def check_promise(cmd: str, stdout: str, stderr: str, clone: Path) -> None:
         assert list((clone / "runs").glob("*/wandb/offline-run-*/run-*.wandb")), stdout
     elif cmd.startswith("llmtrain-plan"):
         assert "| zero3 |" in stdout and "fits:" in stdout and "8 h100" in stdout, stdout
+        if "cluster.gpus" in cmd:  # the tensor-parallel and HSDP layouts, and the one strategy=auto would take
+            assert "| fsdp dp8×tp2 |" in stdout and "| hsdp 2×8 |" in stdout and "\nchoice: " in stdout, stdout
     elif cmd.startswith("llmtrain-eval"):
         assert re.fullmatch(r"eval_loss=\S+ perplexity=\S+ tokens=\d+ blocks=\d+\n", stdout), stdout
     elif cmd.startswith(PYTHON_BLOCK):
