@@ -127,7 +127,6 @@ class _VocabParallelCE(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[Any, ...]:
-        grad_h, grad_w = ctx.saved_tensors
-        gh = (grad_h * grad_out).to(ctx.dtypes[0]) if grad_h is not None else None
-        gw = (grad_w * grad_out).to(ctx.dtypes[1]) if grad_w is not None else None
-        return gh, gw, None, None, None, None, None
+        from llmtrain.models.gpt2_native import precomputed_grads
+
+        return *precomputed_grads(ctx, grad_out), None, None, None, None, None

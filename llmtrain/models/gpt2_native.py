@@ -363,10 +363,16 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[Any, ...]:
-        grad_h, grad_w = ctx.saved_tensors
-        gh = (grad_h * grad_out).to(ctx.dtypes[0]) if grad_h is not None else None
-        gw = (grad_w * grad_out).to(ctx.dtypes[1]) if grad_w is not None else None
-        return gh, gw, None, None
+        return *precomputed_grads(ctx, grad_out), None, None
+
+
+def precomputed_grads(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The backward of a loss whose forward formed its inputs' gradients (ctx: saved grad_h, grad_w and their
+    inputs' dtypes): those gradients scaled by the loss's incoming gradient."""
+    grad_h, grad_w = ctx.saved_tensors
+    gh = (grad_h * grad_out).to(ctx.dtypes[0]) if grad_h is not None else None
+    gw = (grad_w * grad_out).to(ctx.dtypes[1]) if grad_w is not None else None
+    return gh, gw
 
 
 def linear_cross_entropy(h: torch.Tensor, w: torch.Tensor, labels: torch.Tensor,
