@@ -6,6 +6,13 @@
 The data is tokenised with the source's own tokenizer (a prepared dir must have been prepared with it) and
 read as `data.seq_len` blocks of its `split`, in order; on the same blocks the loss equals the trainer's
 eval loss. One line on stdout: `eval_loss=… perplexity=… tokens=… blocks=…`; the rest goes to stderr.
+
+With `tasks=` it runs benchmarks instead (docs/evaluate.md), comma-separated:
+
+    llmtrain-eval source=runs/x tasks=my_items.jsonl          # built-in multiple-choice scorer (choice.py)
+    llmtrain-eval source=runs/x tasks=hellaswag limit=200     # lm-evaluation-harness (lm_eval_adapter.py)
+
+A table on stdout; `eval/<task>.json` in the run dir when the source is one.
 """
 
 from __future__ import annotations
@@ -45,6 +52,9 @@ class EvalConfig:
     batches: int = 0  # 0: every block of the split
     precision: str = "fp32"  # fp32 | bf16 | fp16 (autocast) | auto
     device: str = "auto"
+    tasks: str = ""  # comma-separated: a local .jsonl (built-in multiple choice) or an lm-eval task name
+    limit: int = 0  # 0: every item; else the first `limit` items of each task
+    num_fewshot: int = 0  # lm-eval tasks only
 
 
 def tokenizer_dir(source: str) -> Path:
@@ -97,6 +107,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     from llmtrain.precision import resolve
 
     check_known_keys(cfg)  # a misspelt `+key=value`
+    if cfg.get("tasks"):
+        return run_tasks(cfg)
     require(cfg.data.kind == "text", "data", f"evaluates text data (got data.kind={cfg.data.kind!r})")
     require(cfg.split in ("val", "train"), "split", f"must be val or train (got {cfg.split!r})")
     require(cfg.batch_size > 0, "batch_size", f"must be > 0 (got {cfg.batch_size})")
@@ -127,6 +139,67 @@ def run(cfg: DictConfig) -> dict[str, Any]:
           file=sys.stderr)
     print(" ".join(f"{k}={v:.6g}" if isinstance(v, float) else f"{k}={v}" for k, v in out.items()), flush=True)
     return out
+
+
+def run_tasks(cfg: DictConfig) -> dict[str, Any]:
+    """Each of `cfg.tasks`: a local .jsonl through the built-in scorer, any other name through lm-eval; a table
+    on stdout, and eval/<task>.json in the run dir when the source is one."""
+    import json
+
+    from llmtrain.generation.sources import is_run, load_source
+    from llmtrain.precision import resolve
+
+    names = [t.strip() for t in str(cfg.tasks).split(",") if t.strip()]
+    require(bool(names), "tasks", "give a .jsonl path or an lm-eval task name")
+    require(cfg.limit >= 0, "limit", f"must be >= 0, 0 for all (got {cfg.limit})")
+    require(cfg.num_fewshot >= 0, "num_fewshot", f"must be >= 0 (got {cfg.num_fewshot})")
+    require(cfg.batch_size > 0, "batch_size", f"must be > 0 (got {cfg.batch_size})")
+    local = {n: Path(n).expanduser() for n in names if n.endswith(".jsonl")}
+    if cfg.num_fewshot and local:
+        raise ConfigError("num_fewshot", "applies to lm-eval tasks only, not to a local .jsonl")
+    items = {}
+    for n, path in local.items():  # checked before the model loads: a bad file fails at once
+        from llmtrain.generation.choice import read_items
+
+        items[n] = read_items(path)[:cfg.limit or None]
+    check_device(cfg.device)
+    device = pick_device(cfg.device)
+    precision = resolve(cfg.precision, device)
+    lm, tok = load_source(cfg.source)
+    lm = lm.to(device).eval()
+    results: dict[str, dict[str, Any]] = {}
+    for n in names:
+        t0 = time.perf_counter()
+        if n in items:
+            from llmtrain.generation.choice import score_items
+
+            results[Path(n).stem] = score_items(lm, tok, items[n], precision, device)
+        else:
+            try:
+                from llmtrain.generation import lm_eval_adapter
+            except ImportError:
+                raise ConfigError("tasks", f"{n!r} is an lm-eval task and lm-eval is not installed; "
+                                           "pip install 'llmtrain[eval]' (or give a local .jsonl)") from None
+            results.update(lm_eval_adapter.evaluate(lm, tok, n, device, precision, cfg.limit, cfg.num_fewshot,
+                                                    cfg.batch_size))
+        print(f"llmtrain: {n} in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
+    print(_table(results), flush=True)
+    run_dir = Path(cfg.source).expanduser()
+    if is_run(run_dir):
+        (run_dir / "eval").mkdir(exist_ok=True)
+        for task, metrics in results.items():
+            (run_dir / "eval" / f"{task}.json").write_text(json.dumps({"task": task, "source": cfg.source,
+                                                                        "limit": cfg.limit, **metrics}, indent=1))
+    return results
+
+
+def _table(results: dict[str, dict[str, Any]]) -> str:
+    """| task | metric | value | rows, one per metric."""
+    rows = [("task", "metric", "value")]
+    for task, metrics in results.items():
+        rows += [(task, k, f"{v:.4f}" if isinstance(v, float) else str(v)) for k, v in metrics.items()]
+    widths = [max(len(r[i]) for r in rows) for i in range(3)]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows)
 
 
 def register() -> None:
