@@ -14,6 +14,7 @@ from typing import Any
 
 from omegaconf import MISSING
 
+from llmtrain import preference
 from llmtrain.data.base import DATA
 from llmtrain.distributed.base import StrategyConfig, sequence_parallel
 from llmtrain.errors import ConfigError, require, unknown_key
@@ -169,6 +170,7 @@ def validate(cfg: Config) -> None:
     if st.deepspeed_config:
         require(Path(st.deepspeed_config).is_file(), "strategy.deepspeed_config",
                 f"file not found: {st.deepspeed_config}")
+    preference.check(cfg)  # trainer.objective against the model, data and strategy
     _check_model_data(cfg)
     adapters.check(cfg.model, st.name.value)
     _check_tp(cfg)
@@ -190,7 +192,8 @@ def _check_model_data(cfg: Any) -> None:
     spec.check_config(cfg.model)
     adapters.resolve_targets(cfg.model, spec.lora_targets(cfg.model))
     if model.task != data.task:
-        fits = [f"data={o}" for e in DATA.entries() if e.task == model.task for o in e.options]
+        fits = [f"data={o}" for e in DATA.entries() if e.task == model.task
+                and (e.name == "preference") == (cfg.trainer.objective == "dpo") for o in e.options]
         raise ConfigError("model", f"model family {model.name!r} trains on {model.task} data, but data.kind "
                                    f"{data.name!r} is {data.task} data; pick {' or '.join(fits) or 'another model='} "
                                    "or an experiment=")

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from llmtrain import checkpoint as ckpt
-from llmtrain import faults
+from llmtrain import faults, preference
 from llmtrain.context import RunContext
 from llmtrain.data.base import Loader
 from llmtrain.distributed import comm_stats
@@ -60,6 +60,9 @@ class TrainerConfig:
     # sample's row in the global micro-batch: every strategy and world size draws the same; models/dropout.py)
     dropout_rng: str = "rank"
     preempt_grace_s: float = 120.0  # SIGTERM/SIGUSR1: finish the step and checkpoint within this, else exit 143
+    objective: str = "lm"  # lm: the model's own loss | dpo: preference pairs (data=preference; llmtrain/preference.py)
+    dpo_beta: float = 0.1  # dpo: β, how far the policy may move from the reference
+    dpo_label_smoothing: float = 0.0  # dpo: ε, the share of pairs assumed mislabelled (conservative DPO)
 
 
 class Trainer:
@@ -97,7 +100,8 @@ class Trainer:
             if self.cfg.dropout_rng == "global" else None
         self.train_loader = self._loader("train", shuffle=True)
         self._loader("val", shuffle=False)  # fail at start, not at the first eval, if val is too small
-        self.lm = self.data.info.task == "lm"
+        self.objective = preference.build(self.cfg, self.spec, strategy)  # how a micro-batch becomes a loss
+        self.lm = self.data.info.task == "lm" and self.cfg.objective == "lm"
 
     def _loader(self, split: str, shuffle: bool) -> Loader:
         batch = self.cfg.micro_batch_size
@@ -185,7 +189,7 @@ class Trainer:
         t0 = time.perf_counter()
         hosts = [self.train_loader.next_host() for _ in range(k)]
         data_wait = time.perf_counter() - t0
-        counts = torch.tensor([sum(self.spec.count(b) for b in hosts), sum(_rows(b) for b in hosts)],
+        counts = torch.tensor([sum(self.objective.count(b) for b in hosts), sum(_rows(b) for b in hosts)],
                               dtype=torch.float64)  # targets, samples: counted on the host
         counts = (counts.pin_memory() if dev.type == "cuda" else counts).to(dev, non_blocking=True)
         batches = [self.train_loader.to_device(b) for b in hosts]
@@ -199,13 +203,14 @@ class Trainer:
         for i, batch in enumerate(batches):
             with s.micro_step(sync_grads=(i == k - 1)), self._masks(i):
                 with s.autocast():
-                    part, _ = self.spec.loss(s.model, batch)
+                    part, _ = self.objective.loss(s.model, batch)
                 part = faults.poison("loss", part)
                 s.backward(part.float() * scale)
             loss_sum += part.detach().double()
         faults.point("step")
         grad_norm = s.clip_grad_norm(self.cfg.grad_clip)
         d.all_reduce(loss_sum)
+        extra = self.objective.reduce(d)  # the objective's own sums (dpo: rewards), all-reduced
         if copies > 1:
             loss_sum /= copies
         finite = torch.isfinite(loss_sum)
@@ -221,7 +226,7 @@ class Trainer:
         b["peak"] = torch.maximum(b["peak"], b["streak"])
         b["total"] = b["total"] + bad
         return {"loss_sum": loss_sum, "counts": counts, "grad_norm": grad_norm, "finite": finite,
-                "stepped": stepped, "lr": lr, "data_wait_s": data_wait}
+                "stepped": stepped, "lr": lr, "data_wait_s": data_wait, "extra": extra}
 
     def _masks(self, micro: int) -> contextlib.AbstractContextManager:
         """dropout_rng=global: micro-step `micro`'s masks, this rank's rows placed in the global micro-batch."""
@@ -238,7 +243,7 @@ class Trainer:
         norm = float(norm) if norm is not None else s.last_grad_norm()
         rec: dict[str, Any] = {"step": self.step, "loss": float(p["loss_sum"]) / targets, "lr": p["lr"],
                                "grad_norm": norm, "targets": targets, "samples": samples,
-                               "data_wait_s": p["data_wait_s"]}
+                               "data_wait_s": p["data_wait_s"], **self.objective.record(p["extra"], targets)}
         if s.loss_scale() is not None:
             rec.update(loss_scale=s.loss_scale(), skipped=not bool(p["stepped"]))
         self._guard(rec)
@@ -279,7 +284,7 @@ class Trainer:
         for i in range(n):
             batch = next(loader)
             with s.autocast():
-                part = self.spec.eval_batch(s.model, batch)  # {"loss": sum, "count": n, ...}
+                part = self.objective.eval_batch(s.model, batch)  # {"loss": sum, "count": n, ...}
             for key, v in part.items():
                 sums[key] = sums.get(key, 0) + v.detach().double()
             if i == 0:

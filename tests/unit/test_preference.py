@@ -1,0 +1,272 @@
+"""DPO (`data=preference`, `trainer.objective=dpo`): the batch layout and prompt masking, the loss and one weight's
+gradient against the formula computed by hand, a made-up preference learnt with LoRA (reference: the adapters
+disabled), and one-line refusals."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import TINY_LM, compose, read_metrics
+
+from llmtrain.data.preference import PreferenceDataConfig, PreferenceDataModule
+from llmtrain.data.tokenizers import byte_tokenizer
+from llmtrain.datainfo import IGNORE_INDEX
+from llmtrain.errors import ConfigError
+from llmtrain.models.gpt2_native import GPT2, GPT2Dims
+from llmtrain.preference import DPOObjective
+from llmtrain.train import run
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+EOS = 256  # the byte tokenizer's <|endoftext|>
+TOK = byte_tokenizer()
+PAIRS = [("2+2=", "4", "5"), ("the sky is ", "blue", "green!"), ("", "no prompt", "none"),
+         ("say hi: ", "hi", "hello there")]
+
+
+def jsonl(path: Path, records: list[Any]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+def pairs_file(path: Path, pairs: list[tuple[str, str, str]] = PAIRS) -> Path:
+    return jsonl(path, [{"prompt": p, "chosen": c, "rejected": r} for p, c, r in pairs])
+
+
+def module(tmp_path: Path, pairs: list[tuple[str, str, str]] = PAIRS) -> PreferenceDataModule:
+    src = str(pairs_file(tmp_path / "pairs.jsonl", pairs))
+    return PreferenceDataModule(PreferenceDataConfig(source=src, val_source=src, tokenizer="byte", seq_len=64))
+
+
+def tiny_gpt2() -> GPT2:
+    torch.manual_seed(0)
+    return GPT2(GPT2Dims(vocab_size=257, n_positions=64, n_embd=32, n_layer=2, n_head=2))
+
+
+def test_pairs_are_chosen_then_rejected_rows_with_the_prompt_masked(tmp_path: Path) -> None:
+    ds = module(tmp_path).split("train")
+    batch = ds.get(np.arange(len(ds)))
+    B = len(PAIRS)
+    assert set(batch) == {"input_ids", "labels"} and batch["input_ids"].shape[0] == 2 * B
+    for i, (p, c, r) in enumerate(PAIRS):
+        for row, resp in ((i, c), (B + i, r)):
+            toks = TOK.encode(p + resp) + [EOS]
+            n = len(toks) - 1
+            assert batch["input_ids"][row, :n].tolist() == toks[:-1]
+            want = [IGNORE_INDEX] * max(0, len(p) - 1) + toks[max(1, len(p)):]  # the response and EOS only
+            assert batch["labels"][row].tolist() == want + [IGNORE_INDEX] * (batch["labels"].shape[1] - n)
+
+
+def hand_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Summed log-probs of each row's targets, position by position from the full logits."""
+    logp = torch.log_softmax(model(batch["input_ids"]).double(), dim=-1)  # [N, T, V]
+    out = []
+    for row in range(logp.shape[0]):
+        total = torch.zeros((), dtype=torch.float64)
+        for t, y in enumerate(batch["labels"][row].tolist()):
+            if y != IGNORE_INDEX:
+                total = total + logp[row, t, y]
+        out.append(total)
+    return torch.stack(out)
+
+
+def test_dpo_loss_and_gradient_equal_the_formula(tmp_path: Path) -> None:
+    """Full fine-tuning: the reference is the starting model; the policy then moves, so the log-ratios differ."""
+    ds = module(tmp_path).split("train")
+    batch = ds.get(np.arange(len(ds)))
+    beta, eps = 0.5, 0.1
+    policy = tiny_gpt2()
+    start = copy.deepcopy(policy).eval()
+    objective = DPOObjective(policy, beta, eps)
+    with torch.no_grad():  # the policy moves away from the reference
+        for p in policy.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    policy.eval()  # no dropout: the same forward both ways
+    loss_sum, count = objective.loss(policy, batch)
+    loss = loss_sum / count
+    w = policy.transformer.h[0].attn.c_attn.weight
+    (grad,) = torch.autograd.grad(loss, w)
+    # by hand
+    pol, ref = hand_logps(policy, batch), hand_logps(start, batch).detach()
+    B = len(PAIRS)
+    z = beta * ((pol[:B] - pol[B:]) - (ref[:B] - ref[B:]))
+    want = (-(1 - eps) * F.logsigmoid(z) - eps * F.logsigmoid(-z)).mean()
+    (want_grad,) = torch.autograd.grad(want, w)
+    assert int(count) == B and float(z.detach().abs().min()) > 1e-3  # the log-ratios are not trivially 0
+    diff, gdiff = abs(float(loss.detach()) - float(want.detach())), float((grad.double() - want_grad).abs().max())
+    print(f"dpo loss {float(loss.detach()):.9f} vs hand {float(want.detach()):.9f} (|diff| {diff:.2e}); grad max |diff| {gdiff:.2e} "
+          f"(grad max {float(want_grad.abs().max()):.3e})")
+    assert diff < 1e-6 and gdiff < 1e-6
+    # the rewards logged: β·(π − ref) per side, summed over the step's pairs
+    sums = objective.reduce(type("D", (), {"all_reduce": staticmethod(lambda t: t)})())
+    rec = objective.record(sums, B)
+    torch.testing.assert_close(rec["rewards/chosen"], float(beta * (pol[:B] - ref[:B]).detach().mean()), rtol=0, atol=1e-5)
+    torch.testing.assert_close(rec["rewards/margins"], float(z.detach().mean()), rtol=0, atol=1e-5)
+
+
+def test_lora_reference_is_the_model_with_its_adapters_disabled(tmp_path: Path) -> None:
+    from llmtrain.models import adapters
+
+    ds = module(tmp_path).split("train")
+    batch = ds.get(np.arange(len(ds)))
+    base = tiny_gpt2().eval()
+    with torch.no_grad():
+        want = hand_logps(base, batch)
+    lora = adapters.LoraConfig(enabled=True, r=4, alpha=8, dropout=0.0, target_modules=["c_attn", "c_fc"])
+    model = adapters.inject_lora(copy.deepcopy(base), lora)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if ".lora_B." in n:
+                p.add_(0.1 * torch.randn_like(p))  # the adapters change the model's outputs
+    objective = DPOObjective(model, 0.1, 0.0)
+    assert objective.frozen is None  # no copy: the same model serves as its reference
+    ref = objective.reference_logps(batch)
+    torch.testing.assert_close(ref.double(), want, rtol=0, atol=1e-4)
+    with torch.no_grad():
+        policy = hand_logps(model, batch)
+    assert float((policy - want).abs().max()) > 0.1  # the adapters are back on after the reference pass
+    assert all(p.requires_grad == (".lora_" in n) for n, p in model.named_parameters())
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 2-layer GPT-2 on the byte vocabulary, saved as transformers saves it, with its tokenizer."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    d = tmp_path_factory.mktemp("pretrained")
+    torch.manual_seed(0)
+    GPT2LMHeadModel(GPT2Config(vocab_size=257, n_positions=64, n_embd=32, n_layer=2, n_head=2, bos_token_id=256,
+                               eos_token_id=256, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)).save_pretrained(d)
+    byte_tokenizer().save_pretrained(d)
+    return d
+
+
+def dpo_args(pretrained: Path, source: Path, *extra: str) -> list[str]:
+    return [*[o for o in TINY_LM if not o.startswith("data.")], "data=preference", f"data.source={source}",
+            f"data.val_source={source}", f"model.pretrained={pretrained}", "trainer.objective=dpo",
+            "trainer.eval_every=0", "scheduler.warmup_steps=0", *extra]
+
+
+PROMPTS = ["color: ", "pick one: ", "answer: "]
+
+
+def margins(model: torch.nn.Module, a: str, b: str) -> list[float]:
+    """log p(a|prompt) − log p(b|prompt) (each answer then EOS) per prompt."""
+    from llmtrain.data.preference import PairedExamples, encode_pairs
+
+    enc, _, _ = encode_pairs([(p, a, b) for p in PROMPTS], TOK, 64, "truncate")
+    batch = PairedExamples(enc, EOS).get(np.arange(len(PROMPTS)))
+    with torch.no_grad():
+        lp = hand_logps(model.eval(), batch)
+    n = len(PROMPTS)
+    return (lp[:n] - lp[n:]).tolist()
+
+
+def test_lora_dpo_flips_a_made_up_preference(pretrained: Path, tmp_path: Path) -> None:
+    """The base model prefers B to A (summed over the prompts); pairs preferring A flip that in a few dozen LoRA steps, and
+    the logged rewards show it."""
+    from llmtrain.models.gpt2_native import load_hf
+
+    base = load_hf(pretrained)
+    a, b = "cat", "dog"
+    if sum(margins(base, a, b)) > 0:
+        a, b = b, a
+    before = margins(base, a, b)
+    assert sum(before) < 0, before
+    src = pairs_file(tmp_path / "pairs.jsonl", [(p, a, b) for p in PROMPTS])
+    run(compose(dpo_args(pretrained, src, "model.lora.enabled=true", "model.lora.r=4", "model.lora.alpha=8",
+                         "model.lora.dropout=0", "optim.lr=1e-2", "trainer.max_steps=30",
+                         "trainer.micro_batch_size=3", "trainer.dpo_beta=0.5")), tmp_path / "run")
+    after = margins(load_hf(tmp_path / "run" / "final"), a, b)
+    print(f"log p({a}) - log p({b}) per prompt: before {before}, after {after}")
+    assert min(after) > 1.0, (before, after)
+    recs = [r for r in read_metrics(tmp_path / "run") if "rewards/margins" in r]
+    assert len(recs) == 30 and abs(recs[0]["rewards/margins"]) < 1e-6  # step 1: the policy is the reference
+    assert recs[-1]["rewards/margins"] > 0.5 and recs[-1]["rewards/accuracy"] == 1.0
+    assert recs[-1]["loss"] < 0.5 * recs[0]["loss"]
+    evals = [r for r in read_metrics(tmp_path / "run") if "eval_loss" in r]  # the end-of-run evaluation: DPO's
+    assert evals[-1]["eval_loss"] < 0.5 * np.log(2) and evals[-1]["accuracy"] == 1.0 and "perplexity" not in evals[-1]
+
+
+@pytest.mark.parametrize("override,key", [
+    (["trainer.objective=ppo"], "trainer.objective: must be one of lm, dpo"),
+    (["trainer.objective=lm"], "trainer.objective: data=preference holds"),
+    (["data=instruct"], "trainer.objective: dpo reads preference pairs"),
+    (["strategy=fsdp"], "trainer.objective: dpo runs under strategy single or ddp"),
+    (["trainer.dpo_beta=0"], "trainer.dpo_beta: must be > 0"),
+], ids=["unknown", "preference-without-dpo", "dpo-without-preference", "fsdp", "beta"])
+def test_refusals_are_one_line(pretrained: Path, tmp_path: Path, override: list[str], key: str,
+                               capsys: pytest.CaptureFixture) -> None:
+    src = pairs_file(tmp_path / "pairs.jsonl")
+    args = dpo_args(pretrained, src, *override)
+    if "data=instruct" in override:
+        args = [o for o in args if o != "data=preference"]
+    check_refused(args, tmp_path, key, capsys)
+
+
+def check_refused(args: list[str], tmp_path: Path, start: str, capsys: pytest.CaptureFixture) -> None:
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as ei:
+        run(compose(args), tmp_path / "run")
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.splitlines() if ln.startswith("llmtrain: error")]
+    assert ei.value.code == 2 and len(lines) == 1 and lines[0].startswith(f"llmtrain: error: {start}"), err
+    assert "Traceback" not in err
+
+
+def test_dpo_with_a_regression_model_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    check_refused(["experiment=linear_regression", "trainer.objective=dpo"], tmp_path,
+                  "trainer.objective: dpo trains a language model, but model family 'regression'", capsys)
+
+
+def test_the_preset_needs_a_source(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    check_refused(["experiment=gpt2_dpo", "model.pretrained=null", "logger.progress=false"], tmp_path,
+                  "data.source: set it to a .jsonl", capsys)
+
+
+def test_a_missing_field_names_the_file_line_and_field(tmp_path: Path) -> None:
+    src = jsonl(tmp_path / "bad.jsonl", [{"prompt": "a", "chosen": "b", "rejected": "c"}, {"prompt": "a", "chosen": "b"}])
+    with pytest.raises(ConfigError) as ei:
+        PreferenceDataModule(PreferenceDataConfig(source=str(src), val_source=str(src), tokenizer="byte"))
+    assert str(ei.value).startswith("data.source: bad.jsonl:2: no 'rejected' field (it has: prompt, chosen)"), ei.value
+
+
+def test_full_finetuning_resume_keeps_the_starting_model_as_reference(pretrained: Path, tmp_path: Path) -> None:
+    """A run stopped at step 3 and resumed follows one never stopped: the reference is the pretrained model, not
+    the weights the resumed run starts from."""
+    from helpers import losses
+
+    src = pairs_file(tmp_path / "pairs.jsonl")
+    args = dpo_args(pretrained, src, "optim.lr=1e-2", "trainer.ckpt_every=3", "trainer.micro_batch_size=2",
+                    "scheduler=constant")  # the same learning rates whatever max_steps is
+    run(compose([*args, "trainer.max_steps=6"]), tmp_path / "ref")
+    run(compose([*args, "trainer.max_steps=3"]), tmp_path / "run")
+    run(compose([*args, "trainer.max_steps=6"]), tmp_path / "run")
+    want = {r["step"]: r for r in read_metrics(tmp_path / "ref") if "rewards/margins" in r}
+    got = {r["step"]: r for r in read_metrics(tmp_path / "run") if "rewards/margins" in r}
+    assert losses(tmp_path / "run") == losses(tmp_path / "ref") and len(want) == 6
+    assert [got[s]["rewards/margins"] for s in want] == [want[s]["rewards/margins"] for s in want]
+    assert abs(want[6]["rewards/margins"]) > 1e-3
+
+
+def test_dpo_under_ddp_matches_one_process(pretrained: Path, tmp_path: Path) -> None:
+    """2 processes × 2 pairs follow 1 process × 4 pairs (full fine-tuning: each rank holds its frozen copy): the
+    loss and the rewards are averaged over the global pair count."""
+    from helpers import losses, train_cli
+
+    pairs = [(f"q{i}: ", "yes" * (i % 3 + 1), "no" * (i % 2 + 1)) for i in range(8)]
+    src = pairs_file(tmp_path / "pairs.jsonl", pairs)
+    args = dpo_args(pretrained, src, "optim.lr=1e-3", "trainer.max_steps=3")
+    run(compose([*args, "trainer.micro_batch_size=4"]), tmp_path / "single")
+    train_cli([*args, "strategy=ddp", "trainer.micro_batch_size=2"], tmp_path / "ddp", nproc=2)
+    ref, got = losses(tmp_path / "single"), losses(tmp_path / "ddp")
+    assert sorted(got) == [1, 2, 3] and max(abs(got[s] - ref[s]) / abs(ref[s]) for s in ref) < 1e-5, (got, ref)
+    margin = {r["step"]: r["rewards/margins"] for r in read_metrics(tmp_path / "single") if "rewards/margins" in r}
+    ddp_margin = {r["step"]: r["rewards/margins"] for r in read_metrics(tmp_path / "ddp") if "rewards/margins" in r}
+    assert abs(margin[3]) > 1e-4 and abs(ddp_margin[3] - margin[3]) < 1e-5 * max(1.0, abs(margin[3]))
