@@ -174,6 +174,7 @@ def validate(cfg: Config) -> None:
     _check_model_data(cfg)
     adapters.check(cfg.model, st.name.value)
     _check_tp(cfg)
+    _check_bench(cfg)
     require(st.dp_replicate >= 1, "strategy.dp_replicate", f"must be >= 1 (got {st.dp_replicate})")
     require(st.dp_replicate == 1 or st.name.value == "fsdp", "strategy.dp_replicate",
             f"HSDP (replicate across groups, shard within) runs under strategy=fsdp, not {st.name.value}; set "
@@ -206,6 +207,24 @@ def _check_model_data(cfg: Any) -> None:
         require(cfg.data.seq_len <= ctx, "data.seq_len",
                 f"{cfg.data.seq_len} exceeds the model context of {ctx}; set data.seq_len<={ctx} "
                 f"or model.n_positions>={cfg.data.seq_len}")
+
+
+def _check_bench(cfg: Config) -> None:
+    """trainer.bench_*: local multiple-choice files, scored by a language model."""
+    t = cfg.trainer
+    for key in ("bench_every", "bench_limit"):
+        require(getattr(t, key) >= 0, f"trainer.{key}", f"must be >= 0 (got {getattr(t, key)})")
+    if t.bench_every == 0:
+        return
+    require(bool(t.bench_tasks), "trainer.bench_tasks", "is empty while trainer.bench_every > 0; give "
+                                                        "[items.jsonl, ...] or set trainer.bench_every=0")
+    require(MODELS.get(cfg.model.family).target.task == "lm", "trainer.bench_tasks",
+            f"scores language models, not model={cfg.model.family}")
+    for task in t.bench_tasks:
+        path = Path(task).expanduser()
+        require(path.suffix == ".jsonl" and path.is_file(), "trainer.bench_tasks",
+                f"{task} is not a .jsonl file of multiple-choice items (a hub task such as hellaswag is scored "
+                f"after training: llmtrain-eval source=<run> tasks={task})")
 
 
 def _check_tp(cfg: Config) -> None:

@@ -63,6 +63,9 @@ class TrainerConfig:
     objective: str = "lm"  # lm: the model's own loss | dpo: preference pairs (data=preference; llmtrain/preference.py)
     dpo_beta: float = 0.1  # dpo: β, how far the policy may move from the reference
     dpo_label_smoothing: float = 0.0  # dpo: ε, the share of pairs assumed mislabelled (conservative DPO)
+    bench_every: int = 0  # steps between benchmark scores of the weights being trained; 0: none
+    bench_tasks: list[str] = field(default_factory=list)  # multiple-choice .jsonl files (HellaSwag's format)
+    bench_limit: int = 0  # items scored per task (0: all)
 
 
 class Trainer:
@@ -101,6 +104,11 @@ class Trainer:
         self.train_loader = self._loader("train", shuffle=True)
         self._loader("val", shuffle=False)  # fail at start, not at the first eval, if val is too small
         self.objective = preference.build(self.cfg, self.spec, strategy)  # how a micro-batch becomes a loss
+        self.bench = None  # trainer.bench_tasks scored every bench_every steps (generation/bench.py)
+        if self.cfg.bench_every > 0 and self.cfg.bench_tasks:
+            from llmtrain.generation.bench import TrainingBench
+
+            self.bench = TrainingBench(ctx, strategy)
         self.lm = self.data.info.task == "lm" and self.cfg.objective == "lm"
 
     def _loader(self, split: str, shuffle: bool) -> Loader:
@@ -171,6 +179,13 @@ class Trainer:
                 ev = self.evaluate()
             rec = {**(rec or {}), **ev}
             self._track_best(ev["eval_loss"])
+        if self.bench is not None and self.bench.due(self.step):
+            with self._excluded():
+                scores = self.bench(self.step)
+            self.logger.log({"step": self.step, **scores})
+            self.logger.write(f"step {self.step}: " + ", ".join(f"{k.removeprefix('bench/')} {v:.3f}"
+                                                                for k, v in scores.items()))
+            rec = {**(rec or {}), **scores}
         every = self.cfg.sample_every  # before the checkpoint: a resume from it never has to redo these samples
         if self.sampler is not None and every > 0 and self.step % every == 0 and self.step < self.cfg.max_steps:
             with self._excluded():

@@ -88,19 +88,36 @@ def score_pairs(lm: CausalLM, pairs: Sequence[tuple[list[int], list[int]]], prec
 
     from llmtrain.precision import autocast
 
+    ids, tgt = padded_rows(pairs, lm.max_positions, device)
+    with torch.no_grad(), autocast(precision, device):
+        logits = lm.logits(ids)
+    return likelihoods(logits, tgt)
+
+
+def padded_rows(pairs: Sequence[tuple[list[int], list[int]]], max_positions: int, device: torch.device,
+                multiple: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input ids [B, T], targets [B, T]: the continuation's tokens, IGNORE_INDEX elsewhere) of the pairs, right
+    padded to a width that is a multiple of `multiple` (a sequence split over tensor-parallel ranks)."""
+    import torch
+
     rows, labels = [], []
     for ctx, cont in pairs:
         if not cont:
             raise ConfigError("tasks", "a choice encodes to no tokens")
-        whole = (list(ctx) + list(cont))[-(lm.max_positions + 1):]
+        whole = (list(ctx) + list(cont))[-(max_positions + 1):]
         rows.append(whole[:-1])
         n_cont = min(len(cont), len(whole) - 1)
         labels.append([IGNORE_INDEX] * (len(whole) - 1 - n_cont) + whole[-n_cont:])
-    width = max(map(len, rows))
+    width = -(-max(map(len, rows)) // multiple) * multiple
     ids = torch.tensor([r + [0] * (width - len(r)) for r in rows], device=device)  # right padding: never seen
     tgt = torch.tensor([lab + [IGNORE_INDEX] * (width - len(lab)) for lab in labels], device=device)
-    with torch.no_grad(), autocast(precision, device):
-        logits = lm.logits(ids)
+    return ids, tgt
+
+
+def likelihoods(logits: torch.Tensor, tgt: torch.Tensor) -> list[tuple[float, bool]]:
+    """Per row: (the targets' summed log-likelihood, whether every target is the argmax) from logits [B, T, V]."""
+    import torch
+
     logits = logits.float()
     losses = torch.nn.functional.cross_entropy(logits.flatten(0, 1), tgt.flatten(), ignore_index=IGNORE_INDEX,
                                                reduction="none").view(tgt.shape)
@@ -110,16 +127,21 @@ def score_pairs(lm: CausalLM, pairs: Sequence[tuple[list[int], list[int]]], prec
     return [(float(ll), bool(g)) for ll, g in zip(lls.tolist(), greedy.tolist(), strict=True)]
 
 
+def choose(item: dict[str, Any], lls: Sequence[float]) -> tuple[bool, bool]:
+    """(acc, acc_norm) of one item from its endings' log-likelihoods."""
+    norm = [ll / len(e) for ll, e in zip(lls, item["endings"], strict=True)]
+    return _argmax(lls) == item["label"], _argmax(norm) == item["label"]
+
+
 def score_items(lm: CausalLM, tok: Any, items: Sequence[dict[str, Any]], precision: Precision,
                 device: torch.device) -> dict[str, Any]:
     """{"acc", "acc_norm", "n"} of `items` (see the module docstring); one forward per item."""
     acc = acc_norm = 0
     for item in items:
         pairs = [encode_pair(tok, item["context"], DELIMITER + e) for e in item["endings"]]
-        lls = [ll for ll, _ in score_pairs(lm, pairs, precision, device)]
-        norm = [ll / len(e) for ll, e in zip(lls, item["endings"], strict=True)]
-        acc += _argmax(lls) == item["label"]
-        acc_norm += _argmax(norm) == item["label"]
+        a, a_norm = choose(item, [ll for ll, _ in score_pairs(lm, pairs, precision, device)])
+        acc += a
+        acc_norm += a_norm
     n = len(items)
     return {"acc": acc / n, "acc_norm": acc_norm / n, "n": n}
 

@@ -24,14 +24,17 @@ def _pyplot() -> Any:
 
 
 def loss_plot(run_dir: Path) -> Path | None:
-    """<run>/plots/loss.png: train and eval loss against the step, the learning rate on a second axis."""
+    """<run>/plots/loss.png: train and eval loss against the step, the learning rate on a second axis; below them
+    the benchmarks' accuracies when the run scored any (trainer.bench_tasks)."""
     recs = _records(run_dir)
     train = [(r["step"], r["loss"], r.get("lr")) for r in recs if r.get("loss") is not None]
     evals = [(r["step"], r["eval_loss"]) for r in recs if r.get("eval_loss") is not None]
     if not train:
         return None
+    bench = sorted({k for r in recs for k in r if k.startswith("bench/")})  # trainer.bench_tasks' scores
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(8, 4.5), dpi=100)
+    fig, axes = plt.subplots(2 if bench else 1, 1, figsize=(8, 8 if bench else 4.5), dpi=100, squeeze=False)
+    ax = axes[0][0]
     ax.plot([s for s, _, _ in train], [v for _, v, _ in train], label="train loss", lw=1.2)
     if evals:
         ax.plot([s for s, _ in evals], [v for _, v in evals], "o-", label="eval loss", lw=1.5)
@@ -47,6 +50,16 @@ def loss_plot(run_dir: Path) -> Path | None:
         lines, labels = lines + more[0], labels + more[1]
     ax.legend(lines, labels, loc="upper right")
     ax.set_title(run_dir.name)
+    if bench:  # below: each benchmark's accuracy against the step
+        bx = axes[1][0]
+        for k in bench:
+            pts = [(r["step"], r[k]) for r in recs if r.get(k) is not None]
+            bx.plot([s for s, _ in pts], [v for _, v in pts], "o-", ms=3, lw=1.2, label=k.removeprefix("bench/"))
+        bx.set_xlabel("step")
+        bx.set_ylabel("benchmark accuracy")
+        bx.set_ylim(0, 1)
+        bx.grid(alpha=0.3)
+        bx.legend(fontsize=7, loc="lower right")
     out = run_dir / "plots" / "loss.png"
     out.parent.mkdir(exist_ok=True)
     fig.tight_layout()

@@ -1,7 +1,7 @@
 """`llmtrain-report <sweep_dir>`: every trial of a sweep, best first.
 
-A markdown table on stdout (the trial, i.e. its swept overrides; final train and eval loss, median tokens/s,
-wall time, status), the same rows in <sweep_dir>/report.csv (with every override of each trial), and
+A markdown table on stdout (the trial, i.e. its swept overrides; final train and eval loss, the last score of each
+benchmark task (trainer.bench_tasks), median tokens/s, wall time, status), the same rows in <sweep_dir>/report.csv (with every override of each trial), and
 <sweep_dir>/sweep.png overlaying the trials' eval-loss curves.
 """
 
@@ -45,7 +45,8 @@ def trial_row(sweep_dir: Path, run_dir: Path) -> dict[str, Any]:
     rates = [m["tokens_per_s"] if "tokens_per_s" in m else m.get("samples_per_s") for m in train]
     rates = [r for r in rates if r is not None]
     status = rec.get("status") or ("complete" if (run_dir / "final").is_dir() else "incomplete")
-    return {"trial": str(run_dir.relative_to(sweep_dir)),  # named after the swept overrides
+    bench = {k: m[k] for m in metrics for k in m if k.startswith("bench/")}  # each benchmark's last value
+    return {**bench, "trial": str(run_dir.relative_to(sweep_dir)),  # named after the swept overrides
             "overrides": " ".join(rec.get("overrides", [])) or run_dir.name,
             "train_loss": train[-1]["loss"] if train else None,
             "eval_loss": evals[-1]["eval_loss"] if evals else None,
@@ -79,12 +80,14 @@ def report(sweep_dir: Path) -> list[dict[str, Any]]:
         raise ConfigError("sweep_dir", f"{sweep_dir} holds no llmtrain run (no dir below it with a config.yaml "
                                           "and a run.json or metrics.jsonl)")
     rows = sorted((trial_row(sweep_dir, d) for d in dirs), key=_key)
-    print("| " + " | ".join(COLUMNS) + " |")
-    print("|" + "---|" * len(COLUMNS))
+    bench = sorted({k for r in rows for k in r if k.startswith("bench/")})  # trainer.bench_tasks' last scores
+    columns = (*COLUMNS[:3], *bench, *COLUMNS[3:])
+    print("| " + " | ".join(columns) + " |")
+    print("|" + "---|" * len(columns))
     for r in rows:
-        print("| " + " | ".join(_fmt(r[c]) for c in COLUMNS) + " |")
+        print("| " + " | ".join(_fmt(r.get(c)) for c in columns) + " |")
     with open(sweep_dir / "report.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=CSV_COLUMNS)
+        w = csv.DictWriter(f, fieldnames=(*columns, "overrides"), restval="")
         w.writeheader()
         w.writerows(rows)
     png = sweep_plot([(r["trial"], sweep_dir / r["trial"]) for r in rows], sweep_dir / "sweep.png")
