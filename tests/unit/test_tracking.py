@@ -204,6 +204,33 @@ def test_report_counts_run_dirs_only(tmp_path: Path, capsys: pytest.CaptureFixtu
     assert "3 trials" in capsys.readouterr().err
 
 
+def test_report_and_plot_show_the_benchmarks(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """A trial that scored trainer.bench_tasks: its last score per task is a column of the report (and of
+    report.csv); a trial without them shows a dash; the run's loss plot grows a panel for them."""
+    import csv
+
+    from llmtrain.tracking.plots import loss_plot
+    from llmtrain.tracking.report import report
+
+    sweep = tmp_path / "sweep"
+    for name, recs in (("a", [{"step": 1, "loss": 2.0}, {"step": 2, "bench/items/acc": 0.25},
+                              {"step": 4, "loss": 1.5, "bench/items/acc": 0.5}]),
+                       ("b", [{"step": 1, "loss": 1.8}])):
+        d = sweep / name
+        d.mkdir(parents=True)
+        (d / "config.yaml").write_text("name: x\n")
+        (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    report(sweep)
+    out = capsys.readouterr().out.splitlines()
+    assert "bench/items/acc" in out[0].split(" | ")
+    row_a = next(ln for ln in out if ln.startswith("| a |"))
+    assert " 0.5 " in row_a and " — " in next(ln for ln in out if ln.startswith("| b |"))
+    with open(sweep / "report.csv") as f:
+        assert [r["bench/items/acc"] for r in csv.DictReader(f)] == ["0.5", ""]  # a (lower loss) first
+    small = loss_plot(sweep / "b").stat().st_size
+    assert loss_plot(sweep / "a").stat().st_size > small  # two panels
+
+
 def test_dashboard_on_a_port_in_use_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     import socket
 
