@@ -36,9 +36,21 @@ def samples(run_dir: Path) -> list[tuple[int, str]]:
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A port free now, below the kernel's ephemeral range (32768-60999): one the OS hands out for bind(0) or to
+    a connection's local end (gloo opens many) could be taken by another test's process before the launcher
+    binds it (the likely cause of one CI run's two-node rendezvous losing its store connection)."""
+    import random
+
+    pick = random.SystemRandom()  # not the module's generator: in-process runs seed it alike in every worker
+    for _ in range(200):
+        port = pick.randint(20000, 32000)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free port in 20000-32000")
 
 
 def base_env(tmp_cache: Path | None = None) -> dict[str, str]:
