@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -65,13 +66,9 @@ class Chat:
     spans: list[tuple[int, int]]
 
 
-def read_records(path: Path, cfg: InstructDataConfig, tok: Any, key: str) -> list[tuple[str, str] | Chat]:
-    """(prompt, completion) or a rendered Chat per line of an existing file; one-line errors naming the file and
-    line."""
-    from llmtrain.data.chat import ChatTemplateError, assistant_spans, template_source
-
-    out: list[tuple[str, str] | Chat] = []
-    source = template_source(tok, cfg.template)
+def json_objects(path: Path, key: str) -> Iterator[tuple[str, dict[str, Any]]]:
+    """("<file>:<line>", the object) per non-blank line of a JSONL file; a line that is not a JSON object is a
+    one-line ConfigError(key) naming the file and line."""
     with path.open(encoding="utf-8", errors="replace") as f:
         for no, line in enumerate(f, 1):
             if not line.strip():
@@ -83,38 +80,49 @@ def read_records(path: Path, cfg: InstructDataConfig, tok: Any, key: str) -> lis
                 raise ConfigError(key, f"{where}: not JSON") from None
             if not isinstance(rec, dict):
                 raise ConfigError(key, f"{where}: not a JSON object")
-            if cfg.messages_field in rec:
-                msgs = rec[cfg.messages_field]
-                ok = isinstance(msgs, list) and msgs and all(
-                    isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
-                    for m in msgs)
-                if not ok:
-                    raise ConfigError(key, f"{where}: '{cfg.messages_field}' must be a list of {{role, content}} "
-                                           "(strings)")
-                if msgs[-1]["role"] != "assistant":
-                    raise ConfigError(key, f"{where}: the last message must be the assistant's (the completion)")
-                if not msgs[-1]["content"].strip():
-                    raise ConfigError(key, f"{where}: empty completion")
-                if source is None:
-                    raise ConfigError("data.template", f"{where}: chat messages are rendered by the tokenizer's chat "
-                                                       "template and this tokenizer has none; set "
-                                                       "data.template=plain for llmtrain's plain one, or give a "
-                                                       "tokenizer with one (data.tokenizer)")
-                try:
-                    text, spans = assistant_spans(source, tok, msgs)
-                except ChatTemplateError as e:
-                    raise ConfigError("data.template", f"{where}: {e}") from None
-                out.append(Chat(where, text, spans))
-            else:
-                for field in (cfg.prompt_field, cfg.completion_field):
-                    if field not in rec:
-                        which = "prompt" if field == cfg.prompt_field else "completion"
-                        raise ConfigError(key, f"{where}: no {field!r} field (it has: {', '.join(rec)}); "
-                                               f"set data.{which}_field")
-                prompt, completion = str(rec[cfg.prompt_field]), str(rec[cfg.completion_field])
-                if not completion.strip():
-                    raise ConfigError(key, f"{where}: empty completion")
-                out.append((prompt, completion))
+            yield where, rec
+
+
+def read_records(path: Path, cfg: InstructDataConfig, tok: Any, key: str) -> list[tuple[str, str] | Chat]:
+    """(prompt, completion) or a rendered Chat per line of an existing file; one-line errors naming the file and
+    line."""
+    from llmtrain.data.chat import ChatTemplateError, assistant_spans, template_source
+
+    out: list[tuple[str, str] | Chat] = []
+    source = template_source(tok, cfg.template)
+    for where, rec in json_objects(path, key):
+        if cfg.messages_field in rec:
+            msgs = rec[cfg.messages_field]
+            ok = isinstance(msgs, list) and msgs and all(
+                isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+                for m in msgs)
+            if not ok:
+                raise ConfigError(key, f"{where}: '{cfg.messages_field}' must be a list of {{role, content}} "
+                                       "(strings)")
+            if msgs[-1]["role"] != "assistant":
+                raise ConfigError(key, f"{where}: the last message must be the assistant's (the completion)")
+            if not msgs[-1]["content"].strip():
+                raise ConfigError(key, f"{where}: empty completion")
+            if source is None:
+                raise ConfigError("data.template", f"{where}: chat messages are rendered by the tokenizer's chat "
+                                                   "template and this tokenizer has none; set "
+                                                   "data.template=plain for llmtrain's plain one, or give a "
+                                                   "tokenizer with one (data.tokenizer)")
+            try:
+                text, spans = assistant_spans(source, tok, msgs)
+            except ChatTemplateError as e:
+                raise ConfigError("data.template", f"{where}: {e}") from None
+            out.append(Chat(where, text, spans))
+        else:
+            for field in (cfg.prompt_field, cfg.completion_field):
+                if field not in rec:
+                    which = "prompt" if field == cfg.prompt_field else "completion"
+                    raise ConfigError(key, f"{where}: no {field!r} field (it has: {', '.join(rec)}); "
+                                           f"set data.{which}_field")
+            prompt, completion = str(rec[cfg.prompt_field]), str(rec[cfg.completion_field])
+            if not completion.strip():
+                raise ConfigError(key, f"{where}: empty completion")
+            out.append((prompt, completion))
     if not out:
         raise ConfigError(key, f"{path} holds no examples")
     return out

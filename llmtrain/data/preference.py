@@ -9,7 +9,6 @@ pairs are not read (a first slice).
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,7 +17,7 @@ import numpy as np
 import torch
 
 from llmtrain.data.base import DataModule, register_data
-from llmtrain.data.instruct import TOO_LONG, rows
+from llmtrain.data.instruct import TOO_LONG, json_objects, rows
 from llmtrain.datainfo import IGNORE_INDEX, Batch, DataInfo
 from llmtrain.distributed.dist import Dist
 from llmtrain.errors import ConfigError
@@ -50,26 +49,16 @@ def read_pairs(path: Path, cfg: PreferenceDataConfig, key: str) -> list[tuple[st
         raise ConfigError(key, f"file not found: {path}")
     out = []
     fields = (("prompt", cfg.prompt_field), ("chosen", cfg.chosen_field), ("rejected", cfg.rejected_field))
-    with path.open(encoding="utf-8", errors="replace") as f:
-        for no, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path.name}:{no}"
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:
-                raise ConfigError(key, f"{where}: not JSON") from None
-            if not isinstance(rec, dict):
-                raise ConfigError(key, f"{where}: not a JSON object")
-            for which, name in fields:
-                if name not in rec:
-                    raise ConfigError(key, f"{where}: no {name!r} field (it has: {', '.join(rec) or 'none'}); "
-                                           f"set data.{which}_field")
-            prompt, chosen, rejected = (str(rec[name]) for _, name in fields)
-            for which, text in (("chosen", chosen), ("rejected", rejected)):
-                if not text.strip():
-                    raise ConfigError(key, f"{where}: empty {which!r} response")
-            out.append((prompt, chosen, rejected))
+    for where, rec in json_objects(path, key):
+        for which, name in fields:
+            if name not in rec:
+                raise ConfigError(key, f"{where}: no {name!r} field (it has: {', '.join(rec) or 'none'}); "
+                                       f"set data.{which}_field")
+        prompt, chosen, rejected = (str(rec[name]) for _, name in fields)
+        for which, text in (("chosen", chosen), ("rejected", rejected)):
+            if not text.strip():
+                raise ConfigError(key, f"{where}: empty {which!r} response")
+        out.append((prompt, chosen, rejected))
     if not out:
         raise ConfigError(key, f"{path} holds no preference pairs")
     return out

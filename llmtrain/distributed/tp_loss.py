@@ -19,6 +19,7 @@ import torch.distributed as dist
 from torch import nn
 
 from llmtrain.datainfo import IGNORE_INDEX
+from llmtrain.models.gpt2_native import precomputed_grads
 
 CHUNK_ELEMENTS = 1 << 28  # fp32 logits of one chunk on one rank, at most (~1 GiB)
 # one tensor in, one out (torch 2.13's names; the older ones before)
@@ -127,6 +128,4 @@ class _VocabParallelCE(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[Any, ...]:
-        from llmtrain.models.gpt2_native import precomputed_grads
-
         return *precomputed_grads(ctx, grad_out), None, None, None, None, None
