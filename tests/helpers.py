@@ -243,3 +243,38 @@ def compose(overrides: list[str], config_name: str = "config") -> Any:
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(conf_dir()), version_base=None):
         return _compose(config_name=config_name, overrides=overrides)
+
+
+def random_gpt2_export(out: Path, n_positions: int) -> Path:
+    """A tiny random native GPT-2 exported to `out` on the byte vocabulary, with its tokenizer. Its weights are
+    scaled up: at the usual init greedy decoding repeats one token whatever the context, and endings score
+    alike, which would hide a masking or cache bug."""
+    import torch
+
+    from llmtrain.data.tokenizers import byte_tokenizer
+    from llmtrain.models.gpt2_native import GPT2, GPT2Dims, save_hf
+
+    tok = byte_tokenizer()
+    torch.manual_seed(0)
+    model = GPT2(GPT2Dims(vocab_size=len(tok), n_positions=n_positions, n_embd=32, n_layer=2, n_head=2,
+                          eos_token_id=tok.eos_token_id))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(3)
+    save_hf(model, out)
+    tok.save_pretrained(out)
+    return out
+
+
+def transformers_gpt2_dir(d: Path) -> Path:
+    """A 2-layer GPT-2 on the byte vocabulary, saved as transformers saves it (no dropout), with its tokenizer."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from llmtrain.data.tokenizers import byte_tokenizer
+
+    torch.manual_seed(0)
+    GPT2LMHeadModel(GPT2Config(vocab_size=257, n_positions=64, n_embd=32, n_layer=2, n_head=2, bos_token_id=256,
+                               eos_token_id=256, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)).save_pretrained(d)
+    byte_tokenizer().save_pretrained(d)
+    return d

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import REPO, TINY_LM, compose
+from helpers import REPO, TINY_LM, compose, random_gpt2_export
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 TASK_DIR = Path(__file__).parent / "lm_eval_task"
@@ -19,20 +19,7 @@ ITEMS = TASK_DIR / "items.jsonl"
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory) -> Path:
     """A tiny random GPT-2 export on the byte vocabulary, its weights scaled up so that endings score apart."""
-    from llmtrain.data.tokenizers import byte_tokenizer
-    from llmtrain.models.gpt2_native import GPT2, GPT2Dims, save_hf
-
-    out = tmp_path_factory.mktemp("choice") / "model"
-    tok = byte_tokenizer()
-    torch.manual_seed(0)
-    model = GPT2(GPT2Dims(vocab_size=len(tok), n_positions=128, n_embd=32, n_layer=2, n_head=2,
-                          eos_token_id=tok.eos_token_id))
-    with torch.no_grad():
-        for p in model.parameters():
-            p.mul_(3)
-    save_hf(model, out)
-    tok.save_pretrained(out)
-    return out
+    return random_gpt2_export(tmp_path_factory.mktemp("choice") / "model", n_positions=128)
 
 
 def _by_hand(model_dir: Path) -> tuple[list[list[float]], float, float]:

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import TINY_LM, ckpt_state, compose, losses
+from helpers import TINY_LM, ckpt_state, compose, losses, transformers_gpt2_dir
 
 from llmtrain import checkpoint as ckpt
 from llmtrain.train import run
@@ -22,16 +22,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 @pytest.fixture(scope="module")
 def pretrained(tmp_path_factory) -> Path:
     """A 2-layer GPT-2 on the byte vocabulary, saved as transformers saves it, with its tokenizer."""
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    from llmtrain.data.tokenizers import byte_tokenizer
-
-    d = tmp_path_factory.mktemp("pretrained")
-    torch.manual_seed(0)
-    GPT2LMHeadModel(GPT2Config(vocab_size=257, n_positions=64, n_embd=32, n_layer=2, n_head=2, bos_token_id=256,
-                               eos_token_id=256, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)).save_pretrained(d)
-    byte_tokenizer().save_pretrained(d)
-    return d
+    return transformers_gpt2_dir(tmp_path_factory.mktemp("pretrained"))
 
 
 def ft(pretrained: Path, *extra: str) -> list[str]:

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import TINY_LM, compose, read_metrics
+from helpers import TINY_LM, compose, random_gpt2_export, read_metrics
 
 from llmtrain.errors import ConfigError
 from llmtrain.generation import GenerationConfig, Generator
@@ -246,20 +246,7 @@ def random_model(tmp_path_factory) -> Path:
     """A tiny random GPT-2 export on the byte vocabulary (loss bookkeeping needs no trained model). Its weights
     are scaled up: at the usual init greedy decoding repeats one token whatever the context, which would hide
     a masking or cache bug."""
-    from llmtrain.data.tokenizers import byte_tokenizer
-    from llmtrain.models.gpt2_native import GPT2, GPT2Dims, save_hf
-
-    out = tmp_path_factory.mktemp("random") / "model"
-    tok = byte_tokenizer()
-    torch.manual_seed(0)
-    model = GPT2(GPT2Dims(vocab_size=len(tok), n_positions=64, n_embd=32, n_layer=2, n_head=2,
-                          eos_token_id=tok.eos_token_id))
-    with torch.no_grad():
-        for p in model.parameters():
-            p.mul_(3)
-    save_hf(model, out)
-    tok.save_pretrained(out)
-    return out
+    return random_gpt2_export(tmp_path_factory.mktemp("random") / "model", n_positions=64)
 
 
 def _eval_app(overrides: list[str]) -> dict:

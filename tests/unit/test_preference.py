@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import TINY_LM, compose, read_metrics
+from helpers import TINY_LM, compose, read_metrics, transformers_gpt2_dir
 
 from llmtrain.data.preference import PreferenceDataConfig, PreferenceDataModule
 from llmtrain.data.tokenizers import byte_tokenizer
@@ -137,14 +137,7 @@ def test_lora_reference_is_the_model_with_its_adapters_disabled(tmp_path: Path) 
 @pytest.fixture(scope="module")
 def pretrained(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A 2-layer GPT-2 on the byte vocabulary, saved as transformers saves it, with its tokenizer."""
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    d = tmp_path_factory.mktemp("pretrained")
-    torch.manual_seed(0)
-    GPT2LMHeadModel(GPT2Config(vocab_size=257, n_positions=64, n_embd=32, n_layer=2, n_head=2, bos_token_id=256,
-                               eos_token_id=256, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)).save_pretrained(d)
-    byte_tokenizer().save_pretrained(d)
-    return d
+    return transformers_gpt2_dir(tmp_path_factory.mktemp("pretrained"))
 
 
 def dpo_args(pretrained: Path, source: Path, *extra: str) -> list[str]:
