@@ -18,7 +18,7 @@ from llmtrain import preference
 from llmtrain.data.base import DATA
 from llmtrain.distributed.base import StrategyConfig, sequence_parallel
 from llmtrain.errors import ConfigError, require, unknown_key
-from llmtrain.models import adapters
+from llmtrain.models import adapters, quantize
 from llmtrain.models.base import MODELS
 from llmtrain.optim import OptimConfig, SchedulerConfig
 from llmtrain.registry import discover, store_once
@@ -172,6 +172,7 @@ def validate(cfg: Config) -> None:
                 f"file not found: {st.deepspeed_config}")
     preference.check(cfg)  # trainer.objective against the model, data and strategy
     _check_model_data(cfg)
+    quantize.check(cfg.model, st.name.value, st.tp, t.compile)
     adapters.check(cfg.model, st.name.value)
     _check_tp(cfg)
     _check_bench(cfg)

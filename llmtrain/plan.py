@@ -95,6 +95,9 @@ class Shape:
     sequence_parallel: bool = True  # TP layouts split the sequence too (strategy.sequence_parallel, resolved)
     tp_vocab: bool = True  # TP splits the embedding and head over the vocabulary (a vocab-parallel loss)
     tp_off: str = ""  # why this config cannot use TP ("": it can)
+    n_quantized: int = 0  # of n_params: frozen in 4 bits (model.quantize: the blocks' linear weights)
+    quant_layer: int = 0  # the largest of those layers (dequantised for its matmul, one at a time)
+    lora: bool = False  # LoRA adapters (model.lora): single and ddp only
 
     @property
     def tokens(self) -> int:
@@ -275,6 +278,11 @@ def memory(s: Shape, strategy: str, world: int, zero_stage: int = 2, offload_opt
         m.weights, m.grads, m.optimizer = 4.0 * n, 4.0 * nt, opt
         m.activations = activations(s, False, tp, sp)
         m.buffers = loss_buffers(s, 4 if s.precision == "fp32" else 2, tp if s.tp_vocab else 1, sp)
+        if s.n_quantized:  # a 4-bit base: codes and scales, and one layer's weight dequantised at a time
+            from llmtrain.models.quantize import quantized_bytes
+
+            m.weights = low * (n - s.n_quantized - nt) + 4.0 * nt + quantized_bytes(s.n_quantized)
+            m.buffers += low * s.quant_layer
     elif strategy == "fsdp":
         m.weights = 4.0 * n / w + low * (root + 2 * block)  # shards + gathered units in flight
         unsharded = 4.0 * nt if s.accum > 1 else 4.0 * block  # no_sync keeps whole gradients
@@ -506,7 +514,10 @@ def layouts(s: Shape, cluster: Cluster) -> list[Layout]:
 
 
 def plan(s: Shape, cluster: Cluster) -> list[Row]:
-    """Every row: STRATEGIES, then the parallel layouts (`layouts`)."""
+    """Every row: STRATEGIES, then the parallel layouts (`layouts`); LoRA (and a 4-bit base under it): single and
+    ddp only, as adapters.check allows."""
+    if s.lora or s.n_quantized:
+        return [row(s, label, cluster) for label in ("single", "ddp")]
     return [row(s, label, cluster, **kw) for label, kw in STRATEGIES] + [
         layout_row(s, lay, cluster) for lay in layouts(s, cluster)]
 
@@ -536,7 +547,10 @@ def _no_fit(s: Shape, cluster: Cluster, rows: list[Row]) -> Exception:
     from llmtrain.errors import ConfigError
 
     small = min(rows, key=lambda r: r.memory.total)
-    if not s.checkpointing:
+    if s.lora and not s.n_quantized and small.memory.weights > cluster.memory_gib * GIB * FIT_SHARE / 2:
+        key, fix = "model.quantize", (f"the frozen base alone takes {small.memory.weights / GIB:.1f} GiB; hold it in "
+                                      "4 bits with model.quantize=nf4 (QLoRA)")
+    elif not s.checkpointing:
         key, fix = "trainer.gradient_checkpointing", "set trainer.gradient_checkpointing=true"
     elif s.micro_batch > 1:
         key, fix = "trainer.micro_batch_size", f"lower trainer.micro_batch_size (now {s.micro_batch})"
@@ -568,7 +582,7 @@ def shape_of(cfg: Any, device: str = "cuda") -> Shape:
     import torch
 
     from llmtrain.errors import ConfigError
-    from llmtrain.models import adapters
+    from llmtrain.models import adapters, quantize
     from llmtrain.models.base import DataInfo, get_model_spec
     from llmtrain.precision import Precision
 
@@ -580,7 +594,11 @@ def shape_of(cfg: Any, device: str = "cuda") -> Shape:
     info = DataInfo(task="lm", vocab_size=vocab, eos_token_id=vocab - 1)
     adapters.resolve_targets(cfg.model, spec.lora_targets(cfg.model))
     with torch.device("meta"):
-        model = adapters.apply(spec.skeleton(cfg.model, info), cfg.model)
+        model = spec.skeleton(cfg.model, info)
+        # model.quantize: the layers a 4-bit base would hold in 4 bits (quantize.apply's), counted on the plain model
+        quant = [model.get_submodule(q).weight.numel() for q in quantize.quantizable(model, spec.block_classes(model))
+                 ] if quantize.setting(cfg.model) else []
+        model = adapters.apply(model, cfg.model)
     p = spec.plan_profile(model)
     if p is None:
         why = "; a Llama, Qwen2, Mistral, Qwen3 or GPT-2 dir is planned as model=llama_tiny or model=gpt2_small with " \
@@ -603,7 +621,9 @@ def shape_of(cfg: Any, device: str = "cuda") -> Shape:
               checkpointing=bool(t.gradient_checkpointing),
               optimizer=getattr(cfg.optim.name, "value", str(cfg.optim.name)),
               flops_per_token=float(spec.flops_per_token(model, seq)), act_values=p.act_values,
-              act_fp32_autocast=p.act_fp32_autocast, act_low_autocast=p.act_low_autocast, family=spec.name)
+              act_fp32_autocast=p.act_fp32_autocast, act_low_autocast=p.act_low_autocast, family=spec.name,
+              n_quantized=sum(quant), quant_layer=max(quant, default=0),
+              lora=adapters.lora_settings(cfg.model) is not None)
     return _with_tp(s, cfg, spec, model, block_mods)
 
 
@@ -631,7 +651,7 @@ def _tp_off(cfg: Any, spec: Any, precision: str) -> str:
     """Why `cfg` cannot run tensor parallelism (config.py's strategy.tp checks, the family's `check_tp` of what no
     degree can split, e.g. GPT-2's dropout), or ""."""
     from llmtrain.errors import ConfigError
-    from llmtrain.models import adapters
+    from llmtrain.models import adapters, quantize
 
     t = cfg.trainer
     if spec.tp_plan(cfg.model) is None:
@@ -640,6 +660,8 @@ def _tp_off(cfg: Any, spec: Any, precision: str) -> str:
         spec.check_tp(cfg.model, 1)  # sizes always split 1 way: what it refuses, it refuses for every degree
     except ConfigError as e:
         return e.message
+    if quantize.setting(cfg.model):
+        return "a 4-bit base is not split over tensor-parallel ranks"
     if adapters.lora_settings(cfg.model) is not None:
         return "LoRA adapters are not split over tensor-parallel ranks"
     if t.compile:
@@ -698,7 +720,8 @@ def _vocab(cfg: Any) -> int:
 # CLI ---------------------------------------------------------------------------------------------------------------
 def table(rows: list[Row], cluster: Cluster, s: Shape) -> str:
     mem_gib = cluster.memory_gib
-    head = (f"{s.family} {s.n_params / 1e6:,.1f}M params ({s.n_trainable / 1e6:,.1f}M trainable), "
+    q = f", {s.n_quantized / 1e6:,.1f}M in 4 bits" if s.n_quantized else ""
+    head = (f"{s.family} {s.n_params / 1e6:,.1f}M params ({s.n_trainable / 1e6:,.1f}M trainable{q}), "
             f"{s.n_layer} layers × {s.n_embd}, micro-batch {s.micro_batch} × {s.seq_len} × accum {s.accum}, "
             f"{s.precision}"
             f"{', checkpointing' if s.checkpointing else ''}, {s.optimizer}; {cluster.nodes} node(s) × "

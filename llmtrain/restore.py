@@ -22,9 +22,10 @@ if TYPE_CHECKING:
 
 def plain_model(spec: ModelSpec, model_cfg: Any, info: DataInfo, state: dict[str, torch.Tensor]) -> torch.nn.Module:
     """A fresh plain model (no adapters) holding the whole `state`: a LoRA model's is merged into the weights."""
-    from llmtrain.models import adapters
+    from llmtrain.models import adapters, quantize
 
     model = spec.build(model_cfg, info)
+    state = quantize.dequantized_state(state)  # a 4-bit base's weights as the trained model computed with them
     lora = adapters.lora_settings(model_cfg)
     if lora is not None:  # merged in the plain model's own layout ([in, out] for transformers' Conv1D)
         state = adapters.merged_state(state, lora, fan_in_fan_out=adapters.conv1d_layout(model))
@@ -48,12 +49,13 @@ def complete_state(spec: ModelSpec, cfg: Config, info: DataInfo, state: dict[str
                    ) -> dict[str, torch.Tensor]:
     """A checkpoint of a partly frozen model holds its trainable parameters only: add the frozen ones, rebuilt
     as the run built them (pretrained dir or seeded init, then the adapters)."""
-    from llmtrain.models import adapters
+    from llmtrain.models import adapters, quantize
 
     if adapters.lora_settings(cfg.model) is None and not list(getattr(cfg.model, "freeze", None) or []):
         return state
     torch.manual_seed(cfg.trainer.seed)
-    model = adapters.apply(spec.build(cfg.model, info), cfg.model)
+    model = adapters.apply(quantize.apply(spec.build(cfg.model, info), cfg.model, spec), cfg.model)
+    quantize.materialize(model)  # the 4-bit base as training quantised it
     adapters.load_trainable_state(model, state)
     return model.state_dict()
 

@@ -35,7 +35,7 @@ from llmtrain.distributed.env import (
 from llmtrain.errors import ConfigError, Stopped
 from llmtrain.export import check_target, export_final, read_export_step
 from llmtrain.generation.training import TrainingSampler, truncate_samples
-from llmtrain.models import adapters
+from llmtrain.models import adapters, quantize
 from llmtrain.models.base import ModelSpec, format_count, get_model_spec
 from llmtrain.optim import Scheduler, build_optimizer
 from llmtrain.precision import Precision, auto_reason, check_supported, resolve, slow_precision_warning
@@ -69,6 +69,7 @@ def run(cfg: DictConfig, run_dir: Path, *, pick_dir: bool = False, overrides: li
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = conf.trainer.tf32
     precision = resolve(conf.trainer.precision, device, training=True)
+    quantize.check_device(conf.model, device)
     if (why := check_supported(precision, device)) is not None:
         raise ConfigError("trainer.precision", why)
     if dist.is_main and conf.trainer.precision == Precision.auto:
@@ -144,7 +145,8 @@ def _fit(conf: Config, run_dir: Path, resume_from: Path | None, strategy: Strate
     data = build_data(conf.data, dist=dist, model_tokenizer=spec.tokenizer_source(conf.model))
     ctx = RunContext(conf, run_dir, dist, device, precision, spec, data, fingerprint)
     seed_everything(t.seed)
-    model = adapters.apply(spec.build(conf.model, data.info), conf.model)  # freezing, LoRA
+    model = spec.build(conf.model, data.info)
+    model = adapters.apply(quantize.apply(model, conf.model, spec, precision.dtype), conf.model)  # 4 bits, LoRA
     fused_ok = not (conf.strategy.name == StrategyName.fsdp and precision == Precision.fp16)
     strategy.setup(model, lambda m: build_optimizer(conf.optim, m, fused_default=fused_ok),
                    SetupArgs(precision=precision, gradient_checkpointing=t.gradient_checkpointing, compile=t.compile,

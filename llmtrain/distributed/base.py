@@ -99,8 +99,9 @@ class Strategy(ABC):
         return self.dist.rank // tp, self.dist.world_size // tp
 
     def num_parameters(self) -> int:
-        """Parameters of the whole model (all shards), counting tied tensors once."""
-        return sum(p.numel() for p in self.unwrap().parameters())
+        """Parameters of the whole model (all shards), counting tied tensors once (a 4-bit weight by its shape)."""
+        return sum(qs.shape.numel() if (qs := getattr(p, "quant_state", None)) is not None else p.numel()
+                   for p in self.unwrap().parameters())
 
     def close(self) -> None:
         """Release backend state while the process group still exists (not in destructors at exit)."""

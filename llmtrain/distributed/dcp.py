@@ -66,11 +66,17 @@ def load_state(module: nn.Module, optimizer: torch.optim.Optimizer, ckpt_dir: Pa
 
 def _state_dicts(module: nn.Module, optimizer: torch.optim.Optimizer, opts: StateDictOptions) -> tuple[dict, dict]:
     """get_state_dict, without a frozen parameter under a second name either (a tie: GPT-2's lm_head.weight is
-    its token embedding, which LoRA freezes)."""
+    its token embedding, which LoRA freezes), nor what a frozen 4-bit weight serialises beside it (its
+    `.absmax`, `.quant_map`, ...: rebuilt with the weight)."""
     model_sd, optim_sd = get_state_dict(module, optimizer, options=opts)
     if opts.ignore_frozen_params:
         frozen = {clean_key(n) for n, p in module.named_parameters(remove_duplicate=False) if not p.requires_grad}
-        model_sd = {k: v for k, v in model_sd.items() if k not in frozen}
+
+        def of_frozen(key: str) -> bool:
+            parts = key.split(".")
+            return any(".".join(parts[:i]) in frozen for i in range(len(parts), 0, -1))
+
+        model_sd = {k: v for k, v in model_sd.items() if not of_frozen(k)}
     return model_sd, optim_sd
 
 

@@ -53,6 +53,7 @@ class HFModelConfig:
     random_init: bool = False  # the dir's architecture freshly initialised (its weights unread)
     attn_implementation: str = "auto"  # auto (transformers' choice: sdpa where the model has it) | sdpa | eager
     lora: LoraConfig = field(default_factory=LoraConfig)  # low-rank adapters; see models/adapters.py
+    quantize: str | None = None  # nf4 | fp4: the frozen base in 4 bits under LoRA (QLoRA, CUDA); models/quantize.py
     freeze: list[str] = field(default_factory=list)  # parameter-name globs, e.g. ["model.embed_tokens.*"]
 
 

@@ -78,6 +78,7 @@ class LlamaModelConfig:
     init_std: float = 0.02
     pretrained: str | None = None  # local dir or hub name to start from (its sizes win)
     lora: LoraConfig = field(default_factory=LoraConfig)  # low-rank adapters (fine-tuning); see models/adapters.py
+    quantize: str | None = None  # nf4 | fp4: the frozen base in 4 bits under LoRA (QLoRA, CUDA); models/quantize.py
     freeze: list[str] = field(default_factory=list)  # parameter-name globs to freeze, e.g. ["model.embed_tokens.*"]
 
 
