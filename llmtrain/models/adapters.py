@@ -127,6 +127,8 @@ def inject_lora(model: nn.Module, lora: LoraConfig) -> nn.Module:
                                                        f"its linear layers are named {', '.join(linear)}") from None
     for n, p in model.named_parameters():
         p.requires_grad_(".lora_" in n)
+        if ".lora_" in n and p.dtype != torch.float32:  # peft takes a half-precision base's dtype: train in fp32
+            p.data = p.data.float()
     return model
 
 

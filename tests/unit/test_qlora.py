@@ -162,3 +162,33 @@ def test_refusals(pretrained: Path, tmp_path: Path, extra: list[str], key: str, 
     assert ei.value.code == 2 and len(lines) == 1 and lines[0].startswith(f"llmtrain: error: {key}: "), err
     assert words in lines[0] and "Traceback" not in err
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_bf16_compute_keeps_the_frozen_rest_in_bf16_and_the_adapters_in_fp32() -> None:
+    """Mixed precision: the 4-bit layers compute in bf16, the embeddings and norms are stored in bf16 (frozen: no
+    fp32 copy), the adapters train in fp32; a bf16 autocast step gives them finite gradients."""
+    from types import SimpleNamespace
+
+    from llmtrain.models import adapters, quantize
+    from llmtrain.models.gpt2 import GPT2Spec
+    from llmtrain.models.gpt2_native import GPT2, GPT2Dims
+
+    torch.manual_seed(0)
+    model = GPT2(GPT2Dims(vocab_size=257, n_positions=64, n_embd=64, n_layer=2, n_head=2))
+    lora = adapters.LoraConfig(enabled=True, r=4, alpha=8, dropout=0.0, target_modules=["c_attn", "c_fc"])
+    cfg = SimpleNamespace(quantize="nf4", lora=lora)
+    model = adapters.inject_lora(quantize.apply(model, cfg, GPT2Spec(), torch.bfloat16), lora)
+    quantize.materialize(model)
+    kinds = {n: (type(p).__name__, p.dtype) for n, p in model.named_parameters()}
+    assert kinds["transformer.wte.weight"] == ("Parameter", torch.bfloat16)
+    assert kinds["transformer.h.0.attn.c_attn.base_layer.weight"] == ("Params4bit", torch.uint8)
+    assert kinds["transformer.h.0.attn.c_proj.weight"] == ("Params4bit", torch.uint8)  # not adapted, still 4 bits
+    assert {d for n, (_, d) in kinds.items() if ".lora_" in n} == {torch.float32}
+    assert all(p.requires_grad == (".lora_" in n) for n, p in model.named_parameters())
+    ids = torch.randint(0, 257, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = model(ids)
+    torch.nn.functional.cross_entropy(logits.float().flatten(0, 1)[:-1], ids.flatten()[1:]).backward()
+    grads = [p.grad for n, p in model.named_parameters() if ".lora_B" in n]
+    assert grads and all(g is not None and g.dtype == torch.float32 and g.isfinite().all() and g.abs().max() > 0
+                         for g in grads)
