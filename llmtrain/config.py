@@ -222,10 +222,14 @@ def _check_bench(cfg: Config) -> None:
     require(MODELS.get(cfg.model.family).target.task == "lm", "trainer.bench_tasks",
             f"scores language models, not model={cfg.model.family}")
     for task in t.bench_tasks:
-        path = Path(task).expanduser()
-        require(path.suffix == ".jsonl" and path.is_file(), "trainer.bench_tasks",
-                f"{task} is not a .jsonl file of multiple-choice items (a hub task such as hellaswag is scored "
-                f"after training: llmtrain-eval source=<run> tasks={task})")
+        if task.endswith(".jsonl"):
+            require(Path(task).expanduser().is_file(), "trainer.bench_tasks", f"{task}: no such file")
+            continue
+        import importlib.util
+
+        require(importlib.util.find_spec("lm_eval") is not None, "trainer.bench_tasks",
+                f"{task!r} is an lm-eval task and lm-eval is not installed; pip install 'llmtrain[eval]' (or give a "
+                "local .jsonl of multiple-choice items)")
 
 
 def _check_tp(cfg: Config) -> None:

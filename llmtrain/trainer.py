@@ -64,7 +64,7 @@ class TrainerConfig:
     dpo_beta: float = 0.1  # dpo: β, how far the policy may move from the reference
     dpo_label_smoothing: float = 0.0  # dpo: ε, the share of pairs assumed mislabelled (conservative DPO)
     bench_every: int = 0  # steps between benchmark scores of the weights being trained; 0: none
-    bench_tasks: list[str] = field(default_factory=list)  # multiple-choice .jsonl files (HellaSwag's format)
+    bench_tasks: list[str] = field(default_factory=list)  # multiple-choice .jsonl files, lm-eval task names or YAMLs
     bench_limit: int = 0  # items scored per task (0: all)
 
 

@@ -1,5 +1,7 @@
 """Benchmarks while training (`trainer.bench_every`, `trainer.bench_tasks`): multiple-choice tasks (local JSONL
-files in HellaSwag's format, generation/choice.py) scored on the weights being trained, under any strategy.
+files in HellaSwag's format, generation/choice.py; or lm-eval's multiple-choice tasks by name or task YAML, their
+items built as lm-eval builds its requests: lm_eval_adapter.task_items) scored on the weights being trained, under
+any strategy.
 
 Every rank takes its data-parallel share of each task's items (`Strategy.data_shard`: the ranks of a
 tensor-parallel group take the same ones) and runs one forward of the strategy's own model per item — all the
@@ -25,8 +27,23 @@ if TYPE_CHECKING:
 
 
 def task_name(path: str) -> str:
-    """A task's name in the metrics: its file name without .jsonl."""
+    """A local task's name in the metrics: its file name without .jsonl."""
     return Path(path).name.removesuffix(".jsonl")
+
+
+def load_tasks(specs: list[str], limit: int) -> dict[str, list[dict[str, Any]]]:
+    """{name: its first `limit` items (0: all)} of each trainer.bench_tasks entry: a local .jsonl, or an lm-eval task
+    (a name, a task YAML; a group gives each of its tasks); one-line ConfigError("trainer.bench_tasks")."""
+    out: dict[str, list[dict[str, Any]]] = {}
+    for spec in specs:
+        if spec.endswith(".jsonl"):
+            items = read_items(Path(spec).expanduser(), "trainer.bench_tasks")
+            out[task_name(spec)] = items[:limit] if limit > 0 else items
+        else:
+            from llmtrain.generation.lm_eval_adapter import task_items
+
+            out.update(task_items(spec, limit))
+    return out
 
 
 class TrainingBench:
@@ -34,11 +51,7 @@ class TrainingBench:
         self.ctx, self.strategy = ctx, strategy
         t = ctx.cfg.trainer
         self.every = t.bench_every
-        self.tasks: dict[str, list[dict[str, Any]]] = {}
-        if self.enabled:
-            for path in t.bench_tasks:
-                items = read_items(Path(path).expanduser(), "trainer.bench_tasks")
-                self.tasks[task_name(path)] = items[:t.bench_limit] if t.bench_limit > 0 else items
+        self.tasks = load_tasks(list(t.bench_tasks), t.bench_limit) if self.enabled else {}
 
     @property
     def enabled(self) -> bool:
@@ -71,7 +84,7 @@ class TrainingBench:
         for r in range(-(-len(items) // count)):
             k = r * count + index
             item = items[k] if k < len(items) else items[0]  # a filler: the same number of forwards everywhere
-            pairs = [encode_pair(tok, item["context"], DELIMITER + e) for e in item["endings"]]
+            pairs = [encode_pair(tok, item["context"], item.get("delimiter", DELIMITER) + e) for e in item["endings"]]
             ids, tgt = padded_rows(pairs, ctx.spec.context_length(ctx.cfg.model) or 1 << 30, device, tp)
             with torch.no_grad(), s.autocast():
                 out = s.model(input_ids=ids)

@@ -55,7 +55,7 @@ def test_bench_scores_during_a_sharded_run_equal_the_scorer_on_its_export(tmp_pa
 
 @pytest.mark.parametrize(("overrides", "needle"), [
     (["trainer.bench_every=2"], "is empty while trainer.bench_every > 0"),
-    (["trainer.bench_every=2", "trainer.bench_tasks=[hellaswag]"], "llmtrain-eval source=<run> tasks=hellaswag"),
+    (["trainer.bench_every=2", "trainer.bench_tasks=[missing.jsonl]"], "missing.jsonl: no such file"),
     (["trainer.bench_every=-1"], "must be >= 0"),
 ])
 def test_bench_refusals_are_one_line(overrides: list[str], needle: str) -> None:

@@ -166,3 +166,69 @@ def test_adapter_rolling_and_generation(model_dir: Path) -> None:
     until = full[3:5]
     got = adapter.generate_until([SimpleNamespace(args=("def main(", {"until": [until], "max_gen_toks": 12}))])
     assert got == [full[:full.index(until)]]
+
+
+def test_an_lm_eval_task_in_training_scores_as_lm_eval_does_on_the_export(tmp_path: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """trainer.bench_tasks=[<an lm-eval task YAML>]: its items built as lm-eval builds its requests, scored on the
+    weights being trained; lm-eval itself, through the adapter, on the run's final/ (the same weights) agrees."""
+    pytest.importorskip("lm_eval")
+    from helpers import read_metrics
+
+    from llmtrain.generation.choice import read_items
+    from llmtrain.generation.lm_eval_adapter import evaluate, task_items
+    from llmtrain.generation.sources import load_source
+    from llmtrain.precision import resolve
+    from llmtrain.train import run
+
+    monkeypatch.chdir(REPO)  # the task YAML's data_files is relative to the repo root
+    yaml_task = TASK_DIR / "llmtrain_choice.yaml"
+    items = task_items(str(yaml_task))["llmtrain_choice"]
+    assert [{k: v for k, v in it.items() if k != "delimiter"} for it in items] == read_items(ITEMS)
+    assert {it["delimiter"] for it in items} == {" "}
+    run_dir = tmp_path / "run"
+    run(compose([*TINY_LM, "model.n_positions=128", "trainer.max_steps=3", "trainer.eval_every=0",
+                 "trainer.bench_every=3", f"trainer.bench_tasks=[{yaml_task}]", "optim.lr=3e-2"]), run_dir)
+    got = [r for r in read_metrics(run_dir) if "bench/llmtrain_choice/acc" in r]
+    assert [r["step"] for r in got] == [3]
+    lm, tok = load_source(str(run_dir / "final"))
+    cpu = torch.device("cpu")
+    want = evaluate(lm, tok, str(yaml_task), cpu, resolve("fp32", cpu), batch_size=4)["llmtrain_choice"]
+    print(f"\nin training: {got[0]}; lm-eval on final/: {want}")
+    assert got[0]["bench/llmtrain_choice/acc"] == pytest.approx(want["acc"], abs=1e-9)
+    assert got[0]["bench/llmtrain_choice/acc_norm"] == pytest.approx(want["acc_norm"], abs=1e-9)
+
+
+@pytest.mark.parametrize("text,message", [
+    ("task: t\ndataset_path: json\nprocess_docs: !function utils.process_docs\n", "!function tags"),
+    ("task: t\ninclude: other.yaml\n", "'include'"),
+    ("dataset_path: json\n", "no 'task:' name"),
+])
+def test_a_task_yaml_that_could_run_code_is_refused(text: str, message: str, tmp_path: Path) -> None:
+    pytest.importorskip("lm_eval")
+    from llmtrain.errors import ConfigError
+    from llmtrain.generation.lm_eval_adapter import task_ref
+
+    (tmp_path / "utils.py").write_text("raise SystemExit('ran')\n")
+    (tmp_path / "task.yaml").write_text(text)
+    with pytest.raises(ConfigError) as ei:
+        task_ref(str(tmp_path / "task.yaml"), "trainer.bench_tasks")
+    assert ei.value.key == "trainer.bench_tasks" and message in ei.value.message and "\n" not in ei.value.message
+
+
+def test_an_uncached_lm_eval_task_in_training_is_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                          capsys: pytest.CaptureFixture) -> None:
+    pytest.importorskip("lm_eval")
+    from llmtrain.train import run
+
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr("datasets.config.HF_HUB_OFFLINE", True)
+    monkeypatch.setattr("datasets.config.HF_DATASETS_CACHE", tmp_path)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as ei:
+        run(compose([*TINY_LM, "trainer.max_steps=2", "trainer.bench_every=2", "trainer.bench_tasks=[hellaswag]"]),
+            tmp_path / "run")
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("llmtrain: error")]
+    assert ei.value.code == 2 and len(err) == 1, err
+    assert err[0].startswith("llmtrain: error: trainer.bench_tasks: hellaswag: its data could not be loaded"), err
