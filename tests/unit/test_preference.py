@@ -263,3 +263,129 @@ def test_dpo_under_ddp_matches_one_process(pretrained: Path, tmp_path: Path) -> 
     margin = {r["step"]: r["rewards/margins"] for r in read_metrics(tmp_path / "single") if "rewards/margins" in r}
     ddp_margin = {r["step"]: r["rewards/margins"] for r in read_metrics(tmp_path / "ddp") if "rewards/margins" in r}
     assert abs(margin[3]) > 1e-4 and abs(ddp_margin[3] - margin[3]) < 1e-5 * max(1.0, abs(margin[3]))
+
+
+# chat `messages` pairs ------------------------------------------------------------------------------------------
+def msg(role: str, content: str) -> dict[str, str]:
+    return {"role": role, "content": content}
+
+
+# (prompt messages, chosen answer, rejected answer); the second prompt holds an earlier assistant turn (context)
+CHATS = [
+    ([msg("user", "2+2?")], "4", "five"),
+    ([msg("system", "Be brief."), msg("user", "Hi!"), msg("assistant", "Hello."), msg("user", "3+3?")], "6",
+     "seven, I think"),
+]
+
+
+def explicit(chats: list[tuple[list[dict[str, str]], str, str]] = CHATS) -> list[dict[str, Any]]:
+    return [{"prompt": p, "chosen": [msg("assistant", c)], "rejected": [msg("assistant", r)]} for p, c, r in chats]
+
+
+def implicit(chats: list[tuple[list[dict[str, str]], str, str]] = CHATS) -> list[dict[str, Any]]:
+    return [{"chosen": [*p, msg("assistant", c)], "rejected": [*p, msg("assistant", r)]} for p, c, r in chats]
+
+
+def chat_module(src: Path, tokenizer: str = "byte", seq_len: int = 256, template: str = "plain"
+                ) -> PreferenceDataModule:
+    return PreferenceDataModule(PreferenceDataConfig(source=str(src), val_source=str(src), tokenizer=tokenizer,
+                                                     seq_len=seq_len, template=template))
+
+
+def plain_ids(messages: list[dict[str, str]]) -> tuple[list[int], int]:
+    """The byte ids of the plain template's rendering (`### {Role}:\\n{content}\\n\\n`, an assistant's content
+    followed by EOS) through the last answer's EOS, and where that answer starts."""
+    ids: list[int] = []
+    for m in messages[:-1]:
+        ids += TOK.encode(f"### {m['role'].capitalize()}:\n") + TOK.encode(m["content"])
+        ids += ([EOS] if m["role"] == "assistant" else []) + TOK.encode("\n\n")
+    ids += TOK.encode("### Assistant:\n")
+    return ids + TOK.encode(messages[-1]["content"]) + [EOS], len(ids)
+
+
+def test_chat_pairs_plain_template_train_the_last_answer_only(tmp_path: Path) -> None:
+    """data.template=plain, byte tokenizer: explicit- and implicit-prompt pairs give the same batch; each row is the
+    plain rendering of prompt + response, and its only targets are the response and EOS (an earlier assistant turn
+    in the prompt is context)."""
+    batches = [chat_module(jsonl(tmp_path / f"{name}.jsonl", records)).split("train").get(np.arange(len(CHATS)))
+               for name, records in (("explicit", explicit()), ("implicit", implicit()))]
+    assert all(torch.equal(batches[0][k], batches[1][k]) for k in ("input_ids", "labels"))
+    batch, B = batches[0], len(CHATS)
+    assert batch["input_ids"].shape[0] == 2 * B
+    for i, (prompt, c, r) in enumerate(CHATS):
+        for row, resp in ((i, c), (B + i, r)):
+            ids, start = plain_ids([*prompt, msg("assistant", resp)])
+            n = len(ids) - 1
+            assert batch["input_ids"][row, :n].tolist() == ids[:-1]
+            labels = batch["labels"][row].tolist()
+            assert labels[:n] == [IGNORE_INDEX] * (start - 1) + TOK.encode(resp) + [EOS]
+            assert all(y == IGNORE_INDEX for y in labels[n:])  # padding
+    ids, start = plain_ids([*CHATS[1][0], msg("assistant", "6")])  # the earlier "Hello." + EOS: context only
+    assert ids[:start].count(EOS) == 1 and (batch["labels"][1, : start - 1] == IGNORE_INDEX).all()
+    # too long: the prompt is cut from the left; the targets stay the answer and EOS
+    short = chat_module(tmp_path / "explicit.jsonl", seq_len=12).split("train").get(np.arange(len(CHATS)))
+    ids, _ = plain_ids([*CHATS[1][0], msg("assistant", "6")])
+    assert short["input_ids"][1].tolist() == ids[-13:-1]
+    assert [y for y in short["labels"][1].tolist() if y != IGNORE_INDEX] == TOK.encode("6") + [EOS]
+
+
+@pytest.mark.parametrize("eos", ["<|endoftext|>", "<|im_end|>"])
+def test_chat_pairs_with_a_chat_template_train_the_last_answer_and_end_of_turn(eos: str, tmp_path: Path) -> None:
+    """A ChatML tokenizer (SmolLM2-Instruct's template, data.template=auto): the labels of each row are one run, the
+    final answer + <|im_end|> (then the tokenizer's EOS when that is not <|im_end|>); the earlier answer is not."""
+    from test_chat import CHATML_SPECIALS, SMOLLM2, tokenizer
+
+    tokenizer(CHATML_SPECIALS, eos, SMOLLM2).save_pretrained(tmp_path / "tok")
+    dm = chat_module(jsonl(tmp_path / "chats.jsonl", explicit()), tokenizer=str(tmp_path / "tok"), template="auto")
+    tok = dm.info.tokenizer
+    batch, B = dm.split("train").get(np.arange(len(CHATS))), len(CHATS)
+    for i, (_, c, r) in enumerate(CHATS):
+        for row, resp in ((i, c), (B + i, r)):
+            labels = batch["labels"][row].tolist()
+            at = [t for t, y in enumerate(labels) if y != IGNORE_INDEX]
+            assert at == list(range(at[0], at[-1] + 1))  # one run
+            want = resp + "<|im_end|>" + ("" if eos == "<|im_end|>" else eos)
+            assert tok.decode([labels[t] for t in at]) == want
+            assert batch["input_ids"][row, at[0]].item() == tok.encode("\n")[0]  # after "<|im_start|>assistant\n"
+    assert "Hello." in tok.decode(batch["input_ids"][1].tolist())  # the earlier answer: in the inputs only
+
+
+GOOD = {"prompt": "a", "chosen": "b", "rejected": "c"}
+USER, ANSWER = [msg("user", "q")], [msg("assistant", "a")]
+
+
+@pytest.mark.parametrize("record,template,want", [
+    ({"prompt": [{"content": "q"}], "chosen": ANSWER, "rejected": ANSWER}, "plain",
+     "data.source: bad.jsonl:2: 'prompt' message 0 must be {role, content} (strings)"),
+    ({"chosen": [*USER, {"role": "assistant"}], "rejected": [*USER, *ANSWER]}, "plain",
+     "data.source: bad.jsonl:2: 'chosen' message 1 must be {role, content} (strings)"),
+    ({"chosen": [*USER, *ANSWER], "rejected": [msg("user", "other"), *ANSWER]}, "plain",
+     "data.source: bad.jsonl:2: 'chosen' and 'rejected' must share every message before their last (the prompt); "
+     "they differ at message 0"),
+    ({"chosen": [*ANSWER, *USER], "rejected": [*USER, *ANSWER]}, "plain",
+     "data.source: bad.jsonl:2: the last 'chosen' message must be the assistant's (the response), not 'user'"),
+    ({"prompt": USER, "chosen": ANSWER, "rejected": USER}, "plain",
+     "data.source: bad.jsonl:2: the last 'rejected' message must be the assistant's"),
+    ({"prompt": "q", "chosen": ANSWER, "rejected": ANSWER}, "plain",
+     "data.source: bad.jsonl:2: 'prompt' is a str but 'chosen' and 'rejected' are lists of messages"),
+    ({"prompt": USER, "chosen": "a", "rejected": "b"}, "plain",
+     "data.source: bad.jsonl:2: 'prompt' is a list of messages but 'chosen' and 'rejected' are not"),
+    ({"prompt": USER, "chosen": ANSWER, "rejected": "b"}, "plain",
+     "data.source: bad.jsonl:2: 'chosen' and 'rejected' must both be lists of messages or both strings "
+     "(got a list and a str)"),
+    ({"prompt": USER, "chosen": ANSWER, "rejected": ANSWER}, "auto",
+     "data.template: bad.jsonl:2: chat messages are rendered by the tokenizer's chat template and this tokenizer "
+     "has none; set data.template=plain"),
+    (GOOD, "jinja", "data.template: must be one of auto, plain (got 'jinja')"),
+], ids=["no-role", "no-content", "prompts-differ", "last-not-assistant", "explicit-response-not-assistant",
+        "string-prompt", "list-prompt-string-responses", "mixed-responses", "no-template", "bad-template"])
+def test_chat_pair_refusals_are_one_line(record: dict[str, Any], template: str, want: str, tmp_path: Path) -> None:
+    src = jsonl(tmp_path / "bad.jsonl", [GOOD, record])
+    with pytest.raises(ConfigError) as ei:
+        chat_module(src, template=template)
+    assert str(ei.value).startswith(want) and "\n" not in str(ei.value), ei.value
+
+
+def test_data_template_composes_under_data_preference() -> None:
+    cfg = compose(["data=preference", "data.template=plain"])
+    assert cfg.data.template == "plain" and compose(["data=preference"]).data.template == "auto"
