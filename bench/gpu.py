@@ -21,7 +21,8 @@ vendor's) and peak GPU memory, with llmtrain-plan's estimate of that memory besi
    llmtrain model=llama3_2_1b (llmtrain's own Llama). With --tiny: llama_tiny's shape (4 layers x 128, 4 / 2
    heads, SwiGLU 352; sequence 64), the vocabulary still Llama 3's;
 2. options: llmtrain native (GPT-2, or with --model llama llmtrain's Llama) with and without gradient
-   checkpointing, and under single, ddp, fsdp, DeepSpeed ZeRO-2 and ZeRO-3 at world size 1;
+   checkpointing, under single, ddp, fsdp, DeepSpeed ZeRO-2 and ZeRO-3 at world size 1, and fine-tuning
+   memory: LoRA r16 and QLoRA (model.quantize=nf4) with checkpointing;
 3. largest (GPT-2 only): for each strategy (with checkpointing and, for DeepSpeed, CPU offload), the largest
    n_layer × n_embd of a doubling-then-bisecting search that trains 3 steps without running out of memory.
 
@@ -488,6 +489,8 @@ def main() -> None:
         ap.error("--only largest grows GPT-2's shape; with --model llama choose loops and/or options")
     out = a.out or Path("bench-gpu.json" if a.model == "gpt2" else f"bench-gpu-{a.model}.json")
     s = Setup(a.device, a.tiny, a.steps, a.batch, a.model)
+    if s.device.type == "cpu":  # the dry run's QLoRA row: bitsandbytes' CPU path (a run refuses it otherwise)
+        os.environ.setdefault("LLMTRAIN_QUANTIZE_ON_CPU", "1")
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     measured = matmul_peak(s.device)
     name = torch.cuda.get_device_name(s.device) if s.device.type == "cuda" else "cpu"
@@ -521,6 +524,10 @@ def main() -> None:
                                  ("zero2", ["strategy=deepspeed", "strategy.zero_stage=2", "trainer.compile=false"]),
                                  ("zero3", ["strategy=deepspeed", "strategy.zero_stage=3", "trainer.compile=false"])):
                 llmtrain_row(s, root, "options", f"native, {label} (world size 1)", extra)  # DeepSpeed: eager
+            lora = ["model.lora.enabled=true", "model.lora.r=16", "model.lora.alpha=32", "model.lora.dropout=0",
+                    "trainer.gradient_checkpointing=true"]
+            for label, extra in (("LoRA r16", lora), ("QLoRA (nf4 base) r16", [*lora, "model.quantize=nf4"])):
+                llmtrain_row(s, root, "options", f"native, {label}, gradient checkpointing", extra)
         if "largest" in only:
             for label, extra in (("single", []), ("fsdp", ["strategy=fsdp"]),
                                  ("zero2+offload", ["strategy=deepspeed", "strategy.zero_stage=2",

@@ -172,7 +172,7 @@ def validate(cfg: Config) -> None:
                 f"file not found: {st.deepspeed_config}")
     preference.check(cfg)  # trainer.objective against the model, data and strategy
     _check_model_data(cfg)
-    quantize.check(cfg.model, st.name.value, st.tp, t.compile)
+    quantize.check(cfg.model, st.name.value, st.tp)
     adapters.check(cfg.model, st.name.value)
     _check_tp(cfg)
     _check_bench(cfg)

@@ -37,7 +37,7 @@ def setting(model_cfg: Any) -> str | None:
     return str(q) if q else None
 
 
-def check(model_cfg: Any, strategy: str, tp: int, compile_: bool) -> None:
+def check(model_cfg: Any, strategy: str, tp: int) -> None:
     """Config checks that need no model or device: the code, LoRA on top, the strategies that take it."""
     q = setting(model_cfg)
     if q is None:
@@ -53,9 +53,6 @@ def check(model_cfg: Any, strategy: str, tp: int, compile_: bool) -> None:
     if tp > 1:
         raise ConfigError("model.quantize", "a 4-bit base is not split over tensor-parallel ranks; set "
                                             "strategy.tp=1")
-    if compile_:
-        raise ConfigError("model.quantize", "trainer.compile with a 4-bit base is not supported; set "
-                                            "trainer.compile=false")
 
 
 def check_device(model_cfg: Any, device: torch.device) -> None:

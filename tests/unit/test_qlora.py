@@ -150,7 +150,6 @@ def test_plan_llama3_8b_qlora_fits_a_24gb_gpu_where_lora_does_not() -> None:
     (["model.lora.enabled=false"], "model.quantize", "model.lora.enabled=true"),
     (["model.quantize=int8"], "model.quantize", "nf4, fp4"),
     (["strategy=fsdp"], "model.quantize", "single or ddp"),
-    (["trainer.compile=true"], "model.quantize", "trainer.compile=false"),
 ])
 def test_refusals(pretrained: Path, tmp_path: Path, extra: list[str], key: str, words: str,
                   capsys: pytest.CaptureFixture) -> None:
