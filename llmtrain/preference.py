@@ -2,15 +2,19 @@
 
 The trainer asks its objective for a micro-batch's (loss sum, count), the count of a host batch and the sums of an
 evaluation batch; the LM objective hands these to the model spec. DPO (Rafailov et al. 2023; the sigmoid loss of
-TRL's DPOTrainer, with conservative label smoothing ε) reads preference batches (llmtrain/data/preference.py:
+TRL's DPOTrainer, equal to it for ε = 0 (tests/unit/test_dpo_trl.py); ε > 0 is conservative DPO's label smoothing,
+which TRL 1.16's sigmoid loss does not apply) reads preference batches (llmtrain/data/preference.py:
 B chosen rows, then B rejected rows) and per pair takes the summed log-probabilities of the response tokens under
 the policy (π) and a frozen reference (ref):
 
     z = β·((π_c − π_r) − (ref_c − ref_r)),   loss = −(1−ε)·logσ(z) − ε·logσ(−z)
 
 summed over the pairs and divided by the global pair count, as the LM loss is by the global target count. The
-reference is the model with its LoRA adapters disabled, or else a frozen copy of the model as the run built it
-(before any resume). Both run whole on every rank: strategy single or ddp only.
+reference is the model with its LoRA adapters disabled, or else (full fine-tuning) a frozen copy of the model as
+the run built it, taken before the strategy wraps it (and before any resume: `reference_copy`) and placed by the
+strategy as the model is (`Strategy.shard_frozen`): whole on every rank under single, ddp and DeepSpeed ZeRO 1/2,
+sharded under fsdp (fully_shard on the same mesh) and ZeRO-3 (an engine of its own, without an optimizer). Not
+under tensor parallelism, nor strategy=auto (its memory estimates leave the reference out).
 """
 
 from __future__ import annotations
@@ -28,7 +32,6 @@ from llmtrain.datainfo import IGNORE_INDEX, Batch
 from llmtrain.errors import require
 
 OBJECTIVES = ("lm", "dpo")
-DPO_STRATEGIES = ("single", "ddp")
 
 
 def check(cfg: Any) -> None:
@@ -52,17 +55,31 @@ def check(cfg: Any) -> None:
     require(0 <= t.dpo_label_smoothing < 0.5, "trainer.dpo_label_smoothing",
             f"must be in [0, 0.5) (got {t.dpo_label_smoothing})")
     st = cfg.strategy
-    require(st.name.value in DPO_STRATEGIES, "trainer.objective",
-            f"dpo runs under strategy single or ddp, not {st.name.value}: its frozen reference model is not sharded "
-            "by llmtrain's fsdp/deepspeed setups; use strategy=ddp (LoRA keeps the reference free)")
+    require(st.name.value != "auto", "trainer.objective", "dpo needs a named strategy (single, ddp, fsdp or "
+                                                          "deepspeed): strategy=auto's estimates leave out the frozen "
+                                                          "reference")
     require(st.tp == 1, "trainer.objective", "dpo does not run under tensor parallelism; set strategy.tp=1")
 
 
-def build(cfg: Any, spec: Any, strategy: Any) -> LMObjective | DPOObjective:
-    """The objective of trainer config `cfg` for the model `strategy` trains."""
+def reference_copy(cfg: Any, model: nn.Module) -> nn.Module | None:
+    """DPO with full fine-tuning (trainer config `cfg`): a frozen copy of the plain `model`, before any strategy
+    wraps or shards it, for build(); else None (LoRA: the reference is the model with its adapters disabled)."""
+    if cfg.objective != "dpo" or _has_lora(model):
+        return None
+    return copy.deepcopy(model).eval().requires_grad_(False)
+
+
+def build(cfg: Any, spec: Any, strategy: Any, reference: nn.Module | None = None) -> LMObjective | DPOObjective:
+    """The objective of trainer config `cfg` for the model `strategy` trains; `reference`: reference_copy()'s,
+    which the strategy places and shards as it does the model."""
     if cfg.objective == "dpo":
-        return DPOObjective(strategy.unwrap(), cfg.dpo_beta, cfg.dpo_label_smoothing)
+        frozen = strategy.shard_frozen(reference) if reference is not None else None
+        return DPOObjective(strategy.unwrap(), cfg.dpo_beta, cfg.dpo_label_smoothing, frozen=frozen)
     return LMObjective(spec)
+
+
+def _has_lora(model: nn.Module) -> bool:
+    return any(".lora_" in n for n, _ in model.named_parameters())
 
 
 class LMObjective:
@@ -132,13 +149,14 @@ def adapters_disabled(model: nn.Module) -> Iterator[None]:
 class DPOObjective:
     """Direct preference optimisation against a frozen reference (see the module docstring)."""
 
-    def __init__(self, model: nn.Module, beta: float, smoothing: float) -> None:
+    def __init__(self, model: nn.Module, beta: float, smoothing: float, frozen: nn.Module | None = None) -> None:
+        """`frozen`: full fine-tuning's reference as the strategy placed it (None: a copy of `model` now)."""
         self.beta, self.smoothing = beta, smoothing
-        self.lora = any(".lora_" in n for n, _ in model.named_parameters())
+        self.lora = _has_lora(model)
         self.model = model  # the plain module: the reference forward passes no wrapper's hooks
         self.frozen: nn.Module | None = None
         if not self.lora:  # full fine-tuning: a copy of the starting weights
-            self.frozen = copy.deepcopy(model).eval().requires_grad_(False)
+            self.frozen = frozen if frozen is not None else copy.deepcopy(model).eval().requires_grad_(False)
         self._sums: torch.Tensor | None = None  # chosen reward, rejected reward, correct: summed over a step
 
     def count(self, batch: Batch) -> int:

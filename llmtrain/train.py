@@ -17,7 +17,7 @@ import torch
 from omegaconf import DictConfig
 
 from llmtrain import checkpoint as ckpt
-from llmtrain import faults, rundir
+from llmtrain import faults, preference, rundir
 from llmtrain.cli import run_app, user_errors_exit
 from llmtrain.config import Config, checked, conf_dir, register_configs, validate
 from llmtrain.context import RunContext
@@ -147,6 +147,7 @@ def _fit(conf: Config, run_dir: Path, resume_from: Path | None, strategy: Strate
     seed_everything(t.seed)
     model = spec.build(conf.model, data.info)
     model = adapters.apply(quantize.apply(model, conf.model, spec, precision.dtype), conf.model)  # 4 bits, LoRA
+    reference = preference.reference_copy(t, model)  # dpo: the starting weights, before the strategy wraps them
     fused_ok = not (conf.strategy.name == StrategyName.fsdp and precision == Precision.fp16)
     strategy.setup(model, lambda m: build_optimizer(conf.optim, m, fused_default=fused_ok),
                    SetupArgs(precision=precision, gradient_checkpointing=t.gradient_checkpointing, compile=t.compile,
@@ -159,7 +160,7 @@ def _fit(conf: Config, run_dir: Path, resume_from: Path | None, strategy: Strate
                            run_config=rundir.plain_config(conf), group=group)
     sampler = TrainingSampler(ctx, strategy, logger.write)
     trainer = Trainer(ctx, strategy, scheduler, logger, sampler=sampler if sampler.enabled else None,
-                      on_best=lambda step, loss: _export_best(ctx, strategy, step, loss))
+                      on_best=lambda step, loss: _export_best(ctx, strategy, step, loss), reference=reference)
     if resume_from is not None:
         trainer.resume(resume_from)  # before anything is written: a refused checkpoint leaves the run as it was
     started = time.time()

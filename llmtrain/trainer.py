@@ -75,7 +75,8 @@ class Trainer:
 
     def __init__(self, ctx: RunContext, strategy: Strategy, scheduler: Scheduler, logger: MetricsLogger, *,
                  sampler: Callable[[int], Any] | None = None, on_best: Callable[[int, float], Any] | None = None,
-                 stop: StopRequest | None = None) -> None:
+                 stop: StopRequest | None = None, reference: torch.nn.Module | None = None) -> None:
+        """`reference`: DPO's frozen copy of the starting model, unplaced (preference.reference_copy)."""
         self.ctx, self.cfg, self.spec, self.data = ctx, ctx.cfg.trainer, ctx.spec, ctx.data
         self.strategy, self.dist, self.run_dir = strategy, ctx.dist, ctx.run_dir
         self.scheduler, self.logger, self.log_every = scheduler, logger, ctx.cfg.logger.log_every
@@ -103,7 +104,7 @@ class Trainer:
             if self.cfg.dropout_rng == "global" else None
         self.train_loader = self._loader("train", shuffle=True)
         self._loader("val", shuffle=False)  # fail at start, not at the first eval, if val is too small
-        self.objective = preference.build(self.cfg, self.spec, strategy)  # how a micro-batch becomes a loss
+        self.objective = preference.build(self.cfg, self.spec, strategy, reference)  # how a micro-batch becomes a loss
         self.bench = None  # trainer.bench_tasks scored every bench_every steps (generation/bench.py)
         if self.cfg.bench_every > 0 and self.cfg.bench_tasks:
             from llmtrain.generation.bench import TrainingBench

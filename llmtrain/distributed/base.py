@@ -116,6 +116,11 @@ class Strategy(ABC):
     def unwrap(self) -> nn.Module:
         """The plain model (for sampling on one rank; may hold sharded parameters)."""
 
+    def shard_frozen(self, module: nn.Module) -> nn.Module:
+        """`module` (a plain copy of the model, e.g. DPO's reference) placed as the model is, frozen and in eval
+        mode, to call for forwards without gradients on every rank; after setup(). Replicas hold it whole."""
+        return module.to(self.device).eval().requires_grad_(False)
+
     # one step ---------------------------------------------------------------------------------
     def autocast(self) -> contextlib.AbstractContextManager:
         """Context for the forward pass (mixed precision where the backend leaves it to autocast)."""

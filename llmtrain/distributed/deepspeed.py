@@ -156,6 +156,7 @@ class DeepSpeedStrategy(Strategy):
         from deepspeed.accelerator import get_accelerator
 
         self.args = args
+        self._frozen_engines: list[Any] = []  # shard_frozen's ZeRO-3 engines
         if get_accelerator().device_name() != self.device.type:
             raise ConfigError("trainer.device", f"{self.device.type}, but DeepSpeed runs on its "
                                                 f"{get_accelerator().device_name()} accelerator; set DS_ACCELERATOR="
@@ -207,8 +208,31 @@ class DeepSpeedStrategy(Strategy):
         """The plain module; under ZeRO-3 its parameters are empty placeholders outside forward."""
         return self._plain
 
+    def shard_frozen(self, module: nn.Module) -> nn.Module:
+        """ZeRO 0-2 (whole parameters on every rank): the module whole, in the dtypes the engine gave the model's
+        parameters and buffers (bf16/fp16). ZeRO-3: an engine of its own without an optimizer (DeepSpeed's ZeRO
+        inference, as TRL wraps its reference), partitioned like the model and gathered in each forward."""
+        module = module.eval().requires_grad_(False)
+        if int(self.ds_config["zero_optimization"].get("stage", 0)) == 3:
+            deepspeed = _import_deepspeed(self.device)
+            ds = {k: v for k, v in self.ds_config.items() if k not in ("optimizer", "scheduler")}
+            ds["zero_optimization"] = {k: v for k, v in ds["zero_optimization"].items() if k != "offload_optimizer"}
+            engine, *_ = deepspeed.initialize(model=module, config=ds, dist_init_required=False)
+            self._frozen_engines.append(engine)
+            engine.eval()  # (returns None)
+            return engine
+        dtypes = {clean_key(n): t.dtype for n, t in [*self._plain.named_parameters(), *self._plain.named_buffers()]}
+        module = module.to(self.device)
+        for n, t in [*module.named_parameters(), *module.named_buffers()]:
+            if t.is_floating_point() and dtypes.get(n, t.dtype) != t.dtype:
+                t.data = t.data.to(dtypes[n])
+        return module
+
     def close(self) -> None:
-        """The engine's own teardown (ZeRO-3 hooks and buffers), before the process group goes away."""
+        """The engines' own teardown (ZeRO-3 hooks and buffers), before the process group goes away."""
+        for frozen in getattr(self, "_frozen_engines", []):
+            frozen.destroy()
+        self._frozen_engines = []
         if getattr(self, "engine", None) is not None:
             self.engine.destroy()
             self.engine = None

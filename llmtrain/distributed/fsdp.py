@@ -65,6 +65,7 @@ class FSDPStrategy(TorchOptimizerStrategy):
         for m in blocks:
             fully_shard(m, **kw)
         fully_shard(model, **kw)
+        self._shard_kw = kw
         self.model = model
         self.optimizer = make_optimizer(model)  # after sharding: the optimizer sees DTensor shards
         self.scaler = make_grad_scaler(args.precision, self.device, sharded=True)
@@ -72,6 +73,16 @@ class FSDPStrategy(TorchOptimizerStrategy):
     def unwrap(self) -> nn.Module:
         """The module itself (its parameters are DTensor shards; use full_state_dict() for weights)."""
         return self.model
+
+    def shard_frozen(self, module: nn.Module) -> nn.Module:
+        """Sharded as the model is (each block, then the root, on its mesh, with its mixed precision), so each rank
+        holds 1/N of it; resharded after every forward (there is no backward to keep it gathered for)."""
+        module = module.to(self.device).eval().requires_grad_(False)
+        kw = {**self._shard_kw, "reshard_after_forward": True}
+        for m in _outermost(module, self.args.block_classes):
+            fully_shard(m, **kw)
+        fully_shard(module, **kw)
+        return module
 
     def state_module(self) -> nn.Module:
         return self.model

@@ -191,9 +191,9 @@ def test_lora_dpo_flips_a_made_up_preference(pretrained: Path, tmp_path: Path) -
     (["trainer.objective=ppo"], "trainer.objective: must be one of lm, dpo"),
     (["trainer.objective=lm"], "trainer.objective: data=preference holds"),
     (["data=instruct"], "trainer.objective: dpo reads preference pairs"),
-    (["strategy=fsdp"], "trainer.objective: dpo runs under strategy single or ddp"),
+    (["strategy=fsdp", "strategy.tp=2"], "trainer.objective: dpo does not run under tensor parallelism"),
     (["trainer.dpo_beta=0"], "trainer.dpo_beta: must be > 0"),
-], ids=["unknown", "preference-without-dpo", "dpo-without-preference", "fsdp", "beta"])
+], ids=["unknown", "preference-without-dpo", "dpo-without-preference", "tp", "beta"])
 def test_refusals_are_one_line(pretrained: Path, tmp_path: Path, override: list[str], key: str,
                                capsys: pytest.CaptureFixture) -> None:
     src = pairs_file(tmp_path / "pairs.jsonl")
