@@ -37,11 +37,26 @@ GRAD_RTOL = 5e-6  # per parameter, of its largest |grad|; measured: ≤ 5.1e-7
 REWARD_ATOL = 1e-6  # measured: ≤ 7e-8
 
 
+LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "PMI_SIZE",
+                 "PMI_RANK", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_RANK", "MV2_COMM_WORLD_SIZE",
+                 "TORCHELASTIC_RUN_ID")
+
+
 @pytest.fixture
 def _environ_kept() -> Iterator[None]:
-    """transformers' TrainingArguments and accelerate write to os.environ; put it back."""
+    """transformers' TrainingArguments and accelerate write to os.environ; put it back. Before: one process as
+    accelerate sees it (no launcher variables, no accelerate state left by another test in this process), so
+    TRL's trainer never starts a process group of its own."""
+    from accelerate.state import AcceleratorState, PartialState
+
     before = dict(os.environ)
+    for k in [*LAUNCHER_VARS, *(k for k in os.environ if k.startswith("ACCELERATE_"))]:
+        os.environ.pop(k, None)
+    AcceleratorState._reset_state(True)
+    PartialState._reset_state()
     yield
+    AcceleratorState._reset_state(True)
+    PartialState._reset_state()
     os.environ.clear()
     os.environ.update(before)
 
