@@ -15,6 +15,10 @@ the run built it, taken before the strategy wraps it (and before any resume: `re
 strategy as the model is (`Strategy.shard_frozen`): whole on every rank under single, ddp and DeepSpeed ZeRO 1/2,
 sharded under fsdp (fully_shard on the same mesh) and ZeRO-3 (an engine of its own, without an optimizer). Not
 under tensor parallelism, nor strategy=auto (its memory estimates leave the reference out).
+
+`trainer.dpo_reference=precomputed` keeps no reference: before training (and before any resume) the model as
+the run built it scores every train and val pair once, each data-parallel rank its share (`prepare`), and the
+step looks each pair's reference log-probs up by its number (the batch's `pair_index`).
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ from llmtrain.datainfo import IGNORE_INDEX, Batch
 from llmtrain.errors import require
 
 OBJECTIVES = ("lm", "dpo")
+REFERENCES = ("model", "precomputed")
 
 
 def check(cfg: Any) -> None:
@@ -54,6 +59,8 @@ def check(cfg: Any) -> None:
     require(t.dpo_beta > 0, "trainer.dpo_beta", f"must be > 0 (got {t.dpo_beta})")
     require(0 <= t.dpo_label_smoothing < 0.5, "trainer.dpo_label_smoothing",
             f"must be in [0, 0.5) (got {t.dpo_label_smoothing})")
+    require(t.dpo_reference in REFERENCES, "trainer.dpo_reference", f"must be one of {', '.join(REFERENCES)} "
+                                                                    f"(got {t.dpo_reference!r})")
     st = cfg.strategy
     require(st.name.value != "auto", "trainer.objective", "dpo needs a named strategy (single, ddp, fsdp or "
                                                           "deepspeed): strategy=auto's estimates leave out the frozen "
@@ -64,7 +71,7 @@ def check(cfg: Any) -> None:
 def reference_copy(cfg: Any, model: nn.Module) -> nn.Module | None:
     """DPO with full fine-tuning (trainer config `cfg`): a frozen copy of the plain `model`, before any strategy
     wraps or shards it, for build(); else None (LoRA: the reference is the model with its adapters disabled)."""
-    if cfg.objective != "dpo" or _has_lora(model):
+    if cfg.objective != "dpo" or _has_lora(model) or cfg.dpo_reference == "precomputed":
         return None
     return copy.deepcopy(model).eval().requires_grad_(False)
 
@@ -74,7 +81,8 @@ def build(cfg: Any, spec: Any, strategy: Any, reference: nn.Module | None = None
     which the strategy places and shards as it does the model."""
     if cfg.objective == "dpo":
         frozen = strategy.shard_frozen(reference) if reference is not None else None
-        return DPOObjective(strategy.unwrap(), cfg.dpo_beta, cfg.dpo_label_smoothing, frozen=frozen)
+        return DPOObjective(strategy.unwrap(), cfg.dpo_beta, cfg.dpo_label_smoothing, frozen=frozen,
+                            precomputed=cfg.dpo_reference == "precomputed")
     return LMObjective(spec)
 
 
@@ -96,6 +104,9 @@ class LMObjective:
 
     def eval_batch(self, model: nn.Module, batch: Batch) -> dict[str, torch.Tensor]:
         return self.spec.eval_batch(model, batch)
+
+    def prepare(self, strategy: Any, data: Any, batch_size: int, logger: Any) -> None:
+        """Work before the first step (every rank, before any resume); none."""
 
     def reduce(self, dist: Any) -> torch.Tensor | None:
         """The step's extra sums, all-reduced (every rank, once per step); None: none."""
@@ -149,13 +160,17 @@ def adapters_disabled(model: nn.Module) -> Iterator[None]:
 class DPOObjective:
     """Direct preference optimisation against a frozen reference (see the module docstring)."""
 
-    def __init__(self, model: nn.Module, beta: float, smoothing: float, frozen: nn.Module | None = None) -> None:
-        """`frozen`: full fine-tuning's reference as the strategy placed it (None: a copy of `model` now)."""
+    def __init__(self, model: nn.Module, beta: float, smoothing: float, frozen: nn.Module | None = None,
+                 precomputed: bool = False) -> None:
+        """`frozen`: full fine-tuning's reference as the strategy placed it (None: a copy of `model` now);
+        `precomputed`: no reference model, the log-probs that `prepare` computes instead."""
         self.beta, self.smoothing = beta, smoothing
         self.lora = _has_lora(model)
         self.model = model  # the plain module: the reference forward passes no wrapper's hooks
         self.frozen: nn.Module | None = None
-        if not self.lora:  # full fine-tuning: a copy of the starting weights
+        self.precomputed = precomputed
+        self.table: torch.Tensor | None = None  # precomputed: [pairs, 2] (chosen, rejected) reference log-probs
+        if not self.lora and not precomputed:  # full fine-tuning: a copy of the starting weights
             self.frozen = frozen if frozen is not None else copy.deepcopy(model).eval().requires_grad_(False)
         self._sums: torch.Tensor | None = None  # chosen reward, rejected reward, correct: summed over a step
 
@@ -167,15 +182,57 @@ class DPOObjective:
     def reference_logps(self, batch: Batch) -> torch.Tensor:
         """Summed log-probs of every row under the reference, in eval mode (no dropout): [2B]."""
         ids, labels = batch["input_ids"], batch["labels"]
+        if self.precomputed:
+            if self.table is None:
+                raise RuntimeError("trainer.dpo_reference=precomputed: prepare() has not run")
+            both = self.table[batch["pair_index"].to(self.table.device)]  # [B, 2]
+            return torch.cat([both[:, 0], both[:, 1]])
         if self.frozen is not None:
             return sequence_logps(self.frozen, ids, labels)
-        was = self.model.training
-        self.model.eval()
+        return self._starting_logps(self.model, batch)
+
+    def _starting_logps(self, model: nn.Module, batch: Batch) -> torch.Tensor:
+        """`model`'s log-probs in eval mode, LoRA's adapters off: the starting model's, whatever has trained."""
+        was = model.training
+        model.eval()
         try:
             with adapters_disabled(self.model):
-                return sequence_logps(self.model, ids, labels)
+                return sequence_logps(model, batch["input_ids"], batch["labels"])
         finally:
-            self.model.train(was)
+            model.train(was)
+
+    @torch.no_grad()
+    def prepare(self, strategy: Any, data: Any, batch_size: int, logger: Any) -> None:
+        """precomputed: the reference log-probs of every train and val pair, from the model as the run built it
+        (called before any resume), in the strategy's forward (sharded models gather as in evaluation). Each
+        data-parallel rank scores its share; a rank with a shorter share scores an uncounted filler so every rank
+        makes the same number of forwards; the table is summed over the ranks."""
+        if not self.precomputed:
+            return
+        import time
+
+        import numpy as np
+
+        t0 = time.perf_counter()
+        splits = [data.split("train"), data.split("val")]
+        device = strategy.device
+        table = torch.zeros(sum(len(ds) for ds in splits), 2, dtype=torch.float64, device=device)
+        index, count = strategy.data_shard()
+        for ds in splits:
+            mine = np.arange(index, len(ds), count)
+            rounds = -(-len(ds) // (count * batch_size))  # the same on every rank
+            for r in range(rounds):
+                take = mine[r * batch_size:(r + 1) * batch_size]
+                batch = {k: v.to(device) for k, v in ds.get(take if len(take) else np.arange(1)).items()}
+                with strategy.autocast():
+                    logps = self._starting_logps(strategy.model, batch).double()  # [2B]
+                if len(take):
+                    table[batch["pair_index"]] = torch.stack(logps.chunk(2), dim=-1)
+        copies = strategy.dist.world_size // count  # ranks that share a data shard (tensor parallelism) sum alike
+        table = strategy.dist.all_reduce(table) / copies
+        self.table = table.float()
+        logger.write(f"llmtrain: dpo: the reference's log-probs of {len(table):,} pairs precomputed in "
+                     f"{time.perf_counter() - t0:.1f}s")
 
     def _terms(self, model: nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         ref = self.reference_logps(batch)

@@ -63,6 +63,9 @@ class TrainerConfig:
     objective: str = "lm"  # lm: the model's own loss | dpo: preference pairs (data=preference; llmtrain/preference.py)
     dpo_beta: float = 0.1  # dpo: β, how far the policy may move from the reference
     dpo_label_smoothing: float = 0.0  # dpo: ε, the share of pairs assumed mislabelled (conservative DPO)
+    # dpo: model (the reference runs beside the policy every step: LoRA's adapters off, or a frozen copy) |
+    # precomputed (its log-probs of every pair computed once at start, sharded over the ranks; no reference kept)
+    dpo_reference: str = "model"
     bench_every: int = 0  # steps between benchmark scores of the weights being trained; 0: none
     bench_tasks: list[str] = field(default_factory=list)  # multiple-choice .jsonl files, lm-eval task names or YAMLs
     bench_limit: int = 0  # items scored per task (0: all)
@@ -105,6 +108,7 @@ class Trainer:
         self.train_loader = self._loader("train", shuffle=True)
         self._loader("val", shuffle=False)  # fail at start, not at the first eval, if val is too small
         self.objective = preference.build(self.cfg, self.spec, strategy, reference)  # how a micro-batch becomes a loss
+        self.objective.prepare(strategy, self.data, self.cfg.micro_batch_size, self.logger)  # dpo: precomputed
         self.bench = None  # trainer.bench_tasks scored every bench_every steps (generation/bench.py)
         if self.cfg.bench_every > 0 and self.cfg.bench_tasks:
             from llmtrain.generation.bench import TrainingBench

@@ -180,10 +180,11 @@ def encode_pairs(pairs: list[Pair], tok: Any, seq_len: int, too_long: str, key: 
 
 class PairedExamples:
     """One pair per item; a batch of B pairs is [chosen × B; rejected × B] rows, right-padded to the longest
-    (EOS inputs, ignored labels)."""
+    (EOS inputs, ignored labels), and each pair's number among all pairs (`pair_index` [B]: `offset` + its index
+    in this split; trainer.dpo_reference=precomputed looks the reference's log-probs up by it)."""
 
-    def __init__(self, pairs: list[tuple[Example, Example]], pad_id: int) -> None:
-        self.pairs, self.pad_id = pairs, pad_id
+    def __init__(self, pairs: list[tuple[Example, Example]], pad_id: int, offset: int = 0) -> None:
+        self.pairs, self.pad_id, self.offset = pairs, pad_id, offset
 
     def __len__(self) -> int:
         return len(self.pairs)
@@ -196,7 +197,8 @@ class PairedExamples:
         labels = np.full((len(seqs), T), IGNORE_INDEX, dtype=np.int64)
         for row, (x, y) in enumerate(seqs):
             ids[row, : len(x)], labels[row, : len(y)] = x, y
-        return {"input_ids": torch.from_numpy(ids), "labels": torch.from_numpy(labels)}
+        return {"input_ids": torch.from_numpy(ids), "labels": torch.from_numpy(labels),
+                "pair_index": torch.as_tensor(np.asarray(indices, dtype=np.int64) + self.offset)}
 
 
 @register_data("preference", config=PreferenceDataConfig, task="lm", presets=("preference.yaml",))
@@ -228,7 +230,7 @@ class PreferenceDataModule(DataModule):
             if not enc:
                 raise ConfigError("data.seq_len", f"every {split} pair is longer than {cfg.seq_len} tokens and "
                                                   "data.too_long=skip; raise data.seq_len or use truncate")
-            self._splits[split] = PairedExamples(enc, tok.eos_token_id)
+            self._splits[split] = PairedExamples(enc, tok.eos_token_id, offset=len(self._splits.get("train", ())))
             notes = [notes[0] + trunc, notes[1] + skip]
             top = max(top, *(int(x.max()) for pair in enc for x, _ in pair))
         self.info = DataInfo(task="lm", vocab_size=len(tok), eos_token_id=tok.eos_token_id, tokenizer=tok,

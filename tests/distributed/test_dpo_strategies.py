@@ -25,6 +25,10 @@ RUNS: dict[str, tuple[list[str], int]] = {
     "fsdp": (["strategy=fsdp", "trainer.micro_batch_size=2"], 2),
     "zero2": (["strategy=deepspeed", "strategy.zero_stage=2", "trainer.micro_batch_size=2"], 2),
     "zero3": (["strategy=deepspeed", "strategy.zero_stage=3", "trainer.micro_batch_size=2"], 2),
+    # trainer.dpo_reference=precomputed: no reference kept, its log-probs computed once at start, sharded
+    "fsdp_precomputed": (["strategy=fsdp", "trainer.micro_batch_size=2", "trainer.dpo_reference=precomputed"], 2),
+    "zero3_precomputed": (["strategy=deepspeed", "strategy.zero_stage=3", "trainer.micro_batch_size=2",
+                           "trainer.dpo_reference=precomputed"], 2),
     # bf16: the engine casts the model to bf16, FSDP computes in bf16; the reference must compute as the policy does
     "fsdp_bf16": (["strategy=fsdp", "trainer.micro_batch_size=2", "trainer.precision=bf16"], 2),
     "zero2_bf16": (["strategy=deepspeed", "strategy.zero_stage=2", "trainer.micro_batch_size=2",
@@ -74,9 +78,10 @@ def weights(run_dir: Path) -> dict[str, torch.Tensor]:
     return GPT2LMHeadModel.from_pretrained(run_dir / "final").state_dict()
 
 
-@pytest.mark.parametrize("name", ["fsdp", "zero2", "zero3"])
+@pytest.mark.parametrize("name", ["fsdp", "zero2", "zero3", "fsdp_precomputed", "zero3_precomputed"])
 def test_dpo_matches_one_process(runs: dict[str, Path], name: str) -> None:
-    """Each step's loss and rewards, and the final weights, equal one process's."""
+    """Each step's loss and rewards, and the final weights, equal one process's (whose frozen copy scores each
+    batch; the precomputed runs' log-probs were scored once at start, each rank its share)."""
     want, got = steps(runs["single"]), steps(runs[name])
     assert sorted(want) == sorted(got) == list(range(1, STEPS + 1))
     assert abs(want[STEPS]["rewards/margins"]) > 1e-2  # the policy has moved away from the reference

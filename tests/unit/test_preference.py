@@ -53,7 +53,9 @@ def test_pairs_are_chosen_then_rejected_rows_with_the_prompt_masked(tmp_path: Pa
     ds = module(tmp_path).split("train")
     batch = ds.get(np.arange(len(ds)))
     B = len(PAIRS)
-    assert set(batch) == {"input_ids", "labels"} and batch["input_ids"].shape[0] == 2 * B
+    assert set(batch) == {"input_ids", "labels", "pair_index"} and batch["input_ids"].shape[0] == 2 * B
+    assert batch["pair_index"].tolist() == list(range(B))  # each pair's number: val pairs come after train's
+    assert module(tmp_path).split("val").get(np.array([1, 0]))["pair_index"].tolist() == [B + 1, B]
     for i, (p, c, r) in enumerate(PAIRS):
         for row, resp in ((i, c), (B + i, r)):
             toks = TOK.encode(p + resp) + [EOS]
@@ -389,3 +391,50 @@ def test_chat_pair_refusals_are_one_line(record: dict[str, Any], template: str, 
 def test_data_template_composes_under_data_preference() -> None:
     cfg = compose(["data=preference", "data.template=plain"])
     assert cfg.data.template == "plain" and compose(["data=preference"]).data.template == "auto"
+
+
+# trainer.dpo_reference=precomputed ------------------------------------------------------------------------------
+def test_precomputed_reference_is_the_starting_model_and_no_copy_is_kept(tmp_path: Path) -> None:
+    """prepare() scores every train and val pair with the model as built; after the policy moves, the reference
+    log-probs looked up by pair number are still the starting model's (a reference that followed the policy, or
+    the wrong rows, would not be)."""
+    import contextlib
+    from types import SimpleNamespace
+
+    from llmtrain.distributed.dist import Dist
+
+    data = module(tmp_path)
+    policy = tiny_gpt2()
+    start = copy.deepcopy(policy).eval()
+    objective = DPOObjective(policy, 0.5, 0.0, precomputed=True)
+    assert objective.frozen is None
+    strategy = SimpleNamespace(model=policy, device=torch.device("cpu"), dist=Dist(), data_shard=lambda: (0, 1),
+                               autocast=contextlib.nullcontext)
+    objective.prepare(strategy, data, 3, SimpleNamespace(write=lambda msg: None))  # 4 pairs: batches of 3 and 1
+    with torch.no_grad():
+        for p in policy.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    for split, order in (("train", [2, 0, 3]), ("val", [1, 3])):
+        batch = data.split(split).get(np.array(order))
+        got, want = objective.reference_logps(batch), hand_logps(start, batch).float()
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
+        assert (got - hand_logps(policy, batch).float()).abs().max() > 1e-2
+
+
+def test_precomputed_reference_trains_as_the_model_reference(pretrained: Path, tmp_path: Path) -> None:
+    """Full fine-tuning, 4 steps of 2 micro-batches and an evaluation: every logged value of a run with
+    precomputed reference log-probs equals the run whose frozen copy scores each batch (to float rounding: the
+    rows are padded to other lengths)."""
+    src = pairs_file(tmp_path / "pairs.jsonl")
+    args = dpo_args(pretrained, src, "optim.lr=1e-2", "trainer.max_steps=4", "trainer.grad_accum_steps=2",
+                    "trainer.micro_batch_size=1", "trainer.eval_every=4", "scheduler=constant")
+    run(compose(args), tmp_path / "model")
+    run(compose([*args, "trainer.dpo_reference=precomputed"]), tmp_path / "pre")
+    want, got = read_metrics(tmp_path / "model"), read_metrics(tmp_path / "pre")
+    keys = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracy", "eval_loss",
+            "accuracy")
+    assert [sorted(k for k in r if k in keys) for r in got] == [sorted(k for k in r if k in keys) for r in want]
+    for a, b in zip(got, want, strict=True):
+        for k in (k for k in keys if k in b):
+            assert a[k] == pytest.approx(b[k], rel=1e-5, abs=1e-6), (k, a, b)
+    assert abs(want[3]["rewards/margins"]) > 1e-2  # the policy has left the reference
