@@ -96,7 +96,8 @@ def apply(model: nn.Module, model_cfg: Any, spec: Any, compute_dtype: torch.dtyp
     if not names:
         others = sorted({type(m).__name__ for b in model.modules() if isinstance(b, blocks) for m in b.modules()})
         raise ConfigError("model.quantize", f"this model's blocks hold no nn.Linear to quantise (they hold "
-                                            f"{', '.join(others[:6])}); use a native family (model=gpt2, model=llama)")
+                                            f"{', '.join(others[:6])}); use llmtrain's own model (model.impl=native "
+                                            "for GPT-2)")
     for name in names:
         parent, _, leaf = name.rpartition(".")
         old = model.get_submodule(name)

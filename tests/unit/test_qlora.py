@@ -191,3 +191,14 @@ def test_bf16_compute_keeps_the_frozen_rest_in_bf16_and_the_adapters_in_fp32() -
     grads = [p.grad for n, p in model.named_parameters() if ".lora_B" in n]
     assert grads and all(g is not None and g.dtype == torch.float32 and g.isfinite().all() and g.abs().max() > 0
                          for g in grads)
+
+
+@pytest.mark.usefixtures("on_cpu")
+def test_a_model_without_linear_layers_in_its_blocks_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """transformers' GPT-2 stores its projections as Conv1D, which bitsandbytes does not quantise."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as ei:
+        run(compose([*TINY_LM, "model.impl=hf", *QLORA, "trainer.max_steps=1"]), tmp_path / "run")
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("llmtrain: error")]
+    assert ei.value.code == 2 and len(lines) == 1 and "hold no nn.Linear" in lines[0], lines
+    assert "model.impl=native" in lines[0] and not (tmp_path / "run" / "checkpoints").exists()
