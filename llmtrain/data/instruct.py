@@ -344,9 +344,11 @@ class InstructDataModule(DataModule):
         return self._splits[name]
 
 
-def check_config(cfg: InstructDataConfig) -> None:
+def check_config(cfg: Any, records: str = "prompt/completion (or messages) records") -> None:
+    """The keys data=instruct and data=preference share (source, seq_len, template, too_long, val_fraction);
+    `records`: what data.source holds, for its error."""
     if not cfg.source:
-        raise ConfigError("data.source", "set it to a .jsonl of prompt/completion (or messages) records")
+        raise ConfigError("data.source", f"set it to a .jsonl of {records}")
     if cfg.seq_len <= 0:
         raise ConfigError("data.seq_len", f"must be > 0 (got {cfg.seq_len})")
     if cfg.template not in TEMPLATES:

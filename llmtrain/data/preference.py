@@ -25,8 +25,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from llmtrain.data import instruct
 from llmtrain.data.base import DataModule, register_data
-from llmtrain.data.instruct import TEMPLATES, TOO_LONG, Chat, json_objects, rows
+from llmtrain.data.instruct import Chat, json_objects, rows
 from llmtrain.datainfo import IGNORE_INDEX, Batch, DataInfo
 from llmtrain.distributed.dist import Dist
 from llmtrain.errors import ConfigError
@@ -245,14 +246,5 @@ class PreferenceDataModule(DataModule):
 
 
 def check_config(cfg: PreferenceDataConfig) -> None:
-    if not cfg.source:
-        raise ConfigError("data.source", "set it to a .jsonl of {\"prompt\", \"chosen\", \"rejected\"} records "
-                                         "(texts or chat messages; see docs/preference.md)")
-    if cfg.seq_len <= 0:
-        raise ConfigError("data.seq_len", f"must be > 0 (got {cfg.seq_len})")
-    if cfg.template not in TEMPLATES:
-        raise ConfigError("data.template", f"must be one of {', '.join(TEMPLATES)} (got {cfg.template!r})")
-    if cfg.too_long not in TOO_LONG:
-        raise ConfigError("data.too_long", f"must be one of {', '.join(TOO_LONG)} (got {cfg.too_long!r})")
-    if cfg.val_source is None and not 0 < cfg.val_fraction < 1:
-        raise ConfigError("data.val_fraction", f"must be in (0, 1) (got {cfg.val_fraction})")
+    instruct.check_config(cfg, '{"prompt", "chosen", "rejected"} records (texts or chat messages; see '
+                               "docs/preference.md)")
