@@ -25,14 +25,17 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import time
 from collections.abc import Iterator
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from llmtrain.datainfo import IGNORE_INDEX, Batch
+from llmtrain.distributed.dist import share_rounds
 from llmtrain.errors import require
 
 OBJECTIVES = ("lm", "dpo")
@@ -209,24 +212,17 @@ class DPOObjective:
         makes the same number of forwards; the table is summed over the ranks."""
         if not self.precomputed:
             return
-        import time
-
-        import numpy as np
-
         t0 = time.perf_counter()
         splits = [data.split("train"), data.split("val")]
         device = strategy.device
         table = torch.zeros(sum(len(ds) for ds in splits), 2, dtype=torch.float64, device=device)
         index, count = strategy.data_shard()
         for ds in splits:
-            mine = np.arange(index, len(ds), count)
-            rounds = -(-len(ds) // (count * batch_size))  # the same on every rank
-            for r in range(rounds):
-                take = mine[r * batch_size:(r + 1) * batch_size]
-                batch = {k: v.to(device) for k, v in ds.get(take if len(take) else np.arange(1)).items()}
+            for take in share_rounds(len(ds), index, count, batch_size):
+                batch = {k: v.to(device) for k, v in ds.get(np.array(take or [0])).items()}  # [] : a filler
                 with strategy.autocast():
                     logps = self._starting_logps(strategy.model, batch).double()  # [2B]
-                if len(take):
+                if take:
                     table[batch["pair_index"]] = torch.stack(logps.chunk(2), dim=-1)
         copies = strategy.dist.world_size // count  # ranks that share a data shard (tensor parallelism) sum alike
         table = strategy.dist.all_reduce(table) / copies

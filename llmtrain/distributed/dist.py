@@ -7,7 +7,7 @@ collective is a no-op, so checkpoint and run-dir logic run and test without a pr
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -98,3 +98,12 @@ class Dist:
             err.quiet = not self.is_main
             raise err
         return result
+
+
+def share_rounds(n: int, index: int, count: int, per_round: int = 1) -> Iterator[list[int]]:
+    """Data-parallel rank `index` of `count`'s share of n items (index, index + count, ...) in rounds of up to
+    `per_round`. Every rank gets the same number of rounds, so collective forwards (FSDP's and ZeRO-3's gathers)
+    pair up; a round past a rank's share is empty: the caller runs an uncounted filler."""
+    mine = range(index, n, count)
+    for r in range(-(-n // (count * per_round))):
+        yield list(mine[r * per_round:(r + 1) * per_round])

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from llmtrain.distributed.dist import share_rounds
 from llmtrain.generation.choice import DELIMITER, choose, encode_pair, likelihoods, padded_rows, read_items
 
 if TYPE_CHECKING:
@@ -81,14 +82,13 @@ class TrainingBench:
         tok, device = ctx.data.info.tokenizer, ctx.device
         tp = max(1, ctx.cfg.strategy.tp)
         sums = torch.zeros(3, dtype=torch.float64, device=device)
-        for r in range(-(-len(items) // count)):
-            k = r * count + index
-            item = items[k] if k < len(items) else items[0]  # a filler: the same number of forwards everywhere
+        for take in share_rounds(len(items), index, count):
+            item = items[take[0]] if take else items[0]  # a filler: the same number of forwards everywhere
             pairs = [encode_pair(tok, item["context"], item.get("delimiter", DELIMITER) + e) for e in item["endings"]]
             ids, tgt = padded_rows(pairs, ctx.spec.context_length(ctx.cfg.model) or 1 << 30, device, tp)
             with torch.no_grad(), s.autocast():
                 out = s.model(input_ids=ids)
-            if k < len(items):
+            if take:
                 a, a_norm = choose(item, [ll for ll, _ in likelihoods(getattr(out, "logits", out), tgt)])
                 sums += torch.tensor([a, a_norm, 1], dtype=torch.float64, device=device)
         acc, acc_norm, n = ctx.dist.all_reduce(sums).tolist()
