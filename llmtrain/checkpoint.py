@@ -208,7 +208,8 @@ def save_checkpoint(run_dir: Path, step: int, strategy: Any, dist: Dist, trainer
     if dist.is_main:
         files = {k: v for part in parts for k, v in part.items()}
         manifest = {"format": FORMAT, "step": step, "world_size": dist.world_size, "layout": strategy.layout,
-                    "strategy": type(strategy).__name__, "config": trainer_state.get("config"),
+                    "strategy": type(strategy).__name__, "precision": strategy.args.precision.value,
+                    "config": trainer_state.get("config"),
                     "early_stopped": bool(trainer_state.get("early_stopped", False)), "files": files}
         atomic_write_text(tmp / MANIFEST, json.dumps(manifest, indent=1))
         replace_dir(tmp, final)  # durable: it fsyncs the parent dir

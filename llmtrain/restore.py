@@ -36,25 +36,33 @@ def plain_model(spec: ModelSpec, model_cfg: Any, info: DataInfo, state: dict[str
 def checkpoint_state(cfg: Config, ck: Path) -> tuple[ModelSpec, DataModule, dict[str, torch.Tensor]]:
     """(model spec, data module, whole model state) of a run from its checkpoint `ck` of any strategy,
     consolidated in memory; the weights a partly frozen or LoRA run leaves out of its checkpoints rebuilt."""
+    from llmtrain import checkpoint as ckpt
     from llmtrain.data.base import build_data
     from llmtrain.distributed.consolidate import consolidate
+    from llmtrain.errors import ConfigError
     from llmtrain.models.base import get_model_spec
+    from llmtrain.precision import Precision
 
     spec = get_model_spec(cfg.model.family)
     data = build_data(cfg.data, model_tokenizer=spec.tokenizer_source(cfg.model))
-    return spec, data, complete_state(spec, cfg, data.info, consolidate(ck))
+    precision = ckpt.read_manifest(ck).get("precision", "fp32")  # what the run computed in (a resolved value)
+    if precision not in ("fp32", "bf16", "fp16"):
+        raise ConfigError("checkpoint", f"{ck}: its manifest names precision {precision!r}, not fp32, bf16 or fp16")
+    return spec, data, complete_state(spec, cfg, data.info, consolidate(ck), Precision(precision).dtype)
 
 
-def complete_state(spec: ModelSpec, cfg: Config, info: DataInfo, state: dict[str, torch.Tensor]
-                   ) -> dict[str, torch.Tensor]:
+def complete_state(spec: ModelSpec, cfg: Config, info: DataInfo, state: dict[str, torch.Tensor],
+                   compute_dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
     """A checkpoint of a partly frozen model holds its trainable parameters only: add the frozen ones, rebuilt
-    as the run built them (pretrained dir or seeded init, then the adapters)."""
+    as the run built them (pretrained dir or seeded init, a 4-bit base computing in `compute_dtype`, then the
+    adapters)."""
     from llmtrain.models import adapters, quantize
 
     if adapters.lora_settings(cfg.model) is None and not list(getattr(cfg.model, "freeze", None) or []):
         return state
     torch.manual_seed(cfg.trainer.seed)
-    model = adapters.apply(quantize.apply(spec.build(cfg.model, info), cfg.model, spec), cfg.model)
+    model = spec.build(cfg.model, info)
+    model = adapters.apply(quantize.apply(model, cfg.model, spec, compute_dtype), cfg.model)
     quantize.materialize(model)  # the 4-bit base as training quantised it
     adapters.load_trainable_state(model, state)
     return model.state_dict()

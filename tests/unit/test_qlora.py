@@ -95,6 +95,22 @@ def test_qlora_trains_adapters_on_a_4bit_base_and_exports_what_it_computed(pretr
 
 
 @pytest.mark.usefixtures("on_cpu")
+def test_bf16_qlora_exported_from_its_checkpoint_equals_its_final(pretrained: Path, tmp_path: Path) -> None:
+    """The base's embeddings and norms computed in bf16: llmtrain-export rebuilds them in the precision the
+    checkpoint's manifest names, so its weights are the run's own final/'s."""
+    from llmtrain.export import main as export
+
+    run_dir = tmp_path / "run"
+    run(compose(ft(pretrained, *QLORA, "trainer.precision=bf16", "trainer.max_steps=2")), run_dir)
+    export([str(run_dir), "--out", str(tmp_path / "exported")])
+    final = _safetensors(run_dir / "final" / "model.safetensors")
+    again = _safetensors(tmp_path / "exported" / "model.safetensors")
+    assert again.keys() == final.keys() and all(torch.equal(again[k], final[k]) for k in final)
+    wte = final["transformer.wte.weight"]
+    assert torch.equal(wte, wte.bfloat16().float())  # stored as the run held it: bf16 values
+
+
+@pytest.mark.usefixtures("on_cpu")
 def test_qlora_resume_is_exact(pretrained: Path, tmp_path: Path) -> None:
     """The checkpoint holds the adapters; the 4-bit base is rebuilt and quantised again on resume, the same."""
     args = ft(pretrained, *QLORA, "model.lora.dropout=0.1", "trainer.grad_accum_steps=2", "trainer.ckpt_every=3",

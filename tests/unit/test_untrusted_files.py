@@ -291,3 +291,16 @@ def test_config_yaml_with_a_python_tag(runs: dict[str, Path], tmp_path: Path, ca
     text = (run_dir / "config.yaml").read_text()
     (run_dir / "config.yaml").write_text(f"evil: !!python/object/apply:os.system ['touch {marker}']\n{text}")
     _refused(capsys, COMMANDS[command](run_dir), marker, "config.yaml")
+
+
+@pytest.mark.parametrize("value", ["auto", "bf17", 16])
+def test_a_manifest_naming_no_precision_the_run_computed_in(runs: dict[str, Path], tmp_path: Path,
+                                                            capsys: pytest.CaptureFixture, value: object) -> None:
+    """llmtrain-export rebuilds a frozen base in the precision the manifest names: anything but a resolved one
+    (fp32, bf16, fp16) is one line, not a traceback."""
+    run_dir = _copy(runs["single"], tmp_path / "run")
+    ck = ckpt.list_checkpoints(run_dir)[-1]
+    m = ckpt.read_manifest(ck)
+    m["precision"] = value
+    (ck / "manifest.json").write_text(json.dumps(m))
+    _refused(capsys, _export(run_dir), tmp_path / "pwned", "manifest names precision")
